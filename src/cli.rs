@@ -1,0 +1,105 @@
+//! Runs a parsed command line: `serve`, `migrate` and `keys`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::{Cli, Command, GlobalArgs, KeysCommand, ServeArgs};
+use crate::db::{NewApiKey, SqlStore, Store};
+use crate::domain::api_key::generate_key;
+use crate::startup::{shutdown_signal, Application, Settings};
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    crate::telemetry::init(cli.global.log_format, &cli.global.log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(&cli.global, &args).await,
+            Command::Migrate => {
+                open_store(&cli.global).await?;
+                println!("database is up to date");
+                Ok(())
+            }
+            Command::Keys(command) => keys(&cli.global, command).await,
+        }
+    })
+}
+
+fn serve_settings(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Settings> {
+    Ok(Settings {
+        bind: args.bind,
+        database_url: global.database_url(),
+        database_max_connections: global.database_max_connections,
+        storage: global.storage_settings()?,
+        dataset_limits: args.dataset_limits(),
+        max_upload_bytes: args.max_upload_size,
+        max_json_body_bytes: usize::try_from(args.max_json_body).context("--max-json-body is too large")?,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+    })
+}
+
+async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<()> {
+    let settings = serve_settings(global, args)?;
+    let app = Application::build(settings).await?;
+    app.run_until_stopped(shutdown_signal()).await
+}
+
+async fn open_store(global: &GlobalArgs) -> anyhow::Result<SqlStore> {
+    let store = SqlStore::connect(&global.database_url(), 2)
+        .await
+        .context("could not open the database")?;
+    store.migrate().await.context("could not migrate the database")?;
+    Ok(store)
+}
+
+async fn keys(global: &GlobalArgs, command: KeysCommand) -> anyhow::Result<()> {
+    use crate::db::KeyStore;
+    let store = open_store(global).await?;
+    match command {
+        KeysCommand::Create { project, name } => {
+            anyhow::ensure!(!project.trim().is_empty(), "--project must not be empty");
+            let key = generate_key();
+            let record = store
+                .create_api_key(NewApiKey {
+                    project_name: project.trim(),
+                    name: &name,
+                    key_hash: &key.hash,
+                    display_prefix: &key.display_prefix,
+                })
+                .await?;
+            eprintln!(
+                "created key {} for project {} ({}). Store it now; it cannot be shown again:",
+                record.id, record.project_name, record.project_id
+            );
+            println!("{}", key.secret);
+        }
+        KeysCommand::List => {
+            println!("{:<28} {:<20} {:<16} {:<12} {:<12} STATUS", "ID", "PROJECT", "NAME", "PREFIX", "CREATED");
+            for key in store.list_api_keys().await? {
+                let status = match key.revoked_at {
+                    Some(at) => format!("revoked at {at}"),
+                    None => match key.last_used_at {
+                        Some(at) => format!("active, last used at {at}"),
+                        None => "active, never used".to_string(),
+                    },
+                };
+                println!(
+                    "{:<28} {:<20} {:<16} {:<12} {:<12} {status}",
+                    key.id,
+                    key.project_name,
+                    key.name,
+                    format!("{}…", key.display_prefix),
+                    key.created_at
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            anyhow::ensure!(store.revoke_api_key(&id).await?, "no active key with id {id}");
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! Validated types shared by the HTTP layer and the stores: file purposes, API keys, datasets.
+//! Nothing here does I/O.
+
+pub mod api_key;
+pub mod dataset;
+pub mod file;

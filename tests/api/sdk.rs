@@ -1,0 +1,28 @@
+//! The official `openai` Python SDK against a live server (tests/sdk/files_sdk.py).
+
+use crate::helpers::{backends, env_or_skip, RunningServer};
+
+#[tokio::test]
+async fn the_openai_python_sdk_creates_lists_retrieves_downloads_and_deletes_files() {
+    let Some(python) = env_or_skip("FERROTUNE_TEST_PYTHON") else {
+        eprintln!("skipping: set FERROTUNE_TEST_PYTHON to a Python with the `openai` package");
+        return;
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/files_sdk.py");
+    for backend in backends() {
+        let server = RunningServer::start(backend).await;
+        let output = tokio::process::Command::new(&python)
+            .arg(script)
+            .arg(server.url())
+            .output()
+            .await
+            .expect("run python");
+        assert!(
+            output.status.success(),
+            "{backend:?}: SDK script failed\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        server.shutdown().await.unwrap();
+    }
+}
