@@ -48,9 +48,7 @@ async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn open_store(global: &GlobalArgs) -> anyhow::Result<SqlStore> {
-    let store = SqlStore::connect(&global.database_url(), 2)
-        .await
-        .context("could not open the database")?;
+    let store = SqlStore::connect(&global.database_url(), 2).await.context("could not open the database")?;
     store.migrate().await.context("could not migrate the database")?;
     Ok(store)
 }

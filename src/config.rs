@@ -114,31 +114,21 @@ pub enum KeysCommand {
 impl GlobalArgs {
     /// The database URL, defaulting to SQLite in the data directory.
     pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("ferrotune.db").display())
-        })
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("ferrotune.db").display()))
     }
 
     /// The artifact storage settings, defaulting to a directory in the data directory.
     pub fn storage_settings(&self) -> anyhow::Result<StorageSettings> {
-        let url = self.storage_url.clone().unwrap_or_else(|| {
-            self.data_dir.join("artifacts").display().to_string()
-        });
-        StorageSettings::parse(
-            &url,
-            self.s3_endpoint.clone(),
-            self.s3_region.clone(),
-            self.s3_force_path_style,
-        )
+        let url = self.storage_url.clone().unwrap_or_else(|| self.data_dir.join("artifacts").display().to_string());
+        StorageSettings::parse(&url, self.s3_endpoint.clone(), self.s3_region.clone(), self.s3_force_path_style)
     }
 }
 
 impl ServeArgs {
     pub fn dataset_limits(&self) -> Limits {
-        Limits {
-            max_line_bytes: self.max_line_size as usize,
-            min_examples: self.min_examples,
-        }
+        Limits { max_line_bytes: self.max_line_size as usize, min_examples: self.min_examples }
     }
 }
 
@@ -158,9 +148,7 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
         "gib" => 1 << 30,
         other => return Err(format!("unknown size unit `{other}` (use K, M, G, KiB, MiB or GiB)")),
     };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| format!("`{text}` is too large"))
+    number.checked_mul(factor).ok_or_else(|| format!("`{text}` is too large"))
 }
 
 #[cfg(test)]

@@ -32,9 +32,7 @@ pub async fn open_backends(settings: &Settings) -> anyhow::Result<(Arc<dyn Store
         .await
         .context("could not open the database")?;
     store.migrate().await.context("could not migrate the database")?;
-    let artifacts = storage::open(&settings.storage)
-        .await
-        .context("could not open artifact storage")?;
+    let artifacts = storage::open(&settings.storage).await.context("could not open artifact storage")?;
     Ok((Arc::new(store), artifacts))
 }
 
@@ -75,20 +73,15 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let (store, artifacts) = open_backends(&settings).await?;
         let state = build_state(&settings, store, artifacts).await?;
-        let listener = TcpListener::bind(settings.bind)
-            .await
-            .with_context(|| format!("could not listen on {}", settings.bind))?;
+        let listener =
+            TcpListener::bind(settings.bind).await.with_context(|| format!("could not listen on {}", settings.bind))?;
         tracing::info!(
             address = %listener.local_addr()?,
             storage = %state.storage.describe(),
             anonymous = state.config.allow_anonymous,
             "ferrotune is listening"
         );
-        Ok(Self {
-            listener,
-            state,
-            shutdown_grace: settings.shutdown_grace,
-        })
+        Ok(Self { listener, state, shutdown_grace: settings.shutdown_grace })
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -121,10 +121,7 @@ impl FileStore for SqlStore {
         if let Some(purpose) = &query.purpose {
             select = select.bind(purpose);
         }
-        let rows = select
-            .bind(i64::from(query.limit) + 1)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = select.bind(i64::from(query.limit) + 1).fetch_all(&self.pool).await?;
         Ok(Some(rows))
     }
 

@@ -124,9 +124,7 @@ impl KeyStore for SqlStore {
     }
 
     async fn any_keys_configured(&self) -> Result<bool, DbError> {
-        let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM api_keys")
-            .fetch_one(&self.pool)
-            .await?;
+        let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM api_keys").fetch_one(&self.pool).await?;
         Ok(count > 0)
     }
 }

@@ -44,9 +44,7 @@ impl SqlStore {
             Dialect::Postgres => url.to_string(),
         };
         let options = AnyConnectOptions::from_str(&url)?;
-        let mut pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10));
+        let mut pool = AnyPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10));
         if dialect == Dialect::Sqlite {
             pool = pool.after_connect(|conn, _meta| {
                 Box::pin(async move {
@@ -126,10 +124,7 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://me:secret@db/x"),
-            "postgres://me:***@db/x"
-        );
+        assert_eq!(redact_url("postgres://me:secret@db/x"), "postgres://me:***@db/x");
         assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
     }
 }

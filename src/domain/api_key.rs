@@ -21,11 +21,7 @@ pub struct GeneratedKey {
 /// Generates a key of 43 random alphanumerics (~256 bits).
 pub fn generate_key() -> GeneratedKey {
     let secret = format!("{KEY_PREFIX}{}", random_alphanumeric(43));
-    GeneratedKey {
-        hash: hash_key(&secret),
-        display_prefix: secret[..KEY_PREFIX.len() + 6].to_string(),
-        secret,
-    }
+    GeneratedKey { hash: hash_key(&secret), display_prefix: secret[..KEY_PREFIX.len() + 6].to_string(), secret }
 }
 
 /// The stored form of a key: lowercase hex SHA-256.

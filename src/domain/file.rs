@@ -74,9 +74,7 @@ impl FileStatus {
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [Self::Uploaded, Self::Processed, Self::Error]
-            .into_iter()
-            .find(|s| s.as_str() == text)
+        [Self::Uploaded, Self::Processed, Self::Error].into_iter().find(|s| s.as_str() == text)
     }
 }
 

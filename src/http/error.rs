@@ -89,21 +89,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            param: None,
-            details: Map::new(),
-            cause: None,
-        }
+        Self { code, message: message.into(), param: None, details: Map::new(), cause: None }
     }
 
     /// A server fault: the client sees a generic message; `cause` is logged.
     pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
-        Self {
-            cause: Some(cause.into()),
-            ..Self::new(ErrorCode::InternalError, "internal error")
-        }
+        Self { cause: Some(cause.into()), ..Self::new(ErrorCode::InternalError, "internal error") }
     }
 
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -138,7 +129,9 @@ impl IntoResponse for ApiError {
         let (code, kind, status) = self.code.describe();
         let message = if status.is_server_error() {
             match &self.cause {
-                Some(cause) => tracing::error!(code, error = format!("{cause:#}"), "request failed"),
+                Some(cause) => {
+                    tracing::error!(code, error = format!("{cause:#}"), "request failed")
+                }
                 None => tracing::error!(code, message = %self.message, "request failed"),
             }
             if self.code == ErrorCode::InternalError {

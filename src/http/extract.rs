@@ -64,9 +64,7 @@ impl FromRequestParts<AppState> for Caller {
         // With no key configured (and only on loopback), every request is the default project,
         // whatever key a client sends: SDKs insist on sending one.
         if state.config.allow_anonymous && !state.store.any_keys_configured().await? {
-            return Ok(Self {
-                project_id: DEFAULT_PROJECT_ID.to_string(),
-            });
+            return Ok(Self { project_id: DEFAULT_PROJECT_ID.to_string() });
         }
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
             return Err(ApiError::new(

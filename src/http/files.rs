@@ -66,11 +66,8 @@ pub async fn list_files(
 ) -> Result<Json<Value>, ApiError> {
     let limit = params.limit.unwrap_or(MAX_LIST_LIMIT);
     if !(1..=MAX_LIST_LIMIT).contains(&limit) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidQuery,
-            format!("`limit` must be between 1 and {MAX_LIST_LIMIT}"),
-        )
-        .with_param("limit"));
+        return Err(ApiError::new(ErrorCode::InvalidQuery, format!("`limit` must be between 1 and {MAX_LIST_LIMIT}"))
+            .with_param("limit"));
     }
     let order = match params.order.as_deref() {
         None | Some("desc") => ListOrder::Desc,
@@ -82,18 +79,16 @@ pub async fn list_files(
     };
     if let Some(purpose) = &params.purpose {
         if FilePurpose::parse(purpose).is_none() {
-            return Err(ApiError::new(ErrorCode::InvalidPurpose, format!("unknown purpose {purpose:?}"))
-                .with_param("purpose"));
+            return Err(
+                ApiError::new(ErrorCode::InvalidPurpose, format!("unknown purpose {purpose:?}")).with_param("purpose")
+            );
         }
     }
-    let query = FileListQuery {
-        after: params.after,
-        limit,
-        order,
-        purpose: params.purpose,
-    };
+    let query = FileListQuery { after: params.after, limit, order, purpose: params.purpose };
     let Some(mut rows) = state.store.list_files(&caller.project_id, &query).await? else {
-        return Err(ApiError::new(ErrorCode::InvalidCursor, "`after` names no file of this project").with_param("after"));
+        return Err(
+            ApiError::new(ErrorCode::InvalidCursor, "`after` names no file of this project").with_param("after")
+        );
     };
     let has_more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
@@ -122,11 +117,7 @@ pub async fn delete_file(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let file = state
-        .store
-        .delete_file(&caller.project_id, &id)
-        .await?
-        .ok_or_else(|| file_not_found(&id))?;
+    let file = state.store.delete_file(&caller.project_id, &id).await?.ok_or_else(|| file_not_found(&id))?;
     // The row is gone first, so no record ever points at missing bytes; a failure here only
     // leaves an orphaned object, which is logged.
     if let Err(err) = state.storage.delete(&file.storage_key).await {
@@ -142,10 +133,7 @@ pub async fn download_file(
 ) -> Result<Response, ApiError> {
     let file = find_file(&state, &caller, &id).await?;
     let download = state.storage.get(&file.storage_key).await?;
-    let disposition = format!(
-        "attachment; filename=\"{}\"",
-        file.filename.replace(['"', '\\', '\r', '\n'], "_")
-    );
+    let disposition = format!("attachment; filename=\"{}\"", file.filename.replace(['"', '\\', '\r', '\n'], "_"));
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
@@ -158,11 +146,7 @@ pub async fn download_file(
 }
 
 async fn find_file(state: &AppState, caller: &Caller, id: &str) -> Result<FileRecord, ApiError> {
-    state
-        .store
-        .get_file(&caller.project_id, id)
-        .await?
-        .ok_or_else(|| file_not_found(id))
+    state.store.get_file(&caller.project_id, id).await?.ok_or_else(|| file_not_found(id))
 }
 
 /// Also what another project's file looks like: indistinguishable from a missing one.

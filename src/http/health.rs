@@ -33,11 +33,7 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         tracing::warn!(result = ?storage.map(|r| r.map_err(|e| e.to_string())), "artifact storage is not ready");
     }
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let status = if database_ok && storage_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if database_ok && storage_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
         "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
         "database": word(database_ok),

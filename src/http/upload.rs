@@ -34,11 +34,8 @@ pub async fn create_file(
     request: Request,
 ) -> Result<Json<FileObject>, ApiError> {
     let max_upload = state.config.max_upload_bytes;
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max_upload + MULTIPART_OVERHEAD) {
         return Err(too_large(max_upload));
     }
@@ -78,7 +75,9 @@ async fn receive(state: &AppState, caller: &Caller, mut multipart: Multipart) ->
                 }
                 Some("file") => {
                     if file.is_some() {
-                        return Err(ApiError::new(ErrorCode::MultipleFiles, "send one `file` per request").with_param("file"));
+                        return Err(
+                            ApiError::new(ErrorCode::MultipleFiles, "send one `file` per request").with_param("file")
+                        );
                     }
                     let filename = clean_filename(field.file_name());
                     let id = new_id("file");
@@ -87,14 +86,7 @@ async fn receive(state: &AppState, caller: &Caller, mut multipart: Multipart) ->
                     // Validate unless the purpose is already known not to need it.
                     let validate = purpose_text.as_deref().is_none_or(|p| p == FilePurpose::FineTune.as_str());
                     let validation = validate.then(|| Validation::start(state.config.dataset_limits));
-                    let entry = file.insert(Incoming {
-                        filename,
-                        id,
-                        storage_key,
-                        upload,
-                        bytes: 0,
-                        validation,
-                    });
+                    let entry = file.insert(Incoming { filename, id, storage_key, upload, bytes: 0, validation });
                     while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
                         entry.bytes += chunk.len() as u64;
                         if entry.bytes > state.config.max_upload_bytes {
@@ -124,7 +116,9 @@ async fn receive(state: &AppState, caller: &Caller, mut multipart: Multipart) ->
     };
     let purpose = match purpose_text.as_deref().map(|p| (p, FilePurpose::parse(p))) {
         Some((_, Some(purpose))) if purpose.is_uploadable() => Ok(purpose),
-        None => Err(ApiError::new(ErrorCode::MissingPurpose, "the request has no `purpose` field").with_param("purpose")),
+        None => {
+            Err(ApiError::new(ErrorCode::MissingPurpose, "the request has no `purpose` field").with_param("purpose"))
+        }
         Some((text, _)) => Err(ApiError::new(
             ErrorCode::InvalidPurpose,
             format!("unknown purpose {text:?}; use fine-tune, assistants, batch, vision, user_data or evals"),
@@ -142,18 +136,7 @@ async fn receive(state: &AppState, caller: &Caller, mut multipart: Multipart) ->
 
 /// Judges the dataset, then commits the object and writes the record.
 async fn finish(state: &AppState, caller: &Caller, received: Received) -> Result<FileRecord, ApiError> {
-    let Received {
-        purpose,
-        file:
-            Incoming {
-                filename,
-                id,
-                storage_key,
-                upload,
-                bytes,
-                validation,
-            },
-    } = received;
+    let Received { purpose, file: Incoming { filename, id, storage_key, upload, bytes, validation } } = received;
     let mut record = FileRecord {
         id,
         project_id: caller.project_id.clone(),
@@ -218,12 +201,11 @@ fn dataset_verdict(outcome: Outcome) -> Result<(String, i64), ApiError> {
             .with_detail("problems", problems)
             .with_detail("total_problems", total))
         }
-        Outcome::LineTooLong { line, limit } => Err(ApiError::new(
-            ErrorCode::LineTooLong,
-            format!("line {line} is longer than the limit of {limit} bytes"),
-        )
-        .with_param("file")
-        .with_detail("line", line)),
+        Outcome::LineTooLong { line, limit } => {
+            Err(ApiError::new(ErrorCode::LineTooLong, format!("line {line} is longer than the limit of {limit} bytes"))
+                .with_param("file")
+                .with_detail("line", line))
+        }
     }
 }
 
@@ -246,10 +228,7 @@ impl Validation {
             }
             validator.finish()
         });
-        Self {
-            chunks: Some(sender),
-            task,
-        }
+        Self { chunks: Some(sender), task }
     }
 
     async fn feed(&mut self, chunk: Bytes) {
@@ -281,20 +260,14 @@ fn multipart_error(err: axum::extract::multipart::MultipartError) -> ApiError {
 }
 
 fn too_large(limit: u64) -> ApiError {
-    ApiError::new(
-        ErrorCode::FileTooLarge,
-        format!("the file is larger than the limit of {limit} bytes"),
-    )
-    .with_param("file")
+    ApiError::new(ErrorCode::FileTooLarge, format!("the file is larger than the limit of {limit} bytes"))
+        .with_param("file")
 }
 
 /// The last path component of the client's filename, clipped; `upload` when none was given.
 fn clean_filename(name: Option<&str>) -> String {
-    let base = name
-        .and_then(|n| n.rsplit(['/', '\\']).next())
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .unwrap_or("upload");
+    let base =
+        name.and_then(|n| n.rsplit(['/', '\\']).next()).map(str::trim).filter(|n| !n.is_empty()).unwrap_or("upload");
     base.chars().filter(|c| !c.is_control()).take(MAX_FILENAME_CHARS).collect()
 }
 

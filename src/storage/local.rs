@@ -56,10 +56,7 @@ impl ArtifactStore for LocalStore {
 
     async fn begin_upload(&self, key: &str) -> Result<Box<dyn Upload>, StorageError> {
         let target = self.path_of(key)?;
-        let temp = self
-            .root
-            .join(UPLOADS_DIR)
-            .join(format!("{}.part", uuid::Uuid::new_v4()));
+        let temp = self.root.join(UPLOADS_DIR).join(format!("{}.part", uuid::Uuid::new_v4()));
         let file = tokio::fs::File::create(&temp).await?;
         Ok(Box::new(LocalUpload {
             file: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
@@ -80,10 +77,7 @@ impl ArtifactStore for LocalStore {
             Err(err) => return Err(err.into()),
         };
         let size = file.metadata().await?.len();
-        Ok(Download {
-            size,
-            body: Box::pin(ReaderStream::with_capacity(file, READ_CHUNK)),
-        })
+        Ok(Download { size, body: Box::pin(ReaderStream::with_capacity(file, READ_CHUNK)) })
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {

@@ -92,23 +92,15 @@ impl ArtifactStore for S3Store {
 
     async fn get(&self, key: &str) -> Result<Download, StorageError> {
         let object_key = self.object_key(key)?;
-        let output = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&object_key)
-            .send()
-            .await
-            .map_err(|err| match err.as_service_error() {
+        let output = self.client.get_object().bucket(&self.bucket).key(&object_key).send().await.map_err(|err| {
+            match err.as_service_error() {
                 Some(e) if e.is_no_such_key() => StorageError::NotFound(key.to_string()),
                 _ => s3_error("GetObject", err),
-            })?;
+            }
+        })?;
         let size = output.content_length().unwrap_or(0).max(0) as u64;
         let reader = output.body.into_async_read();
-        Ok(Download {
-            size,
-            body: Box::pin(ReaderStream::with_capacity(reader, READ_CHUNK)),
-        })
+        Ok(Download { size, body: Box::pin(ReaderStream::with_capacity(reader, READ_CHUNK)) })
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
@@ -123,12 +115,7 @@ impl ArtifactStore for S3Store {
     }
 
     async fn check(&self) -> Result<(), StorageError> {
-        self.client
-            .head_bucket()
-            .bucket(&self.bucket)
-            .send()
-            .await
-            .map_err(|e| s3_error("HeadBucket", e))?;
+        self.client.head_bucket().bucket(&self.bucket).send().await.map_err(|e| s3_error("HeadBucket", e))?;
         Ok(())
     }
 }
@@ -178,12 +165,8 @@ impl S3Upload {
             .send()
             .await
             .map_err(|e| s3_error("UploadPart", e))?;
-        self.parts.push(
-            CompletedPart::builder()
-                .part_number(number)
-                .set_e_tag(part.e_tag().map(str::to_string))
-                .build(),
-        );
+        self.parts
+            .push(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(str::to_string)).build());
         Ok(())
     }
 }
@@ -223,9 +206,7 @@ impl Upload for S3Upload {
                     .key(&self.key)
                     .upload_id(upload_id)
                     .multipart_upload(
-                        CompletedMultipartUpload::builder()
-                            .set_parts(Some(std::mem::take(&mut self.parts)))
-                            .build(),
+                        CompletedMultipartUpload::builder().set_parts(Some(std::mem::take(&mut self.parts))).build(),
                     )
                     .send()
                     .await
@@ -258,12 +239,8 @@ impl Drop for S3Upload {
         // server discards the uploaded parts.
         if let (false, Some(upload_id)) = (self.finished, self.upload_id.take()) {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let request = self
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&self.key)
-                    .upload_id(upload_id);
+                let request =
+                    self.client.abort_multipart_upload().bucket(&self.bucket).key(&self.key).upload_id(upload_id);
                 runtime.spawn(async move {
                     if let Err(err) = request.send().await {
                         tracing::warn!(error = %aws_sdk_s3::error::DisplayErrorContext(err), "could not abort a multipart upload");

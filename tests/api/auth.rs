@@ -47,12 +47,11 @@ async fn keys_are_stored_hashed_never_in_clear() {
         assert_eq!(stored_hash, &hash_key(&secret));
         assert!(secret.starts_with(prefix.as_str()) && prefix.len() < secret.len() / 4);
         // The secret appears in no column of any row.
-        let dump: Vec<(String,)> = sqlx::query_as(
-            "SELECT id || name || display_prefix || key_hash || project_id FROM api_keys",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+        let dump: Vec<(String,)> =
+            sqlx::query_as("SELECT id || name || display_prefix || key_hash || project_id FROM api_keys")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
         assert!(!dump[0].0.contains(&secret));
     }
 }

@@ -47,9 +47,7 @@ async fn responses_carry_a_request_id_and_echo_the_clients() {
 #[tokio::test]
 async fn a_storage_failure_is_a_500_that_reveals_nothing_and_makes_the_server_unready() {
     let app = TestApp::spawn(Backend::SqliteLocal).await;
-    let ferrotune::storage::StorageSettings::Local(root) = app.backing.settings.storage.clone() else {
-        unreachable!()
-    };
+    let ferrotune::storage::StorageSettings::Local(root) = app.backing.settings.storage.clone() else { unreachable!() };
     std::fs::remove_dir_all(&root).unwrap();
     std::fs::write(&root, b"not a directory").unwrap();
 

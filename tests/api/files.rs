@@ -32,10 +32,7 @@ async fn a_dataset_with_three_broken_lines_is_rejected_naming_each_and_nothing_i
         lines[2] = r#"{"messages":[{"role":"wizard","content":"x"},{"role":"assistant","content":"y"}]}"#.into();
         lines[4] = r#"{"messages":[{"role":"user","content":"no answer"}]}"#.into();
         let response = app
-            .upload(
-                &[Field::text("purpose", "fine-tune"), Field::file("bad.jsonl", lines.join("\n").as_bytes())],
-                None,
-            )
+            .upload(&[Field::text("purpose", "fine-tune"), Field::file("bad.jsonl", lines.join("\n").as_bytes())], None)
             .await;
         let error = response.assert_error(StatusCode::BAD_REQUEST, "invalid_dataset");
         let problems: Vec<(u64, String)> = error["problems"]
@@ -86,23 +83,20 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 async fn the_purpose_may_come_after_the_file() {
     let app = TestApp::spawn(crate::helpers::Backend::SqliteLocal).await;
     let content = chat_dataset(2);
-    let response = app
-        .upload(&[Field::file("late.jsonl", content.as_bytes()), Field::text("purpose", "fine-tune")], None)
-        .await;
+    let response =
+        app.upload(&[Field::file("late.jsonl", content.as_bytes()), Field::text("purpose", "fine-tune")], None).await;
     assert_eq!(response.status, StatusCode::OK, "{}", response.text());
     assert_eq!(response.json()["format"], "chat");
-    let bad = app
-        .upload(&[Field::file("late.jsonl", b"{oops\n{oops\n"), Field::text("purpose", "fine-tune")], None)
-        .await;
+    let bad =
+        app.upload(&[Field::file("late.jsonl", b"{oops\n{oops\n"), Field::text("purpose", "fine-tune")], None).await;
     bad.assert_error(StatusCode::BAD_REQUEST, "invalid_dataset");
 }
 
 #[tokio::test]
 async fn files_of_other_purposes_are_stored_without_dataset_validation() {
     let app = TestApp::spawn(crate::helpers::Backend::SqliteLocal).await;
-    let response = app
-        .upload(&[Field::text("purpose", "batch"), Field::file("notes.txt", b"not json at all")], None)
-        .await;
+    let response =
+        app.upload(&[Field::text("purpose", "batch"), Field::file("notes.txt", b"not json at all")], None).await;
     assert_eq!(response.status, StatusCode::OK, "{}", response.text());
     let file = response.json();
     assert_eq!(file["purpose"], "batch");
@@ -158,11 +152,7 @@ async fn oversized_uploads_and_lines_get_413_and_store_nothing() {
         app.upload(&[Field::text("purpose", "fine-tune"), Field::file("big.jsonl", big.as_bytes())], None)
             .await
             .assert_error(StatusCode::PAYLOAD_TOO_LARGE, "file_too_large");
-        let long_line = format!(
-            "{}{{\"text\":\"{}\"}}\n",
-            "{\"text\":\"short\"}\n".repeat(3),
-            "x".repeat(2000)
-        );
+        let long_line = format!("{}{{\"text\":\"{}\"}}\n", "{\"text\":\"short\"}\n".repeat(3), "x".repeat(2000));
         let error = app
             .upload(&[Field::text("purpose", "fine-tune"), Field::file("long.jsonl", long_line.as_bytes())], None)
             .await
@@ -180,10 +170,8 @@ async fn files_are_listed_newest_first_with_cursor_pagination_and_purpose_filter
         for i in 0..3 {
             ids.push(app.upload_dataset(&format!("f{i}.jsonl"), &chat_dataset(2), None).await["id"].clone());
         }
-        let other = app
-            .upload(&[Field::text("purpose", "batch"), Field::file("b.jsonl", b"x")], None)
-            .await
-            .json()["id"]
+        let other = app.upload(&[Field::text("purpose", "batch"), Field::file("b.jsonl", b"x")], None).await.json()
+            ["id"]
             .clone();
 
         let page = app.get("/v1/files?limit=2&purpose=fine-tune", None).await.json();
@@ -235,19 +223,10 @@ async fn a_file_can_be_retrieved_downloaded_and_deleted() {
         assert_eq!(deleted.status, StatusCode::OK);
         assert_eq!(deleted.json(), serde_json::json!({"id": id, "object": "file", "deleted": true}));
 
-        app.get(&format!("/v1/files/{id}"), None)
-            .await
-            .assert_error(StatusCode::NOT_FOUND, "file_not_found");
-        app.get(&format!("/v1/files/{id}/content"), None)
-            .await
-            .assert_error(StatusCode::NOT_FOUND, "file_not_found");
-        app.delete(&format!("/v1/files/{id}"), None)
-            .await
-            .assert_error(StatusCode::NOT_FOUND, "file_not_found");
+        app.get(&format!("/v1/files/{id}"), None).await.assert_error(StatusCode::NOT_FOUND, "file_not_found");
+        app.get(&format!("/v1/files/{id}/content"), None).await.assert_error(StatusCode::NOT_FOUND, "file_not_found");
+        app.delete(&format!("/v1/files/{id}"), None).await.assert_error(StatusCode::NOT_FOUND, "file_not_found");
         let storage_key = format!("files/{}/{id}", ferrotune::db::DEFAULT_PROJECT_ID);
-        assert!(matches!(
-            app.storage().get(&storage_key).await,
-            Err(ferrotune::storage::StorageError::NotFound(_))
-        ));
+        assert!(matches!(app.storage().get(&storage_key).await, Err(ferrotune::storage::StorageError::NotFound(_))));
     }
 }

@@ -77,16 +77,9 @@ impl TempDatabase {
     pub async fn create(admin_url: &str) -> Self {
         let name = format!("ferrotune_t_{}", random_suffix());
         let mut admin = sqlx::PgConnection::connect(admin_url).await.expect("connect to Postgres");
-        admin
-            .execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .expect("create a test database");
+        admin.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create a test database");
         let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin_url);
-        Self {
-            admin_url: admin_url.to_string(),
-            url: format!("{base}/{name}"),
-            name,
-        }
+        Self { admin_url: admin_url.to_string(), url: format!("{base}/{name}"), name }
     }
 }
 
@@ -98,9 +91,7 @@ impl Drop for TempDatabase {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async {
                 if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
-                    let _ = admin
-                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-                        .await;
+                    let _ = admin.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
                 }
             });
         })
@@ -135,10 +126,7 @@ pub async fn backing(backend: Backend) -> Backing {
             database_url,
             database_max_connections: 8,
             storage,
-            dataset_limits: Limits {
-                max_line_bytes: 64 << 10,
-                min_examples: 2,
-            },
+            dataset_limits: Limits { max_line_bytes: 64 << 10, min_examples: 2 },
             max_upload_bytes: 4 << 20,
             max_json_body_bytes: 64 << 10,
             shutdown_grace: Duration::from_secs(5),
@@ -176,11 +164,7 @@ impl TestApp {
         adjust(&mut backing.settings);
         let (store, storage) = open_backends(&backing.settings).await.expect("open backends");
         let state = build_state(&backing.settings, store, storage).await.expect("build state");
-        Self {
-            router: ferrotune::http::router(state.clone()),
-            state,
-            backing,
-        }
+        Self { router: ferrotune::http::router(state.clone()), state, backing }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -225,18 +209,15 @@ impl TestApp {
     /// `POST /v1/files` with the given multipart fields.
     pub async fn upload(&self, fields: &[Field<'_>], key: Option<&str>) -> TestResponse {
         let (content_type, body) = multipart(fields);
-        let request = request("POST", "/v1/files", key)
-            .header("content-type", content_type)
-            .body(Body::from(body))
-            .unwrap();
+        let request =
+            request("POST", "/v1/files", key).header("content-type", content_type).body(Body::from(body)).unwrap();
         self.send(request).await
     }
 
     /// Uploads a fine-tune file and returns its object, asserting success.
     pub async fn upload_dataset(&self, filename: &str, content: &str, key: Option<&str>) -> Value {
-        let response = self
-            .upload(&[Field::text("purpose", "fine-tune"), Field::file(filename, content.as_bytes())], key)
-            .await;
+        let response =
+            self.upload(&[Field::text("purpose", "fine-tune"), Field::file(filename, content.as_bytes())], key).await;
         assert_eq!(response.status, StatusCode::OK, "{}", response.text());
         response.json()
     }
@@ -301,7 +282,9 @@ pub fn multipart(fields: &[Field<'_>]) -> (String, Vec<u8>) {
         body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
         match field {
             Field::Text(name, value) => {
-                body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes());
+                body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+                );
             }
             Field::File(filename, content) => {
                 body.extend_from_slice(
@@ -346,12 +329,7 @@ impl RunningServer {
         let task = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
-        Self {
-            addr,
-            _backing: backing,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Self { addr, _backing: backing, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self) -> String {

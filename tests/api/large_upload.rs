@@ -29,18 +29,16 @@ impl ServerProcess {
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let address = loop {
             let line = lines.next().expect("server exited before listening").unwrap();
-            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
             if event["fields"]["message"] == "ferrotune is listening" {
                 break event["fields"]["address"].as_str().unwrap().to_string();
             }
         };
         // Keep draining the log so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Self {
-            child,
-            url: format!("http://{address}"),
-            _dir: dir,
-        }
+        Self { child, url: format!("http://{address}"), _dir: dir }
     }
 
     /// Peak resident memory of the server so far, in MiB (Linux `VmHWM`).
@@ -92,8 +90,8 @@ fn upload_form(blocks: u64, delay: Duration) -> (reqwest::multipart::Form, u64, 
             Ok::<Bytes, std::io::Error>(block)
         }
     });
-    let part = reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), total)
-        .file_name("big.jsonl");
+    let part =
+        reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), total).file_name("big.jsonl");
     let form = reqwest::multipart::Form::new().text("purpose", "fine-tune").part("file", part);
     (form, total, lines * blocks)
 }
@@ -104,12 +102,8 @@ async fn a_large_upload_streams_in_bounded_memory() {
     let server = ServerProcess::start();
     let (form, bytes, examples) = upload_form(mib, Duration::ZERO);
     let started = Instant::now();
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/files", server.url))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let response =
+        reqwest::Client::new().post(format!("{}/v1/files", server.url)).multipart(form).send().await.unwrap();
     let elapsed = started.elapsed().as_secs_f64();
     let status = response.status();
     let file: serde_json::Value = response.json().await.unwrap();

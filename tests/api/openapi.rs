@@ -64,9 +64,7 @@ async fn the_server_serves_the_committed_document_and_answers_every_documented_r
     let (_, documented) = documented_routes();
     for (method, path) in documented {
         let concrete = path.replace("{file_id}", "file-missing");
-        let response = app
-            .send(request(&method, &concrete, None).body(axum::body::Body::empty()).unwrap())
-            .await;
+        let response = app.send(request(&method, &concrete, None).body(axum::body::Body::empty()).unwrap()).await;
         if response.status.is_client_error() {
             let code = response.json()["error"]["code"].clone();
             assert!(

@@ -11,12 +11,8 @@ async fn the_openai_python_sdk_creates_lists_retrieves_downloads_and_deletes_fil
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/files_sdk.py");
     for backend in backends() {
         let server = RunningServer::start(backend).await;
-        let output = tokio::process::Command::new(&python)
-            .arg(script)
-            .arg(server.url())
-            .output()
-            .await
-            .expect("run python");
+        let output =
+            tokio::process::Command::new(&python).arg(script).arg(server.url()).output().await.expect("run python");
         assert!(
             output.status.success(),
             "{backend:?}: SDK script failed\nstdout: {}\nstderr: {}",

@@ -40,9 +40,8 @@ async fn small_and_multipart_objects_round_trip_in_chunks() {
             let data = pattern(len);
             let chunks: Vec<std::io::Result<Bytes>> =
                 data.chunks(300_007).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
-            let written = storage::put_stream(store.as_ref(), key, futures::stream::iter(chunks).boxed())
-                .await
-                .unwrap();
+            let written =
+                storage::put_stream(store.as_ref(), key, futures::stream::iter(chunks).boxed()).await.unwrap();
             assert_eq!(written, len as u64, "{name}");
             assert_eq!(read_all(store.as_ref(), key).await.unwrap(), data, "{name} {key}");
         }
@@ -67,11 +66,9 @@ async fn an_aborted_or_dropped_upload_leaves_no_object() {
 #[tokio::test]
 async fn a_failing_stream_aborts_the_upload() {
     for (name, store, _dir) in stores().await {
-        let body = futures::stream::iter(vec![
-            Ok(Bytes::from(pattern(100))),
-            Err(std::io::Error::other("client went away")),
-        ])
-        .boxed();
+        let body =
+            futures::stream::iter(vec![Ok(Bytes::from(pattern(100))), Err(std::io::Error::other("client went away"))])
+                .boxed();
         assert!(storage::put_stream(store.as_ref(), "t/broken", body).await.is_err());
         assert!(matches!(read_all(store.as_ref(), "t/broken").await, Err(StorageError::NotFound(_))), "{name}");
     }

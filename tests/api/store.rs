@@ -88,20 +88,14 @@ async fn listing_pages_by_insertion_order_in_both_directions() {
 async fn creating_a_key_creates_its_project_in_the_same_transaction() {
     for backend in backends() {
         let (store, _backing) = open(backend).await;
-        let new = |project, hash| NewApiKey {
-            project_name: project,
-            name: "k",
-            key_hash: hash,
-            display_prefix: "ft-abcdef",
-        };
+        let new =
+            |project, hash| NewApiKey { project_name: project, name: "k", key_hash: hash, display_prefix: "ft-abcdef" };
         let first = store.create_api_key(new("alpha", "hash-1")).await.unwrap();
         assert_eq!(first.project_name, "alpha");
         // A second key with the same hash fails, and its new project must not survive.
         assert!(store.create_api_key(new("beta", "hash-1")).await.is_err());
-        let projects: Vec<(String,)> = sqlx::query_as("SELECT name FROM projects ORDER BY name")
-            .fetch_all(store.pool())
-            .await
-            .unwrap();
+        let projects: Vec<(String,)> =
+            sqlx::query_as("SELECT name FROM projects ORDER BY name").fetch_all(store.pool()).await.unwrap();
         let names: Vec<String> = projects.into_iter().map(|(n,)| n).collect();
         assert_eq!(names, ["alpha", "default"], "{backend:?}");
 

@@ -14,13 +14,9 @@ pub(super) struct MessageRules {
 }
 
 impl MessageRules {
-    pub const CHAT: Self = Self {
-        require_assistant: true,
-    };
+    pub const CHAT: Self = Self { require_assistant: true };
     /// The prompt of a preference example: the answers are given separately.
-    pub const PROMPT: Self = Self {
-        require_assistant: false,
-    };
+    pub const PROMPT: Self = Self { require_assistant: false };
 }
 
 pub(super) fn check_messages(value: Option<&Value>, field: &str, rules: MessageRules) -> Result<(), LineError> {
@@ -29,9 +25,7 @@ pub(super) fn check_messages(value: Option<&Value>, field: &str, rules: MessageR
         None | Some(Value::Null) => {
             return Err(LineError::new("missing_messages", field, format!("`{field}` is missing")))
         }
-        Some(Value::Array(_)) => {
-            return Err(LineError::new("invalid_messages", field, format!("`{field}` is empty")))
-        }
+        Some(Value::Array(_)) => return Err(LineError::new("invalid_messages", field, format!("`{field}` is empty"))),
         Some(other) => {
             return Err(LineError::new(
                 "invalid_messages",
@@ -202,8 +196,7 @@ pub(super) fn check_tools(tools: Option<&Value>, path: &str) -> Result<(), LineE
         let function = tool.get("function").and_then(Value::as_object);
         let ok = tool.get("type").and_then(Value::as_str) == Some("function")
             && function.is_some_and(|f: &Map<String, Value>| {
-                f.get("name").is_some_and(Value::is_string)
-                    && f.get("parameters").is_none_or(|p| p.is_object())
+                f.get("name").is_some_and(Value::is_string) && f.get("parameters").is_none_or(|p| p.is_object())
             });
         if !ok {
             return Err(LineError::new(

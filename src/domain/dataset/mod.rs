@@ -42,9 +42,15 @@ pub struct Summary {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Valid(Summary),
-    Invalid { problems: Vec<Problem>, total: u64 },
+    Invalid {
+        problems: Vec<Problem>,
+        total: u64,
+    },
     /// A line exceeded the configured limit; validation stopped there.
-    LineTooLong { line: u64, limit: usize },
+    LineTooLong {
+        line: u64,
+        limit: usize,
+    },
 }
 
 /// Incremental validator: `feed` chunks in order, then `finish`.
@@ -125,10 +131,7 @@ impl DatasetValidator {
             }
         }
         if let Some(line) = self.too_long {
-            return Outcome::LineTooLong {
-                line,
-                limit: self.limits.max_line_bytes,
-            };
+            return Outcome::LineTooLong { line, limit: self.limits.max_line_bytes };
         }
         for line in std::mem::take(&mut self.unrecognized) {
             let (code, message) = match self.file_format {
@@ -140,10 +143,7 @@ impl DatasetValidator {
                         format.shape_hint()
                     ),
                 ),
-                None => (
-                    "unrecognized_format",
-                    records::UNRECOGNIZED_MESSAGE.to_string(),
-                ),
+                None => ("unrecognized_format", records::UNRECOGNIZED_MESSAGE.to_string()),
             };
             self.report(Some(line), None, code, message);
         }
@@ -159,16 +159,10 @@ impl DatasetValidator {
             self.report(None, None, "too_few_examples", message);
         }
         match (format, self.total_problems) {
-            (Some(format), 0) => Outcome::Valid(Summary {
-                format,
-                examples: self.examples,
-            }),
+            (Some(format), 0) => Outcome::Valid(Summary { format, examples: self.examples }),
             _ => {
                 self.problems.sort_by_key(|p| p.line.unwrap_or(u64::MAX));
-                Outcome::Invalid {
-                    problems: self.problems,
-                    total: self.total_problems,
-                }
+                Outcome::Invalid { problems: self.problems, total: self.total_problems }
             }
         }
     }
@@ -219,12 +213,7 @@ impl DatasetValidator {
     fn report(&mut self, line: Option<u64>, field: Option<String>, code: &'static str, message: String) {
         self.total_problems += 1;
         if self.problems.len() < MAX_REPORTED_PROBLEMS {
-            self.problems.push(Problem {
-                line,
-                field,
-                code,
-                message,
-            });
+            self.problems.push(Problem { line, field, code, message });
         }
     }
 }

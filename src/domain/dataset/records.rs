@@ -99,12 +99,7 @@ pub(super) struct LineError {
 
 impl LineError {
     pub fn new(code: &'static str, field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            format: None,
-            field: Some(field.into()),
-            code,
-            message: message.into(),
-        }
+        Self { format: None, field: Some(field.into()), code, message: message.into() }
     }
 
     fn in_format(mut self, format: DatasetFormat) -> Self {
@@ -138,9 +133,7 @@ pub(super) fn check_line(raw: &[u8]) -> Result<Option<DatasetFormat>, LineError>
     let Some(format) = detect_format(&record) else {
         return Ok(None);
     };
-    check_record(format, &record)
-        .map(|()| Some(format))
-        .map_err(|e| e.in_format(format))
+    check_record(format, &record).map(|()| Some(format)).map_err(|e| e.in_format(format))
 }
 
 fn detect_format(record: &Map<String, Value>) -> Option<DatasetFormat> {
@@ -170,8 +163,7 @@ fn check_record(format: DatasetFormat, record: &Map<String, Value>) -> Result<()
         }
         DatasetFormat::PromptCompletion => {
             required_string(record, "prompt", "missing_prompt", "invalid_prompt")?;
-            let completion =
-                required_string(record, "completion", "missing_completion", "invalid_completion")?;
+            let completion = required_string(record, "completion", "missing_completion", "invalid_completion")?;
             if completion.is_empty() {
                 return Err(LineError::new(
                     "empty_completion",
@@ -194,11 +186,9 @@ fn check_record(format: DatasetFormat, record: &Map<String, Value>) -> Result<()
                 }
             }
             match record.get("label") {
-                None | Some(Value::Null) => Err(LineError::new(
-                    "missing_label",
-                    "label",
-                    "a classification example needs a `label`",
-                )),
+                None | Some(Value::Null) => {
+                    Err(LineError::new("missing_label", "label", "a classification example needs a `label`"))
+                }
                 Some(Value::String(s)) if !s.is_empty() => Ok(()),
                 Some(Value::Number(n)) if n.is_u64() => Ok(()),
                 Some(other) => Err(LineError::new(
@@ -216,8 +206,12 @@ fn check_record(format: DatasetFormat, record: &Map<String, Value>) -> Result<()
 fn check_token_tags(record: &Map<String, Value>) -> Result<(), LineError> {
     let tokens = match record.get("tokens") {
         Some(Value::Array(items)) if !items.is_empty() => items,
-        None => return Err(LineError::new("missing_tokens", "tokens", "a token classification example needs `tokens`")),
-        Some(_) => return Err(LineError::new("invalid_tokens", "tokens", "`tokens` must be a non-empty array of strings")),
+        None => {
+            return Err(LineError::new("missing_tokens", "tokens", "a token classification example needs `tokens`"))
+        }
+        Some(_) => {
+            return Err(LineError::new("invalid_tokens", "tokens", "`tokens` must be a non-empty array of strings"))
+        }
     };
     if let Some(i) = tokens.iter().position(|t| !t.is_string()) {
         return Err(LineError::new("invalid_tokens", format!("tokens[{i}]"), "every token must be a string"));
@@ -227,10 +221,7 @@ fn check_token_tags(record: &Map<String, Value>) -> Result<(), LineError> {
         None => return Err(LineError::new("missing_tags", "tags", "a token classification example needs `tags`")),
         Some(_) => return Err(LineError::new("invalid_tags", "tags", "`tags` must be an array")),
     };
-    if let Some(i) = tags
-        .iter()
-        .position(|t| !(t.as_str().is_some_and(|s| !s.is_empty()) || t.is_u64()))
-    {
+    if let Some(i) = tags.iter().position(|t| !(t.as_str().is_some_and(|s| !s.is_empty()) || t.is_u64())) {
         return Err(LineError::new(
             "invalid_tags",
             format!("tags[{i}]"),
@@ -250,7 +241,9 @@ fn check_token_tags(record: &Map<String, Value>) -> Result<(), LineError> {
 fn check_preference(record: &Map<String, Value>) -> Result<(), LineError> {
     let input = match record.get("input") {
         Some(Value::Object(input)) => input,
-        None => return Err(LineError::new("missing_input", "input", "a preference example needs `input` with `messages`")),
+        None => {
+            return Err(LineError::new("missing_input", "input", "a preference example needs `input` with `messages`"))
+        }
         Some(other) => {
             return Err(LineError::new(
                 "invalid_input",
@@ -291,11 +284,9 @@ fn required_string<'a>(
     match record.get(key) {
         Some(Value::String(s)) => Ok(s),
         None | Some(Value::Null) => Err(LineError::new(missing, key, format!("`{key}` is missing"))),
-        Some(other) => Err(LineError::new(
-            invalid,
-            key,
-            format!("`{key}` must be a string, found {}", type_name(other)),
-        )),
+        Some(other) => {
+            Err(LineError::new(invalid, key, format!("`{key}` must be a string, found {}", type_name(other))))
+        }
     }
 }
 
@@ -313,7 +304,9 @@ pub(super) fn type_name(value: &Value) -> &'static str {
 /// A short rendering of a value for messages: strings and numbers in full (clipped), others by type.
 pub(super) fn describe(value: &Value) -> String {
     match value {
-        Value::String(s) if s.chars().count() > 40 => format!("{:?}…", s.chars().take(40).collect::<String>()),
+        Value::String(s) if s.chars().count() > 40 => {
+            format!("{:?}…", s.chars().take(40).collect::<String>())
+        }
         Value::String(s) => format!("{s:?}"),
         Value::Number(n) => n.to_string(),
         other => type_name(other).to_string(),

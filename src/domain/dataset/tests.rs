@@ -1,9 +1,6 @@
 use super::*;
 
-const LIMITS: Limits = Limits {
-    max_line_bytes: 4096,
-    min_examples: 1,
-};
+const LIMITS: Limits = Limits { max_line_bytes: 4096, min_examples: 1 };
 
 fn validate_with(limits: Limits, text: &str) -> Outcome {
     let mut validator = DatasetValidator::new(limits);
@@ -28,13 +25,7 @@ const CHAT: &str = r#"{"messages":[{"role":"system","content":"s"},{"role":"user
 #[test]
 fn valid_chat_file_reports_format_and_example_count() {
     let text = format!("{CHAT}\n{CHAT}\n\n{CHAT}\n");
-    assert_eq!(
-        validate(&text),
-        Outcome::Valid(Summary {
-            format: DatasetFormat::Chat,
-            examples: 3
-        })
-    );
+    assert_eq!(validate(&text), Outcome::Valid(Summary { format: DatasetFormat::Chat, examples: 3 }));
 }
 
 #[test]
@@ -113,11 +104,7 @@ fn each_format_is_detected() {
         ),
     ];
     for (line, format) in cases {
-        assert_eq!(
-            validate(line),
-            Outcome::Valid(Summary { format, examples: 1 }),
-            "{line}"
-        );
+        assert_eq!(validate(line), Outcome::Valid(Summary { format, examples: 1 }), "{line}");
     }
 }
 
@@ -134,9 +121,18 @@ fn format_specific_mistakes_have_specific_codes() {
             "invalid_output",
         ),
         (r#"{"messages":[{"role":"tool","content":"x"},{"role":"assistant","content":"y"}]}"#, "missing_tool_call_id"),
-        (r#"{"messages":[{"role":"user","content":"x","mood":1},{"role":"assistant","content":"y"}]}"#, "unrecognized_message_key"),
-        (r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y","weight":0}]}"#, "no_trainable_message"),
-        (r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y"}],"tools":[{"type":"function"}]}"#, "invalid_tools"),
+        (
+            r#"{"messages":[{"role":"user","content":"x","mood":1},{"role":"assistant","content":"y"}]}"#,
+            "unrecognized_message_key",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y","weight":0}]}"#,
+            "no_trainable_message",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y"}],"tools":[{"type":"function"}]}"#,
+            "invalid_tools",
+        ),
     ];
     for (line, code) in cases {
         assert_eq!(problems(validate(line)), vec![(Some(1), code)], "{line}");
@@ -147,25 +143,16 @@ fn format_specific_mistakes_have_specific_codes() {
 fn empty_and_small_files_are_rejected_at_file_level() {
     assert_eq!(problems(validate("")), vec![(None, "empty_file")]);
     assert_eq!(problems(validate("\n  \n")), vec![(None, "empty_file")]);
-    let limits = Limits {
-        min_examples: 10,
-        ..LIMITS
-    };
+    let limits = Limits { min_examples: 10, ..LIMITS };
     assert_eq!(problems(validate_with(limits, CHAT)), vec![(None, "too_few_examples")]);
 }
 
 #[test]
 fn a_line_over_the_limit_stops_validation_with_its_number() {
-    let limits = Limits {
-        max_line_bytes: 200,
-        ..LIMITS
-    };
+    let limits = Limits { max_line_bytes: 200, ..LIMITS };
     let long = format!("{{\"text\":\"{}\"}}", "a".repeat(300));
     let text = format!("{CHAT}\n{long}\n{CHAT}\n");
-    assert_eq!(
-        validate_with(limits, &text),
-        Outcome::LineTooLong { line: 2, limit: 200 }
-    );
+    assert_eq!(validate_with(limits, &text), Outcome::LineTooLong { line: 2, limit: 200 });
     // Also when the long line arrives in small pieces and never ends.
     let mut validator = DatasetValidator::new(limits);
     for piece in long.as_bytes().chunks(10) {
