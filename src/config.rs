@@ -29,6 +29,33 @@ pub enum Command {
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Fine-tune a model locally, without a server, from a YAML or JSON config file.
+    Train {
+        /// The run's configuration (see the README for the fields).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Benchmarks that print one JSON line (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Fold a LoRA adapter into its base model and write a full model directory.
+    Merge {
+        /// The base model directory (Hugging Face layout).
+        #[arg(long)]
+        base: PathBuf,
+        /// The PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where to write the merged model.
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Timed training steps on synthetic batches.
+    Train(crate::bench::train::BenchTrainArgs),
 }
 
 #[derive(Debug, Clone, Args)]

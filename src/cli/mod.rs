@@ -1,16 +1,25 @@
-//! Runs a parsed command line: `serve`, `migrate` and `keys`.
+//! Runs a parsed command line: `serve`, `migrate`, `keys`, `train` and `merge`.
+
+mod train;
 
 use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::{Cli, Command, GlobalArgs, KeysCommand, ServeArgs};
+use crate::config::{BenchCommand, Cli, Command, GlobalArgs, KeysCommand, ServeArgs};
 use crate::db::{NewApiKey, SqlStore, Store};
 use crate::domain::api_key::generate_key;
 use crate::startup::{shutdown_signal, Application, Settings};
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::telemetry::init(cli.global.log_format, &cli.global.log)?;
+    // Training runs on its own thread and needs no async runtime.
+    match &cli.command {
+        Command::Train { config } => return train::train(config),
+        Command::Merge { base, adapter, output } => return train::merge(base, adapter, output),
+        Command::Bench(BenchCommand::Train(args)) => return crate::bench::train::run(args),
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -24,6 +33,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Keys(command) => keys(&cli.global, command).await,
+            Command::Train { .. } | Command::Merge { .. } | Command::Bench(_) => unreachable!("handled above"),
         }
     })
 }

@@ -82,14 +82,14 @@ pub struct ApiError {
     message: String,
     param: Option<String>,
     /// Extra fields merged into the `error` object (e.g. a dataset's `problems`).
-    details: Map<String, Value>,
+    details: Box<Map<String, Value>>,
     /// The real cause of a server fault, logged and never sent.
     cause: Option<anyhow::Error>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), param: None, details: Map::new(), cause: None }
+        Self { code, message: message.into(), param: None, details: Box::default(), cause: None }
     }
 
     /// A server fault: the client sees a generic message; `cause` is logged.
@@ -147,7 +147,7 @@ impl IntoResponse for ApiError {
         error.insert("type".into(), json!(kind));
         error.insert("param".into(), json!(self.param));
         error.insert("code".into(), json!(code));
-        error.extend(self.details);
+        error.extend(*self.details);
         (status, Json(json!({ "error": error }))).into_response()
     }
 }

@@ -1,12 +1,15 @@
-//! The one integration-test binary: the API in-process (and over real sockets where it matters),
-//! against SQLite + local files always, and Postgres + S3 when configured (see `helpers`).
+//! The one integration-test binary. The API in-process (and over real sockets where it matters),
+//! against SQLite + local files always and Postgres + S3 when configured (see `helpers`); the
+//! training core against PyTorch/transformers/PEFT references in `tests/fixtures`.
 
 mod auth;
 mod errors;
 mod files;
 mod helpers;
 mod large_upload;
+mod model_numerics;
 mod openapi;
 mod sdk;
 mod storage;
 mod store;
+mod training;

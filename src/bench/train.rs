@@ -1,0 +1,131 @@
+//! `ferrotune bench train`: timed training steps on synthetic token batches, as the perf harness
+//! defines them (SplitMix64 token ids, AdamW lr 1e-4, LoRA r 8 / alpha 16 on q,k,v,o).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use crate::models::config::ModelConfig;
+use crate::models::llama::{Adaptation, CausalLm};
+use crate::models::mask::packed_causal_mask;
+use crate::models::ops::masked_cross_entropy_sum;
+use crate::models::weights::load_model_weights;
+use crate::models::ForwardCtx;
+use crate::peft::lora::{LoraConfig, LoraPlan, TargetModules};
+use crate::rng::splitmix64;
+use crate::train::optimizer::{AdamW, AdamWConfig};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchTrainArgs {
+    /// A Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// `lora` or `full`.
+    #[arg(long, default_value = "lora")]
+    pub method: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Timed steps (after the warm-up steps).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Comma-separated LoRA target modules.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
+    pub targets: String,
+}
+
+pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
+    let vocab = config.vocab_size as u64;
+    let weights = load_model_weights(&args.model, DType::F32, &device)?;
+    let params_total: usize = weights.values().map(|t| t.elem_count()).sum();
+    let plan = LoraPlan {
+        config: LoraConfig {
+            r: args.lora_r,
+            alpha: args.lora_alpha,
+            dropout: 0.0,
+            target_modules: TargetModules::List(args.targets.split(',').map(str::to_string).collect()),
+            use_rslora: false,
+        },
+        seed: args.seed,
+        trainable: true,
+        train_norms: false,
+        loaded: None,
+    };
+    let adaptation = match args.method.as_str() {
+        "lora" => Adaptation::Lora(&plan),
+        "full" => Adaptation::Full,
+        other => anyhow::bail!("--method must be lora or full, not {other}"),
+    };
+    let model = CausalLm::new(config, weights, adaptation)?;
+    let trainable = model.trainable.count();
+    let (b, t) = (args.batch, args.seq);
+    // Batch j holds draws [j·B·L, (j+1)·B·L) of the SplitMix64 stream; step i uses batch i % 4.
+    let batches: Vec<Tensor> = (0..4u64)
+        .map(|j| {
+            let ids: Vec<u32> =
+                (0..(b * t) as u64).map(|k| (splitmix64(args.seed, j * (b * t) as u64 + k) % vocab) as u32).collect();
+            Tensor::from_vec(ids, (b, t), &device)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let positions = Tensor::arange(0u32, t as u32, &device)?.unsqueeze(0)?.repeat((b, 1))?;
+    let mask = packed_causal_mask(&vec![0; b * t], b, t, model.config.sliding_window, &device)?;
+    let target_mask = Tensor::ones(b * (t - 1), DType::F32, &device)?;
+    let mut optimizer = AdamW::new(AdamWConfig::default());
+    let (mut loss_first, mut loss_last, mut times) = (0.0f32, 0.0f32, Vec::new());
+    for step in 0..args.warmup + args.steps {
+        let ids = &batches[step % 4];
+        let started = Instant::now();
+        let ctx = ForwardCtx::inference();
+        let hidden = model.forward_hidden(ids, &positions, &mask, &ctx)?;
+        let logits = model.logits(&hidden, &ctx)?.narrow(1, 0, t - 1)?.reshape((b * (t - 1), ()))?;
+        let labels = ids.narrow(1, 1, t - 1)?.flatten_all()?;
+        let loss = (masked_cross_entropy_sum(&logits, &labels, &target_mask)? / (b * (t - 1)) as f64)?;
+        let grads = loss.backward()?;
+        let named = model
+            .trainable
+            .params
+            .iter()
+            .filter_map(|p| grads.get(p.var.as_tensor()).map(|g| (p.name.clone(), g.clone())))
+            .collect();
+        optimizer.step(&model.trainable.params, &named, 1e-4)?;
+        drop(named);
+        let value = loss.to_scalar::<f32>()?;
+        let elapsed = started.elapsed().as_secs_f64();
+        if step == 0 {
+            loss_first = value;
+        }
+        loss_last = value;
+        if step >= args.warmup {
+            times.push(elapsed);
+        }
+    }
+    let total: f64 = times.iter().sum();
+    times.sort_by(f64::total_cmp);
+    let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    let name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    println!(
+        "{}",
+        json!({
+            "impl": "ferrotune", "mode": "train", "method": args.method, "model": name,
+            "params_total": params_total + if args.method == "lora" { trainable } else { 0 },
+            "params_trainable": trainable, "batch": b, "seq": t, "steps": args.steps,
+            "tokens_per_s": (b * t * args.steps) as f64 / total.max(1e-9),
+            "step_ms_median": median * 1e3, "peak_rss_mb": super::peak_rss_mib(),
+            "loss_first": loss_first, "loss_last": loss_last, "threads": super::threads(),
+        })
+    );
+    Ok(())
+}

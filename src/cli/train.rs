@@ -1,0 +1,97 @@
+//! `ferrotune train` and `ferrotune merge`: the training core from the command line, no server.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::models::config::ModelConfig;
+use crate::models::llama::{Adaptation, CausalLm};
+use crate::models::weights::load_model_weights;
+use crate::peft::adapter::load_adapter;
+use crate::peft::lora::LoraPlan;
+use crate::peft::merge::merged_tensors;
+use crate::train::output::write_model_dir;
+use crate::train::{spawn_training, EvalMetrics, Observer, Progress, StopReason, TrainConfig};
+
+/// Shows a progress bar with loss, learning rate and ETA, and prints evaluations.
+struct ProgressBarObserver {
+    bar: ProgressBar,
+}
+
+impl Observer for ProgressBarObserver {
+    fn progress(&mut self, p: &Progress) {
+        self.bar.set_length(p.total_steps);
+        self.bar.set_position(p.step);
+        self.bar.set_message(format!(
+            "epoch {:.2} loss {:.4} lr {:.2e} {:.0} tok/s ETA {}",
+            p.epoch,
+            p.loss,
+            p.learning_rate,
+            p.tokens_per_second,
+            format_duration(p.eta_seconds)
+        ));
+    }
+
+    fn evaluated(&mut self, step: u64, m: &EvalMetrics) {
+        self.bar.println(format!(
+            "step {step}: validation loss {:.4}, token accuracy {:.3}, perplexity {:.2}",
+            m.loss, m.mean_token_accuracy, m.perplexity
+        ));
+    }
+
+    fn checkpointed(&mut self, step: u64, dir: &Path) {
+        self.bar.println(format!("step {step}: checkpoint {}", dir.display()));
+    }
+}
+
+fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+pub fn train(config_path: &Path) -> anyhow::Result<()> {
+    let config = TrainConfig::from_file(config_path).map_err(anyhow::Error::msg)?;
+    let bar = ProgressBar::new(1);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg}").expect("valid template"));
+    bar.enable_steady_tick(Duration::from_millis(500));
+    let handle = spawn_training(config.clone(), ProgressBarObserver { bar: bar.clone() })?;
+    let summary = handle.join().map_err(|_| anyhow::anyhow!("the training thread panicked"))??;
+    bar.finish_and_clear();
+    println!("steps:            {} of {}", summary.steps, summary.total_steps);
+    println!("trained tokens:   {}", summary.trained_tokens);
+    println!(
+        "examples:         {} ({} truncated, {} dropped with nothing to learn)",
+        summary.examples, summary.truncated, summary.dropped
+    );
+    if let Some(loss) = summary.final_train_loss {
+        println!("final train loss: {loss:.4}");
+    }
+    if let Some(eval) = summary.final_eval {
+        println!("final valid loss: {:.4} (token accuracy {:.3})", eval.loss, eval.mean_token_accuracy);
+    }
+    if let Some(best) = summary.best_eval_loss {
+        println!("best valid loss:  {best:.4}");
+    }
+    if summary.stop == StopReason::EarlyStopped {
+        println!("stopped early: the validation loss stopped improving; the output holds the best weights");
+    }
+    if let Some(output) = &summary.output {
+        println!("output:           {}", output.display());
+    }
+    Ok(())
+}
+
+/// Folds a LoRA adapter into its base model and writes a full model directory.
+pub fn merge(base: &Path, adapter: &Path, output: &Path) -> anyhow::Result<()> {
+    let device = candle_core::Device::Cpu;
+    let config = ModelConfig::from_file(&base.join("config.json"))?;
+    let (lora, norms, tensors) = load_adapter(adapter, &device).context("could not read the adapter")?;
+    let weights = load_model_weights(base, candle_core::DType::F32, &device)?;
+    let plan = LoraPlan { config: lora, seed: 0, trainable: false, train_norms: norms, loaded: Some(tensors) };
+    let model = CausalLm::new(config, weights, Adaptation::Lora(&plan))?;
+    write_model_dir(output, &model, merged_tensors(&model)?, base)?;
+    println!("merged model written to {}", output.display());
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! The Llama-family architecture as Hugging Face's `config.json` describes it (Llama 2/3, Mistral,
+//! Qwen2, SmolLM): one struct, with the per-family differences resolved at load time.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid config.json: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+}
+
+/// Rotary-embedding frequency scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1's wavelength-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// A token attends to itself and the `window - 1` tokens before it (Mistral).
+    pub sliding_window: Option<usize>,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The original file, kept to write it back unchanged next to fine-tuned weights.
+    pub raw: Value,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default = "default_model_type")]
+    model_type: String,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    #[serde(default = "default_max_positions")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    #[serde(default = "default_act")]
+    hidden_act: String,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<Value>,
+}
+
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::from_json(serde_json::from_str(&text)?)
+    }
+
+    pub fn from_json(raw: Value) -> Result<Self, ConfigError> {
+        let c: RawConfig = serde_json::from_value(raw.clone())?;
+        if !matches!(c.model_type.as_str(), "llama" | "mistral" | "qwen2") {
+            return Err(ConfigError::Unsupported(format!(
+                "model_type {:?} (supported: llama, mistral, qwen2)",
+                c.model_type
+            )));
+        }
+        if c.hidden_act != "silu" {
+            return Err(ConfigError::Unsupported(format!("hidden_act {:?} (only silu)", c.hidden_act)));
+        }
+        let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
+        if !c.num_attention_heads.is_multiple_of(num_kv_heads) {
+            return Err(ConfigError::Unsupported(
+                "num_attention_heads must be a multiple of num_key_value_heads".into(),
+            ));
+        }
+        // transformers 5 keeps rope settings in `rope_parameters`; older files in `rope_scaling`.
+        let rope = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
+        let rope_theta =
+            c.rope_theta.or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64)).unwrap_or(10_000.0);
+        let sliding_window = match c.model_type.as_str() {
+            "mistral" => c.sliding_window,
+            "qwen2" if c.use_sliding_window == Some(true) => {
+                return Err(ConfigError::Unsupported("Qwen2 with use_sliding_window".into()))
+            }
+            _ => None,
+        };
+        let eos_token_ids = match &c.eos_token_id {
+            Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+            Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_u64).map(|n| n as u32).collect(),
+            _ => Vec::new(),
+        };
+        Ok(Self {
+            qkv_bias: c.model_type == "qwen2" || c.attention_bias,
+            o_bias: c.attention_bias,
+            model_type: c.model_type,
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads,
+            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta,
+            rope_scaling: parse_rope_scaling(rope)?,
+            max_position_embeddings: c.max_position_embeddings,
+            tie_word_embeddings: c.tie_word_embeddings,
+            sliding_window,
+            mlp_bias: c.mlp_bias,
+            bos_token_id: c.bos_token_id,
+            eos_token_ids,
+            raw,
+        })
+    }
+}
+
+fn parse_rope_scaling(rope: Option<&Value>) -> Result<RopeScaling, ConfigError> {
+    let Some(rope) = rope.filter(|r| r.is_object()) else { return Ok(RopeScaling::None) };
+    let kind = rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let number = |key: &str| {
+        rope.get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| ConfigError::Unsupported(format!("rope scaling {kind:?} without `{key}`")))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear { factor: number("factor")? }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: number("original_max_position_embeddings")?,
+        }),
+        other => Err(ConfigError::Unsupported(format!("rope scaling {other:?} (supported: default, linear, llama3)"))),
+    }
+}

@@ -1,0 +1,366 @@
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM): embeddings, pre-norm blocks of
+//! grouped-query attention and a SwiGLU MLP, final norm, LM head (tied or not).
+//!
+//! One forward for training (all positions, packed-sequence masks) and one for generation (KV
+//! cache). Weights keep transformers' names, so adapters and checkpoints map one to one.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::config::ModelConfig;
+use super::linear::{Linear, LoraWeights};
+use super::mask::incremental_causal_mask;
+use super::ops::{apply_rope, repeat_kv, rms_norm};
+use super::params::{Param, TrainableParams};
+use super::rope::RopeTables;
+use super::weights::take;
+use super::ForwardCtx;
+use crate::peft::lora::LoraPlan;
+
+/// What to train.
+#[derive(Debug, Clone, Copy)]
+pub enum Adaptation<'a> {
+    /// Nothing: inference with the base weights.
+    None,
+    /// Every weight.
+    Full,
+    /// LoRA adapters (trained or loaded) over a frozen base.
+    Lora(&'a LoraPlan),
+}
+
+pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Block {
+    input_norm: Param,
+    attention: Attention,
+    post_norm: Param,
+    mlp: Mlp,
+}
+
+pub struct CausalLm {
+    pub config: ModelConfig,
+    embed: Param,
+    layers: Vec<Block>,
+    norm: Param,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<Linear>,
+    rope: RopeTables,
+    pub trainable: TrainableParams,
+    device: Device,
+    dtype: DType,
+}
+
+/// Per-layer keys and values of the tokens seen so far.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+struct Builder<'a> {
+    weights: HashMap<String, Tensor>,
+    adaptation: Adaptation<'a>,
+    trainable: TrainableParams,
+    lora_init: crate::rng::Rng,
+}
+
+impl Builder<'_> {
+    fn full(&self) -> bool {
+        matches!(self.adaptation, Adaptation::Full)
+    }
+
+    /// A norm or embedding weight: trainable in full fine-tuning (and norms when LoRA asks).
+    fn param(&mut self, name: &str, shape: &[usize], decay: bool) -> Result<Param> {
+        let mut tensor = take(&mut self.weights, name, shape)?;
+        // A loaded adapter may carry trained norms (PEFT `modules_to_save`).
+        if let Adaptation::Lora(LoraPlan { loaded: Some(loaded), .. }) = self.adaptation {
+            if let Some(saved) = loaded.get(&format!("base_model.model.{name}")) {
+                tensor = saved.to_device(tensor.device())?.to_dtype(tensor.dtype())?;
+            }
+        }
+        let is_norm = name.ends_with("norm.weight");
+        let train = self.full() || (is_norm && matches!(self.adaptation, Adaptation::Lora(p) if p.train_norms));
+        if train {
+            self.trainable.add(name, &tensor, decay)
+        } else {
+            Ok(Param::Frozen(tensor))
+        }
+    }
+
+    fn linear(&mut self, module: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Linear> {
+        let weight_name = format!("{module}.weight");
+        let weight = take(&mut self.weights, &weight_name, &[out_f, in_f])?;
+        let weight = if self.full() { self.trainable.add(weight_name, &weight, true)? } else { Param::Frozen(weight) };
+        let bias = if bias {
+            let name = format!("{module}.bias");
+            let tensor = take(&mut self.weights, &name, &[out_f])?;
+            Some(if self.full() { self.trainable.add(name, &tensor, false)? } else { Param::Frozen(tensor) })
+        } else {
+            None
+        };
+        let lora = match self.adaptation {
+            Adaptation::Lora(plan) if plan.targets(module) => {
+                Some(self.lora(plan, module, in_f, out_f, weight.tensor())?)
+            }
+            _ => None,
+        };
+        Ok(Linear { weight, bias, lora })
+    }
+
+    fn lora(&mut self, plan: &LoraPlan, module: &str, in_f: usize, out_f: usize, like: &Tensor) -> Result<LoraWeights> {
+        let (a_name, b_name) = crate::peft::lora::peft_names(module);
+        let (a, b) = plan.initial_weights(module, in_f, out_f, &mut self.lora_init, like)?;
+        let (a, b) = if plan.trainable {
+            (self.trainable.add(a_name, &a, true)?, self.trainable.add(b_name, &b, true)?)
+        } else {
+            (Param::Frozen(a), Param::Frozen(b))
+        };
+        Ok(LoraWeights { a, b, scale: plan.config.scale(), dropout: plan.config.dropout })
+    }
+}
+
+impl CausalLm {
+    /// Builds the model from transformers-named `weights` (consumed), training per `adaptation`.
+    pub fn new(config: ModelConfig, weights: HashMap<String, Tensor>, adaptation: Adaptation<'_>) -> Result<Self> {
+        let embed_probe = weights
+            .get("model.embed_tokens.weight")
+            .ok_or_else(|| candle_core::Error::Msg("missing embeddings".into()))?;
+        let (device, dtype) = (embed_probe.device().clone(), embed_probe.dtype());
+        let lora_init = match adaptation {
+            Adaptation::Lora(plan) => crate::rng::Rng::derive(plan.seed, "lora-init"),
+            _ => crate::rng::Rng::new(0),
+        };
+        let mut b = Builder { weights, adaptation, trainable: TrainableParams::default(), lora_init };
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let (q_out, kv_out) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
+        let embed = b.param("model.embed_tokens.weight", &[v, h], true)?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Block {
+                input_norm: b.param(&format!("{p}.input_layernorm.weight"), &[h], false)?,
+                attention: Attention {
+                    q: b.linear(&format!("{p}.self_attn.q_proj"), h, q_out, config.qkv_bias)?,
+                    k: b.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, config.qkv_bias)?,
+                    v: b.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, config.qkv_bias)?,
+                    o: b.linear(&format!("{p}.self_attn.o_proj"), q_out, h, config.o_bias)?,
+                    heads: config.num_heads,
+                    kv_heads: config.num_kv_heads,
+                    head_dim: config.head_dim,
+                },
+                post_norm: b.param(&format!("{p}.post_attention_layernorm.weight"), &[h], false)?,
+                mlp: Mlp {
+                    gate: b.linear(&format!("{p}.mlp.gate_proj"), h, config.intermediate_size, config.mlp_bias)?,
+                    up: b.linear(&format!("{p}.mlp.up_proj"), h, config.intermediate_size, config.mlp_bias)?,
+                    down: b.linear(&format!("{p}.mlp.down_proj"), config.intermediate_size, h, config.mlp_bias)?,
+                },
+            });
+        }
+        let norm = b.param("model.norm.weight", &[h], false)?;
+        let lm_head = if config.tie_word_embeddings {
+            b.weights.remove("lm_head.weight");
+            None
+        } else {
+            Some(b.linear("lm_head", h, v, false)?)
+        };
+        let rope = RopeTables::new(&config, config.max_position_embeddings, &device)?;
+        Ok(Self { config, embed, layers, norm, lm_head, rope, trainable: b.trainable, device, dtype })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Hidden states of every position: `input_ids`, `positions` `(b, t)` u32, `mask` `(b, 1, t, t)`.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let x = self.embed(input_ids)?;
+        let (cos, sin) = self.rope.at(positions, self.dtype)?;
+        let mut x = x;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, mask, None, self.config.rms_norm_eps, ctx)?;
+        }
+        rms_norm(&x, self.norm.tensor(), self.config.rms_norm_eps)
+    }
+
+    /// Vocabulary logits for hidden states `(..., hidden)`.
+    pub fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden, ctx),
+            None => hidden.broadcast_matmul(&self.embed.tensor().t()?),
+        }
+    }
+
+    /// Feeds `input_ids (1, t)` after the cached tokens; returns the logits of the last position `(1, vocab)`.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        let past = cache.len;
+        if past + t > self.rope.max_positions() {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the model's {} positions",
+                past + t,
+                self.rope.max_positions()
+            );
+        }
+        let positions = Tensor::arange(past as u32, (past + t) as u32, &self.device)?.unsqueeze(0)?;
+        let (cos, sin) = self.rope.at(&positions, self.dtype)?;
+        let mask = incremental_causal_mask(past, t, self.config.sliding_window, &self.device)?.to_dtype(self.dtype)?;
+        if cache.layers.is_empty() {
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
+        }
+        let ctx = ForwardCtx::inference();
+        let mut x = self.embed(input_ids)?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &cos, &sin, &mask, Some(slot), self.config.rms_norm_eps, &ctx)?;
+        }
+        cache.len += t;
+        let last = x.narrow(1, t - 1, 1)?;
+        let hidden = rms_norm(&last, self.norm.tensor(), self.config.rms_norm_eps)?;
+        self.logits(&hidden, &ctx)?.squeeze(1)
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let flat = input_ids.flatten_all()?;
+        self.embed.tensor().index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))
+    }
+
+    /// The base weights by transformers' names (for merging and saving a full model).
+    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.tensor().clone())];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), layer.input_norm.tensor().clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), layer.post_norm.tensor().clone()));
+        }
+        for (module, linear) in self.linear_modules() {
+            out.push((format!("{module}.weight"), linear.weight.tensor().clone()));
+            if let Some(bias) = &linear.bias {
+                out.push((format!("{module}.bias"), bias.tensor().clone()));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.tensor().clone()));
+        out
+    }
+
+    /// Every linear module with its transformers path, for merging adapters.
+    pub fn linear_modules(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, linear) in layer.linears() {
+                let group = if ["gate_proj", "up_proj", "down_proj"].contains(&name) { "mlp" } else { "self_attn" };
+                out.push((format!("model.layers.{i}.{group}.{name}"), linear));
+            }
+        }
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        eps: f64,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let normed = rms_norm(x, self.input_norm.tensor(), eps)?;
+        let attended = self.attention.forward(&normed, cos, sin, mask, cache, ctx)?;
+        let x = (x + attended)?;
+        let normed = rms_norm(&x, self.post_norm.tensor(), eps)?;
+        let mlp = &self.mlp;
+        let gated = (mlp.gate.forward(&normed, ctx)?.silu()? * mlp.up.forward(&normed, ctx)?)?;
+        x + mlp.down.forward(&gated, ctx)?
+    }
+
+    fn linears(&self) -> [(&'static str, &Linear); 7] {
+        let a = &self.attention;
+        [
+            ("q_proj", &a.q),
+            ("k_proj", &a.k),
+            ("v_proj", &a.v),
+            ("o_proj", &a.o),
+            ("gate_proj", &self.mlp.gate),
+            ("up_proj", &self.mlp.up),
+            ("down_proj", &self.mlp.down),
+        ]
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = apply_rope(&heads(self.q.forward(x, ctx)?, self.heads)?, cos, sin)?;
+        let mut k = apply_rope(&heads(self.k.forward(x, ctx)?, self.kv_heads)?, cos, sin)?;
+        let mut v = heads(self.v.forward(x, ctx)?, self.kv_heads)?;
+        if let Some(slot) = cache {
+            if let Some((past_k, past_v)) = slot.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2)?;
+                v = Tensor::cat(&[past_v, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let groups = self.heads / self.kv_heads;
+        let k = repeat_kv(&k, groups)?;
+        let v = repeat_kv(&v, groups)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        self.o.forward(&out, ctx)
+    }
+}

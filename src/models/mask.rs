@@ -1,0 +1,70 @@
+//! Additive attention masks: causal, optionally windowed (Mistral), and block-diagonal for packed
+//! sequences so that no token attends across an example boundary.
+
+use candle_core::{Device, Result, Tensor};
+
+/// A large finite negative: a fully masked row must not produce NaN (see the candle notes).
+pub const MASKED: f32 = -1e9;
+
+/// `(b, 1, t, t)` mask for training on `segments (b × t)`: token i may attend to token j when
+/// j ≤ i, both belong to the same segment (packed example), and i − j < `window`.
+pub fn packed_causal_mask(
+    segments: &[u32],
+    batch: usize,
+    seq: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut mask = vec![MASKED; batch * seq * seq];
+    for b in 0..batch {
+        let seg = &segments[b * seq..(b + 1) * seq];
+        for i in 0..seq {
+            let row = &mut mask[(b * seq + i) * seq..(b * seq + i + 1) * seq];
+            let first = window.map_or(0, |w| (i + 1).saturating_sub(w));
+            for j in first..=i {
+                if seg[j] == seg[i] {
+                    row[j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(mask, (batch, 1, seq, seq), device)
+}
+
+/// `(1, 1, t, past + t)` mask for `t` new tokens after `past` cached ones (one sequence).
+pub fn incremental_causal_mask(past: usize, new: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let total = past + new;
+    let mut mask = vec![MASKED; new * total];
+    for i in 0..new {
+        let absolute = past + i;
+        let first = window.map_or(0, |w| (absolute + 1).saturating_sub(w));
+        for j in first..=absolute {
+            mask[i * total + j] = 0.0;
+        }
+    }
+    Tensor::from_vec(mask, (1, 1, new, total), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(mask: &Tensor) -> Vec<Vec<u8>> {
+        let rows: Vec<Vec<f32>> = mask.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        rows.iter().map(|r| r.iter().map(|&v| u8::from(v == 0.0)).collect()).collect()
+    }
+
+    #[test]
+    fn packed_examples_do_not_see_each_other() {
+        let mask = packed_causal_mask(&[0, 0, 1, 1], 1, 4, None, &Device::Cpu).unwrap();
+        assert_eq!(allowed(&mask), vec![vec![1, 0, 0, 0], vec![1, 1, 0, 0], vec![0, 0, 1, 0], vec![0, 0, 1, 1]]);
+    }
+
+    #[test]
+    fn a_sliding_window_limits_how_far_back_a_token_looks() {
+        let mask = packed_causal_mask(&[0; 4], 1, 4, Some(2), &Device::Cpu).unwrap();
+        assert_eq!(allowed(&mask), vec![vec![1, 0, 0, 0], vec![1, 1, 0, 0], vec![0, 1, 1, 0], vec![0, 0, 1, 1]]);
+        let step = incremental_causal_mask(3, 1, Some(2), &Device::Cpu).unwrap();
+        assert_eq!(allowed(&step), vec![vec![0, 0, 1, 1]]);
+    }
+}

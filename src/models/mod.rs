@@ -1,0 +1,52 @@
+//! Trainable decoder-only language models (the Llama family), written on candle-core with
+//! differentiable ops, loading Hugging Face configs and safetensors. No HTTP, no SQL.
+
+pub mod config;
+pub mod linear;
+pub mod llama;
+pub mod mask;
+pub mod ops;
+pub mod params;
+pub mod rope;
+pub mod weights;
+
+use std::cell::RefCell;
+
+use candle_core::{Result, Tensor};
+
+use crate::rng::Rng;
+
+/// Per-forward state: whether dropout is active, and the generator it draws from.
+pub struct ForwardCtx {
+    dropout_rng: Option<RefCell<Rng>>,
+}
+
+impl ForwardCtx {
+    /// No dropout: evaluation and generation.
+    pub fn inference() -> Self {
+        Self { dropout_rng: None }
+    }
+
+    /// Dropout active, drawing masks from `rng` (its state advances).
+    pub fn training(rng: Rng) -> Self {
+        Self { dropout_rng: Some(RefCell::new(rng)) }
+    }
+
+    /// The generator's state after this forward, to carry to the next step.
+    pub fn into_rng(self) -> Option<Rng> {
+        self.dropout_rng.map(RefCell::into_inner)
+    }
+
+    /// Inverted dropout with probability `p`; the identity outside training.
+    pub fn dropout(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+        let Some(rng) = &self.dropout_rng else { return Ok(x.clone()) };
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - p);
+        let mut rng = rng.borrow_mut();
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f32() < p { 0.0 } else { keep }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}

@@ -1,0 +1,76 @@
+//! Hugging Face PEFT's adapter format: `adapter_config.json` + `adapter_model.safetensors`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Result, Tensor};
+use serde_json::json;
+
+use super::lora::{LoraConfig, TargetModules};
+use crate::models::llama::LINEAR_MODULES;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Module names saved whole (PEFT `modules_to_save`) when norms are trained with LoRA.
+pub const NORM_MODULES: [&str; 3] = ["input_layernorm", "post_attention_layernorm", "norm"];
+
+/// Writes an adapter that PEFT's `PeftModel.from_pretrained` loads.
+pub fn save_adapter(
+    dir: &Path,
+    config: &LoraConfig,
+    base_model: &str,
+    tensors: &HashMap<String, Tensor>,
+    trained_norms: bool,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let targets: Vec<String> = match &config.target_modules {
+        TargetModules::List(list) => list.clone(),
+        // PEFT records `all-linear` expanded to the module names it matched.
+        TargetModules::Keyword(k) if k == "all-linear" => LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
+        TargetModules::Keyword(single) => vec![single.clone()],
+    };
+    let document = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets,
+        "use_rslora": config.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": if trained_norms { Some(NORM_MODULES.to_vec()) } else { None },
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": false,
+        "revision": null,
+        "library": "ferrotune",
+    });
+    let text = serde_json::to_string_pretty(&document).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    std::fs::write(dir.join(CONFIG_FILE), text + "\n")?;
+    let cpu: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&cpu, dir.join(WEIGHTS_FILE))
+}
+
+/// Reads an adapter: its LoRA settings, whether it carries norms, and its tensors by PEFT name.
+pub fn load_adapter(dir: &Path, device: &Device) -> Result<(LoraConfig, bool, HashMap<String, Tensor>)> {
+    let text = std::fs::read_to_string(dir.join(CONFIG_FILE))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| candle_core::Error::Msg(format!("{CONFIG_FILE}: {e}")))?;
+    if value.get("peft_type").and_then(|v| v.as_str()).is_some_and(|t| t != "LORA") {
+        candle_core::bail!("{CONFIG_FILE}: only LoRA adapters are supported, not {}", value["peft_type"]);
+    }
+    let config: LoraConfig =
+        serde_json::from_value(value.clone()).map_err(|e| candle_core::Error::Msg(format!("{CONFIG_FILE}: {e}")))?;
+    let norms = value.get("modules_to_save").and_then(|v| v.as_array()).is_some_and(|m| !m.is_empty());
+    let tensors = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), device)?;
+    Ok((config, norms, tensors))
+}

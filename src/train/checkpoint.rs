@@ -1,0 +1,65 @@
+//! Checkpoints that let a run continue exactly where it stopped: trainable weights, optimizer
+//! moments, the dropout generator and the position in the data.
+//!
+//! Layout of `<dir>`: `trainable.safetensors`, `optimizer.safetensors`, `state.json`. A checkpoint
+//! is written to a temporary sibling and renamed, so a crash never leaves a half-written one.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::optimizer::AdamW;
+use super::TrainError;
+use crate::models::params::TrainableParams;
+use crate::rng::Rng;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// The epoch and the optimizer-step group within it where training continues.
+    pub epoch: u32,
+    pub next_group: usize,
+    pub dropout_rng: Rng,
+    pub trained_tokens: u64,
+    pub best_eval_loss: Option<f64>,
+    pub evals_without_improvement: u32,
+    /// The last training loss (for reports after resuming).
+    pub last_loss: Option<f64>,
+}
+
+pub fn save(dir: &Path, state: &TrainState, params: &TrainableParams, optimizer: &AdamW) -> Result<(), TrainError> {
+    let staging = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)?;
+    candle_core::safetensors::save(&params.snapshot()?, staging.join("trainable.safetensors"))?;
+    let (_, moments) = optimizer.state();
+    candle_core::safetensors::save(&moments, staging.join("optimizer.safetensors"))?;
+    let meta = serde_json::json!({ "state": state, "optimizer_step": optimizer.steps_taken() });
+    std::fs::write(staging.join("state.json"), serde_json::to_string_pretty(&meta).map_err(std::io::Error::other)?)?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&staging, dir)?;
+    Ok(())
+}
+
+pub struct Loaded {
+    pub state: TrainState,
+    pub trainable: HashMap<String, Tensor>,
+    pub optimizer_step: u64,
+    pub moments: HashMap<String, Tensor>,
+}
+
+pub fn load(dir: &Path, device: &Device) -> Result<Loaded, TrainError> {
+    let text = std::fs::read_to_string(dir.join("state.json"))?;
+    let meta: serde_json::Value = serde_json::from_str(&text).map_err(std::io::Error::other)?;
+    let state: TrainState = serde_json::from_value(meta["state"].clone()).map_err(std::io::Error::other)?;
+    let optimizer_step = meta["optimizer_step"].as_u64().unwrap_or(state.step);
+    Ok(Loaded {
+        state,
+        trainable: candle_core::safetensors::load(dir.join("trainable.safetensors"), device)?,
+        optimizer_step,
+        moments: candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)?,
+    })
+}

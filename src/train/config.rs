@@ -1,0 +1,208 @@
+//! A training run's configuration: what `ferrotune train --config FILE` reads (YAML or JSON) and
+//! what the job executor builds from a job's hyperparameters.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::schedule::SchedulerKind;
+use crate::peft::lora::{LoraConfig, TargetModules};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    Full,
+    Lora,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSettings {
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f32,
+    #[serde(default = "default_targets")]
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Also train the RMSNorm weights.
+    #[serde(default)]
+    pub train_norms: bool,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        Self {
+            r: default_r(),
+            alpha: default_alpha(),
+            dropout: 0.0,
+            target_modules: default_targets(),
+            use_rslora: false,
+            train_norms: false,
+        }
+    }
+}
+
+impl LoraSettings {
+    pub fn lora_config(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            target_modules: self.target_modules.clone(),
+            use_rslora: self.use_rslora,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    /// Evaluations without improvement before stopping.
+    pub patience: u32,
+    /// The smallest decrease of the validation loss that counts as an improvement.
+    #[serde(default)]
+    pub min_delta: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// A Hugging Face model directory (config.json, safetensors, tokenizer files).
+    pub model: PathBuf,
+    pub train_file: PathBuf,
+    #[serde(default)]
+    pub validation_file: Option<PathBuf>,
+    /// Hold out this fraction of the training file for validation when there is no validation file.
+    #[serde(default)]
+    pub validation_fraction: f64,
+    pub output_dir: PathBuf,
+    #[serde(default = "default_method")]
+    pub method: Method,
+    #[serde(default)]
+    pub lora: LoraSettings,
+    #[serde(default = "default_epochs")]
+    pub epochs: u32,
+    /// Stop after this many optimizer steps, even mid-epoch.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub gradient_accumulation_steps: usize,
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    #[serde(default)]
+    pub lr_scheduler: SchedulerKind,
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// Overrides `warmup_ratio` when set.
+    #[serde(default)]
+    pub warmup_steps: Option<u64>,
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 disables).
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    #[serde(default = "default_seq")]
+    pub max_seq_len: usize,
+    #[serde(default)]
+    pub packing: bool,
+    #[serde(default)]
+    pub train_on_inputs: bool,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Evaluate every N optimizer steps (0: at the end of each epoch).
+    #[serde(default)]
+    pub eval_interval: u64,
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
+    /// Save a checkpoint every N optimizer steps (0: only at the end).
+    #[serde(default)]
+    pub checkpoint_interval: u64,
+    /// Continue from this checkpoint directory.
+    #[serde(default)]
+    pub resume_from: Option<PathBuf>,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> TargetModules {
+    TargetModules::Keyword("all-linear".into())
+}
+fn default_method() -> Method {
+    Method::Lora
+}
+fn default_epochs() -> u32 {
+    3
+}
+fn default_batch() -> usize {
+    4
+}
+fn one() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_seq() -> usize {
+    1024
+}
+fn default_seed() -> u64 {
+    42
+}
+
+impl TrainConfig {
+    /// Reads a YAML or JSON file (JSON is YAML); relative paths are resolved against its folder.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut config: Self = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut config.model, &mut config.train_file, &mut config.output_dir] {
+            *p = base.join(&*p);
+        }
+        for p in [&mut config.validation_file, &mut config.resume_from].into_iter().flatten() {
+            *p = base.join(&*p);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects values that cannot train, with the field's name.
+    pub fn validate(&self) -> Result<(), String> {
+        let check = |ok: bool, message: &str| if ok { Ok(()) } else { Err(message.to_string()) };
+        check(self.epochs >= 1, "epochs must be at least 1")?;
+        check(self.batch_size >= 1, "batch_size must be at least 1")?;
+        check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1")?;
+        check(self.learning_rate > 0.0 && self.learning_rate.is_finite(), "learning_rate must be positive")?;
+        check((0.0..1.0).contains(&self.warmup_ratio), "warmup_ratio must be in [0, 1)")?;
+        check((0.0..=1.0).contains(&self.min_lr_ratio), "min_lr_ratio must be in [0, 1]")?;
+        check(self.weight_decay >= 0.0, "weight_decay must not be negative")?;
+        check(self.max_grad_norm >= 0.0, "max_grad_norm must not be negative")?;
+        check(self.max_seq_len >= 2, "max_seq_len must be at least 2")?;
+        check((0.0..1.0).contains(&self.validation_fraction), "validation_fraction must be in [0, 1)")?;
+        if let Some(es) = &self.early_stopping {
+            check(es.patience >= 1, "early_stopping.patience must be at least 1")?;
+            check(
+                self.validation_file.is_some() || self.validation_fraction > 0.0,
+                "early_stopping needs a validation_file or a validation_fraction",
+            )?;
+        }
+        if self.method == Method::Lora {
+            self.lora.lora_config().validate()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,78 @@
+//! What a finished run leaves behind: a PEFT adapter (LoRA) or a Hugging Face model directory
+//! (full fine-tuning), each with the tokenizer files, so either loads in transformers/PEFT as is.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use super::config::{Method, TrainConfig};
+use super::setup::Prepared;
+use super::TrainError;
+use crate::models::llama::CausalLm;
+use crate::peft::adapter::save_adapter;
+
+/// Files copied next to the weights when the base model has them.
+const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+pub fn write(prepared: &Prepared, config: &TrainConfig) -> Result<PathBuf, TrainError> {
+    let dir = config.output_dir.clone();
+    match config.method {
+        Method::Lora => {
+            let tensors: HashMap<String, Tensor> =
+                prepared
+                    .model
+                    .trainable
+                    .snapshot()?
+                    .into_iter()
+                    // Trained norms are saved under PEFT's `modules_to_save` names.
+                    .map(|(name, t)| {
+                        if name.starts_with("base_model.") {
+                            (name, t)
+                        } else {
+                            (format!("base_model.model.{name}"), t)
+                        }
+                    })
+                    .collect();
+            let base = config.model.display().to_string();
+            save_adapter(&dir, &config.lora.lora_config(), &base, &tensors, config.lora.train_norms)?;
+            copy_tokenizer_files(&config.model, &dir)?;
+        }
+        Method::Full => write_model_dir(&dir, &prepared.model, prepared.model.base_tensors(), &config.model)?,
+    }
+    Ok(dir)
+}
+
+/// A Hugging Face model directory: `config.json`, `model.safetensors`, tokenizer files.
+pub fn write_model_dir(
+    dir: &Path,
+    model: &CausalLm,
+    tensors: Vec<(String, Tensor)>,
+    source: &Path,
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir)?;
+    let config = serde_json::to_string_pretty(&model.config.raw).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("config.json"), config + "\n")?;
+    let cpu: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    candle_core::safetensors::save(&cpu, dir.join("model.safetensors"))?;
+    copy_tokenizer_files(source, dir)
+}
+
+fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<(), TrainError> {
+    for name in TOKENIZER_FILES {
+        let source = from.join(name);
+        if source.exists() {
+            std::fs::copy(&source, to.join(name))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! The training loop: epochs of seeded shuffles, optimizer steps over accumulated micro-batches,
+//! evaluation, early stopping, checkpoints and the final output.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::batch::{make_batch, prediction_logits};
+use super::checkpoint::{self, TrainState};
+use super::config::TrainConfig;
+use super::eval::{evaluate, EvalMetrics};
+use super::optimizer::{AdamW, AdamWConfig};
+use super::schedule::Schedule;
+use super::setup::{prepare, Prepared};
+use super::{output, Control, Observer, Progress, StopReason, Summary, TrainError};
+use crate::models::ops::masked_cross_entropy_sum;
+use crate::models::ForwardCtx;
+use crate::rng::Rng;
+
+/// Trains per `config`, reporting to `observer`. Runs on the calling thread: use
+/// [`super::spawn_training`] to get a thread with a large enough stack.
+pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summary, TrainError> {
+    let device = Device::Cpu;
+    let prepared = prepare(config, &device)?;
+    let micro_per_epoch = prepared.train.len().div_ceil(config.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(config.gradient_accumulation_steps) as u64;
+    let mut total_steps = steps_per_epoch * u64::from(config.epochs);
+    if let Some(max) = config.max_steps {
+        total_steps = total_steps.min(max);
+    }
+    let warmup_steps = config.warmup_steps.unwrap_or_else(|| (config.warmup_ratio * total_steps as f64).ceil() as u64);
+    let schedule = Schedule {
+        kind: config.lr_scheduler,
+        base_lr: config.learning_rate,
+        warmup_steps,
+        total_steps,
+        min_lr_ratio: config.min_lr_ratio,
+    };
+    let mut run = Run {
+        config,
+        optimizer: AdamW::new(AdamWConfig { weight_decay: config.weight_decay, ..Default::default() }),
+        state: TrainState {
+            step: 0,
+            epoch: 0,
+            next_group: 0,
+            dropout_rng: Rng::derive(config.seed, "dropout"),
+            trained_tokens: 0,
+            best_eval_loss: None,
+            evals_without_improvement: 0,
+            last_loss: None,
+        },
+        best: None,
+        last_eval: None,
+        last_checkpoint: None,
+        prepared,
+        schedule,
+        total_steps,
+        steps_per_epoch,
+    };
+    if let Some(dir) = &config.resume_from {
+        run.resume(dir, &device)?;
+    }
+    let stop = run.epochs(observer)?;
+    run.finish(stop)
+}
+
+struct Run<'a> {
+    config: &'a TrainConfig,
+    prepared: Prepared,
+    optimizer: AdamW,
+    state: TrainState,
+    /// The trainable weights at the best validation loss (kept when early stopping is on).
+    best: Option<HashMap<String, Tensor>>,
+    last_eval: Option<EvalMetrics>,
+    last_checkpoint: Option<std::path::PathBuf>,
+    schedule: Schedule,
+    total_steps: u64,
+    steps_per_epoch: u64,
+}
+
+impl Run<'_> {
+    fn resume(&mut self, dir: &std::path::Path, device: &Device) -> Result<(), TrainError> {
+        let loaded = checkpoint::load(dir, device)?;
+        self.prepared.model.trainable.restore(&loaded.trainable)?;
+        self.optimizer.restore(loaded.optimizer_step, &loaded.moments)?;
+        self.state = loaded.state;
+        self.last_checkpoint = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    fn epochs(&mut self, observer: &mut dyn Observer) -> Result<StopReason, TrainError> {
+        let started = Instant::now();
+        let steps_at_start = self.state.step;
+        while self.state.epoch < self.config.epochs {
+            let epoch = self.state.epoch;
+            let mut order: Vec<usize> = (0..self.prepared.train.len()).collect();
+            Rng::derive(self.config.seed, &format!("epoch-{epoch}")).shuffle(&mut order);
+            let micro: Vec<&[usize]> = order.chunks(self.config.batch_size).collect();
+            let groups: Vec<&[&[usize]]> = micro.chunks(self.config.gradient_accumulation_steps).collect();
+            while self.state.next_group < groups.len() {
+                if self.state.step >= self.total_steps {
+                    return Ok(StopReason::Completed);
+                }
+                match observer.control() {
+                    Control::Continue => {}
+                    Control::Cancel => return Ok(StopReason::Cancelled),
+                    Control::Pause => {
+                        self.checkpoint(observer)?;
+                        return Ok(StopReason::Paused);
+                    }
+                }
+                let step_started = Instant::now();
+                let (loss, tokens) = self.step(groups[self.state.next_group])?;
+                self.state.next_group += 1;
+                if self.state.next_group == groups.len() {
+                    self.state.epoch += 1;
+                    self.state.next_group = 0;
+                }
+                let elapsed = started.elapsed().as_secs_f64();
+                let done = (self.state.step - steps_at_start).max(1) as f64;
+                observer.progress(&Progress {
+                    step: self.state.step,
+                    total_steps: self.total_steps,
+                    epoch: (self.state.step as f64 / self.steps_per_epoch as f64),
+                    loss,
+                    learning_rate: self.schedule.lr(self.state.step - 1),
+                    tokens_per_second: tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
+                    eta_seconds: elapsed / done * (self.total_steps - self.state.step) as f64,
+                    trained_tokens: self.state.trained_tokens,
+                });
+                let epoch_ended = self.state.next_group == 0;
+                let interval = self.config.eval_interval;
+                let due = if interval > 0 { self.state.step.is_multiple_of(interval) } else { epoch_ended };
+                if due && !self.prepared.validation.is_empty() && self.evaluate(observer)? {
+                    return Ok(StopReason::EarlyStopped);
+                }
+                let every = self.config.checkpoint_interval;
+                if every > 0 && self.state.step.is_multiple_of(every) && self.state.step < self.total_steps {
+                    self.checkpoint(observer)?;
+                }
+                if epoch_ended {
+                    break;
+                }
+            }
+        }
+        Ok(StopReason::Completed)
+    }
+
+    /// One optimizer step over a group of micro-batches; returns (mean loss, tokens seen).
+    fn step(&mut self, group: &[&[usize]]) -> Result<(f64, usize), TrainError> {
+        let model = &self.prepared.model;
+        let batches = group
+            .iter()
+            .map(|indices| {
+                let rows: Vec<_> = indices.iter().map(|&i| &self.prepared.train[i]).collect();
+                make_batch(&rows, model.config.sliding_window, model.device(), model.dtype())
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let trained: usize = batches.iter().map(|b| b.trained_tokens).sum();
+        let tokens: usize = batches.iter().map(|b| b.tokens).sum();
+        let params = &model.trainable.params;
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut loss_total = 0.0;
+        for batch in batches.iter().filter(|b| b.trained_tokens > 0) {
+            let ctx = ForwardCtx::training(self.state.dropout_rng.clone());
+            let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, &batch.mask, &ctx)?;
+            let logits = prediction_logits(&model.logits(&hidden, &ctx)?)?;
+            let loss = (masked_cross_entropy_sum(&logits, &batch.targets, &batch.target_mask)? / trained as f64)?;
+            loss_total += f64::from(loss.to_scalar::<f32>()?);
+            let store = loss.backward()?;
+            if let Some(rng) = ctx.into_rng() {
+                self.state.dropout_rng = rng;
+            }
+            for p in params {
+                if let Some(g) = store.get(p.var.as_tensor()) {
+                    let sum = match grads.remove(&p.name) {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(p.name.clone(), sum);
+                }
+            }
+        }
+        if self.config.max_grad_norm > 0.0 {
+            clip_global_norm(&mut grads, self.config.max_grad_norm)?;
+        }
+        let lr = self.schedule.lr(self.state.step);
+        self.optimizer.step(params, &grads, lr)?;
+        self.state.step += 1;
+        self.state.trained_tokens += trained as u64;
+        self.state.last_loss = Some(loss_total);
+        Ok((loss_total, tokens))
+    }
+
+    /// Evaluates; returns true when early stopping says stop.
+    fn evaluate(&mut self, observer: &mut dyn Observer) -> Result<bool, TrainError> {
+        let metrics = evaluate(&self.prepared.model, &self.prepared.validation, self.config.batch_size)?;
+        observer.evaluated(self.state.step, &metrics);
+        self.last_eval = Some(metrics);
+        let Some(rule) = self.config.early_stopping else {
+            return Ok(false);
+        };
+        let improved = self.state.best_eval_loss.is_none_or(|best| metrics.loss < best - rule.min_delta);
+        if improved {
+            self.state.best_eval_loss = Some(metrics.loss);
+            self.state.evals_without_improvement = 0;
+            self.best = Some(self.prepared.model.trainable.snapshot()?);
+        } else {
+            self.state.evals_without_improvement += 1;
+        }
+        Ok(self.state.evals_without_improvement >= rule.patience)
+    }
+
+    fn checkpoint(&mut self, observer: &mut dyn Observer) -> Result<(), TrainError> {
+        let dir = self.config.output_dir.join("checkpoints").join(format!("step-{}", self.state.step));
+        checkpoint::save(&dir, &self.state, &self.prepared.model.trainable, &self.optimizer)?;
+        observer.checkpointed(self.state.step, &dir);
+        self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+
+    fn finish(mut self, stop: StopReason) -> Result<Summary, TrainError> {
+        let output = match stop {
+            StopReason::Completed | StopReason::EarlyStopped => {
+                if let Some(best) = self.best.take() {
+                    // Early stopping keeps the weights of the best validation loss.
+                    self.prepared.model.trainable.restore(&best)?;
+                }
+                Some(output::write(&self.prepared, self.config)?)
+            }
+            StopReason::Cancelled | StopReason::Paused => None,
+        };
+        Ok(Summary {
+            steps: self.state.step,
+            total_steps: self.total_steps,
+            trained_tokens: self.state.trained_tokens,
+            examples: self.prepared.stats.examples,
+            truncated: self.prepared.stats.truncated,
+            dropped: self.prepared.stats.dropped,
+            final_train_loss: self.state.last_loss,
+            final_eval: self.last_eval,
+            best_eval_loss: self.state.best_eval_loss,
+            stop,
+            output,
+            last_checkpoint: self.last_checkpoint,
+        })
+    }
+}
+
+/// Scales all gradients so that their global L2 norm is at most `max_norm` (as torch's
+/// `clip_grad_norm_`, with its 1e-6 guard); returns the norm before clipping.
+pub fn clip_global_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> candle_core::Result<f64> {
+    let mut squares = 0.0f64;
+    for g in grads.values() {
+        squares += f64::from(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?);
+    }
+    let norm = squares.sqrt();
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.values_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(norm)
+}

@@ -1,0 +1,76 @@
+//! Everything a run needs before its first step: model, tokenizer, encoded data.
+
+use candle_core::{DType, Device};
+
+use super::config::{Method, TrainConfig};
+use super::TrainError;
+use crate::data::dataset::{encode_dataset, load_jsonl, split_validation, EncodeStats};
+use crate::data::examples::EncodeOptions;
+use crate::data::packing::{pack, pad_each, Sequence};
+use crate::data::tokenizer::ChatTokenizer;
+use crate::models::config::ModelConfig;
+use crate::models::llama::{Adaptation, CausalLm};
+use crate::models::weights::load_model_weights;
+use crate::peft::lora::LoraPlan;
+
+pub struct Prepared {
+    pub model: CausalLm,
+    pub tokenizer: ChatTokenizer,
+    pub train: Vec<Sequence>,
+    pub validation: Vec<Sequence>,
+    pub stats: EncodeStats,
+    pub lora_plan: Option<LoraPlan>,
+}
+
+pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainError> {
+    config.validate().map_err(TrainError::Config)?;
+    let model_config =
+        ModelConfig::from_file(&config.model.join("config.json")).map_err(|e| TrainError::Model(e.to_string()))?;
+    let tokenizer = ChatTokenizer::from_dir(&config.model)?;
+    let (train_data, validation_data) = {
+        let train = load_jsonl(&config.train_file)?;
+        match &config.validation_file {
+            Some(path) => (train, Some(load_jsonl(path)?)),
+            None if config.validation_fraction > 0.0 => {
+                let (train, held_out) = split_validation(train, config.validation_fraction, config.seed);
+                (train, Some(held_out))
+            }
+            None => (train, None),
+        }
+    };
+    let options = EncodeOptions {
+        max_seq_len: config.max_seq_len.min(model_config.max_position_embeddings),
+        train_on_inputs: config.train_on_inputs,
+    };
+    let pad = tokenizer.pad_token_id().unwrap_or(0);
+    let to_sequences = |examples: &[crate::data::examples::TokenizedExample]| {
+        if config.packing {
+            pack(examples, options.max_seq_len, pad)
+        } else {
+            pad_each(examples, options.max_seq_len, pad)
+        }
+    };
+    let encoded = encode_dataset(&tokenizer, &train_data, &options)?;
+    if encoded.examples.is_empty() {
+        return Err(TrainError::Config("no training example has a token to learn after truncation".into()));
+    }
+    let train = to_sequences(&encoded.examples);
+    let validation = match &validation_data {
+        Some(data) => to_sequences(&encode_dataset(&tokenizer, data, &options)?.examples),
+        None => Vec::new(),
+    };
+    let weights = load_model_weights(&config.model, DType::F32, device)?;
+    let lora_plan = (config.method == Method::Lora).then(|| LoraPlan {
+        config: config.lora.lora_config(),
+        seed: config.seed,
+        trainable: true,
+        train_norms: config.lora.train_norms,
+        loaded: None,
+    });
+    let adaptation = match &lora_plan {
+        Some(plan) => Adaptation::Lora(plan),
+        None => Adaptation::Full,
+    };
+    let model = CausalLm::new(model_config, weights, adaptation)?;
+    Ok(Prepared { model, tokenizer, train, validation, stats: encoded.stats, lora_plan })
+}

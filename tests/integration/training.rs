@@ -1,0 +1,195 @@
+//! The trainer end to end on a fixture model: it learns a synthetic question-answer set (full and
+//! LoRA), resumes exactly from a checkpoint, and reproduces itself from a seed.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use ferrotune::data::tokenizer::ChatTokenizer;
+use ferrotune::infer::generate::generate_greedy;
+use ferrotune::models::config::ModelConfig;
+use ferrotune::models::llama::{Adaptation, CausalLm};
+use ferrotune::models::weights::load_model_weights;
+use ferrotune::peft::adapter::load_adapter;
+use ferrotune::peft::lora::{LoraPlan, TargetModules};
+use ferrotune::train::config::{LoraSettings, Method, TrainConfig};
+use ferrotune::train::{train, Control, Observer, Progress, Silent, StopReason};
+use serde_json::json;
+
+use crate::model_numerics::fixture;
+
+const WORDS: [&str; 16] = [
+    "apple", "river", "stone", "cloud", "green", "tiger", "music", "paper", "light", "ocean", "bread", "chair",
+    "dream", "glass", "honey", "north",
+];
+
+fn qa_pairs() -> Vec<(String, String)> {
+    WORDS.iter().enumerate().map(|(i, w)| (format!("What is code number {i}?"), format!("The code is {w}."))).collect()
+}
+
+fn write_dataset(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("train.jsonl");
+    let lines: Vec<String> = qa_pairs()
+        .iter()
+        .map(|(q, a)| {
+            json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string()
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+fn config(dir: &Path, method: Method) -> TrainConfig {
+    let yaml = format!(
+        "model: {}\ntrain_file: {}\noutput_dir: {}\nmethod: {}\n",
+        fixture("llama").display(),
+        write_dataset(dir).display(),
+        dir.join("out").display(),
+        if method == Method::Full { "full" } else { "lora" },
+    );
+    let mut config: TrainConfig = serde_yaml::from_str(&yaml).unwrap();
+    config.batch_size = 4;
+    config.max_seq_len = 64;
+    config.lr_scheduler = ferrotune::train::schedule::SchedulerKind::Constant;
+    config.max_grad_norm = 1.0;
+    config.seed = 7;
+    config
+}
+
+/// Greedy answers to every question from the trained output, compared with the taught answers.
+fn exact_answers(model: &CausalLm, tokenizer: &ChatTokenizer) -> usize {
+    let stop: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
+    qa_pairs()
+        .iter()
+        .filter(|(q, a)| {
+            let prompt = tokenizer.apply_chat_template(&json!([{"role": "user", "content": q}]), None, true).unwrap();
+            let ids = tokenizer.encode(&prompt, false).unwrap();
+            let out = generate_greedy(model, &ids, 16, &stop).unwrap();
+            let text = tokenizer.decode(&out, true).unwrap();
+            text.trim() == a.as_str()
+        })
+        .count()
+}
+
+fn load_base(adaptation: Adaptation<'_>, dir: &Path) -> CausalLm {
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = load_model_weights(dir, DType::F32, &Device::Cpu).unwrap();
+    CausalLm::new(config, weights, adaptation).unwrap()
+}
+
+#[test]
+fn full_fine_tuning_learns_the_question_answer_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Method::Full);
+    config.epochs = 60;
+    config.learning_rate = 3e-3;
+    let summary = train(&config, &mut Silent).unwrap();
+    let loss = summary.final_train_loss.unwrap();
+    assert!(loss < 0.1, "final training loss {loss}");
+    let output = summary.output.unwrap();
+    let model = load_base(Adaptation::None, &output);
+    let tokenizer = ChatTokenizer::from_dir(&output).unwrap();
+    let correct = exact_answers(&model, &tokenizer);
+    assert!(correct * 10 >= qa_pairs().len() * 9, "{correct} of {} answered exactly", qa_pairs().len());
+}
+
+#[test]
+fn lora_learns_the_question_answer_set_and_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Method::Lora);
+    config.epochs = 60;
+    config.learning_rate = 1e-2;
+    config.lora = LoraSettings {
+        r: 16,
+        alpha: 32.0,
+        target_modules: TargetModules::Keyword("all-linear".into()),
+        ..Default::default()
+    };
+    let summary = train(&config, &mut Silent).unwrap();
+    let loss = summary.final_train_loss.unwrap();
+    assert!(loss < 0.1, "final training loss {loss}");
+    let output = summary.output.unwrap();
+    let (lora, norms, tensors) = load_adapter(&output, &Device::Cpu).unwrap();
+    let plan = LoraPlan { config: lora, seed: 0, trainable: false, train_norms: norms, loaded: Some(tensors) };
+    let model = load_base(Adaptation::Lora(&plan), &fixture("llama"));
+    let tokenizer = ChatTokenizer::from_dir(&output).unwrap();
+    let correct = exact_answers(&model, &tokenizer);
+    assert!(correct * 10 >= qa_pairs().len() * 9, "{correct} of {} answered exactly", qa_pairs().len());
+
+    // The merged model answers the same.
+    let merged_dir = dir.path().join("merged");
+    let merged = ferrotune::peft::merge::merged_tensors(&model).unwrap();
+    ferrotune::train::output::write_model_dir(&merged_dir, &model, merged, &fixture("llama")).unwrap();
+    let merged_model = load_base(Adaptation::None, &merged_dir);
+    assert_eq!(exact_answers(&merged_model, &tokenizer), correct);
+}
+
+fn adapter_tensors(dir: &Path) -> HashMap<String, Vec<f32>> {
+    let (_, _, tensors) = load_adapter(dir, &Device::Cpu).unwrap();
+    tensors.into_iter().map(|(k, v): (String, Tensor)| (k, v.flatten_all().unwrap().to_vec1().unwrap())).collect()
+}
+
+/// Pauses (saving a checkpoint) when the run reaches `at`.
+struct PauseAt {
+    at: u64,
+    step: u64,
+}
+
+impl Observer for PauseAt {
+    fn progress(&mut self, p: &Progress) {
+        self.step = p.step;
+    }
+    fn control(&mut self) -> Control {
+        if self.step == self.at {
+            Control::Pause
+        } else {
+            Control::Continue
+        }
+    }
+}
+
+#[test]
+fn a_run_resumed_from_a_checkpoint_ends_with_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut base = config(dir.path(), Method::Lora);
+    base.epochs = 3;
+    base.learning_rate = 5e-3;
+    base.lora.dropout = 0.1; // the dropout generator must be restored too
+    base.lr_scheduler = ferrotune::train::schedule::SchedulerKind::Cosine;
+    base.warmup_steps = Some(2);
+    base.gradient_accumulation_steps = 2;
+
+    let mut straight = base.clone();
+    straight.output_dir = dir.path().join("straight");
+    train(&straight, &mut Silent).unwrap();
+
+    let mut interrupted = base.clone();
+    interrupted.output_dir = dir.path().join("interrupted");
+    let paused = train(&interrupted, &mut PauseAt { at: 3, step: 0 }).unwrap();
+    assert_eq!(paused.stop, StopReason::Paused);
+    assert_eq!(paused.steps, 3);
+    let mut resumed = interrupted.clone();
+    resumed.resume_from = paused.last_checkpoint.clone();
+    let finished = train(&resumed, &mut Silent).unwrap();
+    assert_eq!(finished.steps, finished.total_steps);
+
+    assert_eq!(adapter_tensors(&dir.path().join("straight")), adapter_tensors(&dir.path().join("interrupted")));
+}
+
+#[test]
+fn two_runs_with_the_same_seed_produce_identical_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut base = config(dir.path(), Method::Lora);
+    base.epochs = 2;
+    base.lora.dropout = 0.05;
+    let (mut a, mut b, mut c) = (base.clone(), base.clone(), base.clone());
+    a.output_dir = dir.path().join("a");
+    b.output_dir = dir.path().join("b");
+    c.output_dir = dir.path().join("c");
+    c.seed = 8;
+    for config in [&a, &b, &c] {
+        train(config, &mut Silent).unwrap();
+    }
+    assert_eq!(adapter_tensors(&a.output_dir), adapter_tensors(&b.output_dir));
+    assert_ne!(adapter_tensors(&a.output_dir), adapter_tensors(&c.output_dir), "the seed matters");
+}
