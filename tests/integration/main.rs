@@ -6,6 +6,7 @@ mod auth;
 mod errors;
 mod files;
 mod helpers;
+mod interop;
 mod large_upload;
 mod model_numerics;
 mod openapi;

@@ -40,9 +40,14 @@ fn write_dataset(dir: &Path) -> std::path::PathBuf {
 }
 
 fn config(dir: &Path, method: Method) -> TrainConfig {
+    config_for(dir, method, "llama")
+}
+
+/// A run on the question-answer set with the fixture model `model`.
+pub fn config_for(dir: &Path, method: Method, model: &str) -> TrainConfig {
     let yaml = format!(
         "model: {}\ntrain_file: {}\noutput_dir: {}\nmethod: {}\n",
-        fixture("llama").display(),
+        fixture(model).display(),
         write_dataset(dir).display(),
         dir.join("out").display(),
         if method == Method::Full { "full" } else { "lora" },

@@ -1,0 +1,96 @@
+//! Our outputs load in Hugging Face transformers / PEFT and give our logits there
+//! (`scripts/check_with_transformers.py`). Runs when `FERROTUNE_TEST_TORCH_PYTHON` names a Python
+//! with torch, transformers and peft (`.ci/run` sets it when the perf venv exists).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use ferrotune::models::config::ModelConfig;
+use ferrotune::models::llama::{Adaptation, CausalLm};
+use ferrotune::models::mask::packed_causal_mask;
+use ferrotune::models::weights::load_model_weights;
+use ferrotune::models::ForwardCtx;
+use ferrotune::peft::adapter::load_adapter;
+use ferrotune::peft::lora::LoraPlan;
+use ferrotune::train::config::Method;
+use ferrotune::train::{train, Silent};
+
+use crate::model_numerics::fixture;
+
+fn torch_python() -> Option<String> {
+    match std::env::var("FERROTUNE_TEST_TORCH_PYTHON") {
+        Ok(python) if !python.is_empty() => Some(python),
+        _ => {
+            eprintln!("skipping: set FERROTUNE_TEST_TORCH_PYTHON to a Python with torch, transformers and peft");
+            None
+        }
+    }
+}
+
+/// Writes `input_ids` and our logits for them to `file`.
+fn write_expected(model: &CausalLm, file: &Path) {
+    let (b, t) = (2, 12);
+    let ids: Vec<u32> = (0..b * t).map(|i| 4 + (i as u32 * 37) % 500).collect();
+    let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+    let positions = Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((b, 1)).unwrap();
+    let mask = packed_causal_mask(&vec![0; b * t], b, t, model.config.sliding_window, &Device::Cpu).unwrap();
+    let ctx = ForwardCtx::inference();
+    let logits = model.logits(&model.forward_hidden(&ids, &positions, &mask, &ctx).unwrap(), &ctx).unwrap();
+    let tensors =
+        HashMap::from([("input_ids".to_string(), ids.to_dtype(DType::I64).unwrap()), ("logits".to_string(), logits)]);
+    candle_core::safetensors::save(&tensors, file).unwrap();
+}
+
+fn check(python: &str, args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_with_transformers.py");
+    let output = std::process::Command::new(python).arg(script).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "transformers disagrees:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn load(dir: &Path, adaptation: Adaptation<'_>) -> CausalLm {
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    CausalLm::new(config, load_model_weights(dir, DType::F32, &Device::Cpu).unwrap(), adaptation).unwrap()
+}
+
+#[test]
+fn a_trained_lora_adapter_loads_in_peft_with_the_same_logits() {
+    let Some(python) = torch_python() else { return };
+    for (name, train_norms) in [("llama", false), ("qwen2", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::training::config_for(dir.path(), Method::Lora, name);
+        config.epochs = 2;
+        config.learning_rate = 1e-2;
+        config.lora.train_norms = train_norms;
+        let output = train(&config, &mut Silent).unwrap().output.unwrap();
+        let (lora, norms, tensors) = load_adapter(&output, &Device::Cpu).unwrap();
+        assert_eq!(norms, train_norms);
+        assert_eq!(tensors.keys().any(|k| k.ends_with("input_layernorm.weight")), train_norms);
+        let plan = LoraPlan { config: lora, seed: 0, trainable: false, train_norms: norms, loaded: Some(tensors) };
+        let expected = dir.path().join("expected.safetensors");
+        write_expected(&load(&fixture(name), Adaptation::Lora(&plan)), &expected);
+        let base = fixture(name).display().to_string();
+        check(
+            &python,
+            &["--model", &base, "--adapter", output.to_str().unwrap(), "--expect", expected.to_str().unwrap()],
+        );
+    }
+}
+
+#[test]
+fn a_fully_fine_tuned_model_loads_in_transformers_with_the_same_logits() {
+    let Some(python) = torch_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::training::config_for(dir.path(), Method::Full, "llama3");
+    config.epochs = 2;
+    config.learning_rate = 1e-3;
+    let output = train(&config, &mut Silent).unwrap().output.unwrap();
+    let expected = dir.path().join("expected.safetensors");
+    write_expected(&load(&output, Adaptation::None), &expected);
+    check(&python, &["--model", output.to_str().unwrap(), "--expect", expected.to_str().unwrap()]);
+}
