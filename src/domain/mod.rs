@@ -4,3 +4,5 @@
 pub mod api_key;
 pub mod dataset;
 pub mod file;
+pub mod hyperparameters;
+pub mod job;

@@ -1,0 +1,238 @@
+//! Fine-tuning hyperparameters as clients send them (OpenAI's, each a number or `"auto"`, plus
+//! ours in the same object), their validation, and their resolution once the data is known.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A number or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(untagged)]
+pub enum AutoOr<T> {
+    #[default]
+    #[serde(with = "auto_keyword")]
+    Auto,
+    Value(T),
+}
+
+mod auto_keyword {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("auto")
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "auto" {
+            Ok(())
+        } else {
+            Err(serde::de::Error::custom(format!("expected a number or \"auto\", got {text:?}")))
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainingType {
+    Full,
+    #[default]
+    Lora,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRequest {
+    pub r: Option<usize>,
+    pub alpha: Option<f64>,
+    pub dropout: Option<f32>,
+    pub target_modules: Option<Value>,
+    pub use_rslora: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStoppingRequest {
+    pub patience: u32,
+    #[serde(default)]
+    pub min_delta: f64,
+}
+
+/// The `hyperparameters` object: OpenAI's three, then ours.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HyperparametersRequest {
+    #[serde(default)]
+    pub n_epochs: AutoOr<u32>,
+    #[serde(default)]
+    pub batch_size: AutoOr<usize>,
+    #[serde(default)]
+    pub learning_rate_multiplier: AutoOr<f64>,
+    pub training_type: Option<TrainingType>,
+    pub lora: Option<LoraRequest>,
+    pub learning_rate: Option<f64>,
+    pub lr_scheduler: Option<String>,
+    pub warmup_ratio: Option<f64>,
+    pub weight_decay: Option<f64>,
+    pub max_grad_norm: Option<f64>,
+    pub gradient_accumulation_steps: Option<usize>,
+    pub max_seq_len: Option<usize>,
+    pub packing: Option<bool>,
+    pub eval_interval: Option<u64>,
+    pub early_stopping: Option<EarlyStoppingRequest>,
+    pub n_checkpoints: Option<u32>,
+}
+
+/// A hyperparameter that is out of range: the field (relative to the hyperparameters object) and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidHyperparameter {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> InvalidHyperparameter {
+    InvalidHyperparameter { field, message: message.into() }
+}
+
+impl HyperparametersRequest {
+    /// Checks every range that does not depend on the data.
+    pub fn validate(&self) -> Result<(), InvalidHyperparameter> {
+        if let AutoOr::Value(n) = self.n_epochs {
+            if !(1..=50).contains(&n) {
+                return Err(invalid("n_epochs", "n_epochs must be between 1 and 50"));
+            }
+        }
+        if let AutoOr::Value(b) = self.batch_size {
+            if !(1..=256).contains(&b) {
+                return Err(invalid("batch_size", "batch_size must be between 1 and 256"));
+            }
+        }
+        if let AutoOr::Value(m) = self.learning_rate_multiplier {
+            if !(m > 0.0 && m <= 10.0) {
+                return Err(invalid("learning_rate_multiplier", "learning_rate_multiplier must be in (0, 10]"));
+            }
+        }
+        let ranges: [(&'static str, Option<f64>, f64, f64); 4] = [
+            ("learning_rate", self.learning_rate, 1e-8, 1.0),
+            ("warmup_ratio", self.warmup_ratio, 0.0, 0.5),
+            ("weight_decay", self.weight_decay, 0.0, 1.0),
+            ("max_grad_norm", self.max_grad_norm, 0.0, 1e6),
+        ];
+        for (field, value, low, high) in ranges {
+            if let Some(v) = value {
+                if !(v.is_finite() && v >= low && v <= high) {
+                    return Err(invalid(field, format!("{field} must be between {low} and {high}")));
+                }
+            }
+        }
+        if let Some(s) = &self.lr_scheduler {
+            if !["constant", "linear", "cosine"].contains(&s.as_str()) {
+                return Err(invalid("lr_scheduler", "lr_scheduler must be constant, linear or cosine"));
+            }
+        }
+        if self.gradient_accumulation_steps.is_some_and(|g| !(1..=1024).contains(&g)) {
+            return Err(invalid(
+                "gradient_accumulation_steps",
+                "gradient_accumulation_steps must be between 1 and 1024",
+            ));
+        }
+        if self.max_seq_len.is_some_and(|l| !(16..=131_072).contains(&l)) {
+            return Err(invalid("max_seq_len", "max_seq_len must be between 16 and 131072"));
+        }
+        if self.n_checkpoints.is_some_and(|n| n > 100) {
+            return Err(invalid("n_checkpoints", "n_checkpoints must be at most 100"));
+        }
+        if self.early_stopping.is_some_and(|e| e.patience == 0 || e.min_delta < 0.0) {
+            return Err(invalid("early_stopping", "early_stopping needs patience >= 1 and min_delta >= 0"));
+        }
+        if let Some(lora) = &self.lora {
+            if self.training_type == Some(TrainingType::Full) {
+                return Err(invalid("lora", "lora settings apply to training_type lora only"));
+            }
+            if lora.r.is_some_and(|r| !(1..=512).contains(&r)) {
+                return Err(invalid("lora", "lora.r must be between 1 and 512"));
+            }
+            if lora.alpha.is_some_and(|a| !(a > 0.0 && a <= 4096.0)) {
+                return Err(invalid("lora", "lora.alpha must be in (0, 4096]"));
+            }
+            if lora.dropout.is_some_and(|d| !(0.0..1.0).contains(&d)) {
+                return Err(invalid("lora", "lora.dropout must be in [0, 1)"));
+            }
+            if let Some(t) = &lora.target_modules {
+                let ok = match t {
+                    Value::String(s) => !s.is_empty(),
+                    Value::Array(items) => {
+                        !items.is_empty() && items.iter().all(|i| i.as_str().is_some_and(|s| !s.is_empty()))
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    return Err(invalid(
+                        "lora",
+                        "lora.target_modules must be \"all-linear\" or a list of module names",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// OpenAI's documented `"auto"` rules, for `examples` training examples: 3 epochs, raised
+    /// so that small sets see at least 100 examples and lowered so that large ones see at most
+    /// 25,000; a batch of ~0.2% of the examples (1 to 256); a learning-rate multiplier of 1.
+    pub fn resolve_openai(&self, examples: usize) -> (u32, usize, f64) {
+        let n = examples.max(1);
+        let epochs = match self.n_epochs {
+            AutoOr::Value(e) => e,
+            AutoOr::Auto if n * 3 < 100 => 100usize.div_ceil(n).min(25) as u32,
+            AutoOr::Auto if n * 3 > 25_000 => (25_000 / n).max(1) as u32,
+            AutoOr::Auto => 3,
+        };
+        let batch = match self.batch_size {
+            AutoOr::Value(b) => b,
+            AutoOr::Auto => ((n as f64 * 0.002).ceil() as usize).clamp(1, 256),
+        };
+        let multiplier = match self.learning_rate_multiplier {
+            AutoOr::Value(m) => m,
+            AutoOr::Auto => 1.0,
+        };
+        (epochs, batch, multiplier)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> HyperparametersRequest {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn numbers_and_auto_parse() {
+        let h = parse(r#"{"n_epochs": "auto", "batch_size": 8, "learning_rate_multiplier": 0.5}"#);
+        assert_eq!(h.n_epochs, AutoOr::Auto);
+        assert_eq!(h.batch_size, AutoOr::Value(8));
+        assert!(serde_json::from_str::<HyperparametersRequest>(r#"{"n_epochs": "many"}"#).is_err());
+        assert!(
+            serde_json::from_str::<HyperparametersRequest>(r#"{"epochs": 3}"#).is_err(),
+            "unknown fields are rejected"
+        );
+    }
+
+    #[test]
+    fn auto_follows_openais_rules() {
+        let auto = HyperparametersRequest::default();
+        assert_eq!(auto.resolve_openai(10), (10, 1, 1.0));
+        assert_eq!(auto.resolve_openai(1000), (3, 2, 1.0));
+        assert_eq!(auto.resolve_openai(100_000), (1, 200, 1.0));
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_field() {
+        assert_eq!(parse(r#"{"n_epochs": 0}"#).validate().unwrap_err().field, "n_epochs");
+        assert_eq!(parse(r#"{"learning_rate": -1}"#).validate().unwrap_err().field, "learning_rate");
+        assert_eq!(parse(r#"{"lora": {"r": 0}}"#).validate().unwrap_err().field, "lora");
+        assert_eq!(parse(r#"{"lr_scheduler": "wavy"}"#).validate().unwrap_err().field, "lr_scheduler");
+        assert!(parse(r#"{"training_type": "full", "learning_rate": 1e-5}"#).validate().is_ok());
+    }
+}
