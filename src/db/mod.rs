@@ -5,12 +5,14 @@
 //! where the dialects differ, `SqlStore` branches on its [`Dialect`]. The store knows nothing of HTTP.
 
 mod files;
+mod jobs;
 mod keys;
 mod sql;
 
 use async_trait::async_trait;
 
 pub use files::{FileListQuery, FileRecord, FileStore, ListOrder};
+pub use jobs::{CheckpointRecord, EventRecord, JobRecord, JobStore, Lease, NewEvent};
 pub use keys::{ApiKeyRecord, KeyStore, NewApiKey, DEFAULT_PROJECT_ID};
 pub use sql::{Dialect, SqlStore};
 
@@ -30,7 +32,7 @@ pub enum DbError {
 
 /// Everything the service keeps in its database.
 #[async_trait]
-pub trait Store: KeyStore + FileStore + Send + Sync + 'static {
+pub trait Store: KeyStore + FileStore + JobStore + Send + Sync + 'static {
     /// A round trip to the database, for readiness checks.
     async fn ping(&self) -> Result<(), DbError>;
     /// Applies pending migrations.

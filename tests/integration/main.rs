@@ -7,6 +7,7 @@ mod errors;
 mod files;
 mod helpers;
 mod interop;
+mod job_store;
 mod large_upload;
 mod model_numerics;
 mod openapi;
