@@ -22,8 +22,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the HTTP API.
+    /// Run the HTTP API (and, by default, one training executor).
     Serve(ServeArgs),
+    /// Run training executors only, against the same database and storage as `serve`.
+    Worker {
+        /// Executors in this process.
+        #[arg(long, env = "FERROTUNE_EXECUTORS", default_value_t = 1)]
+        executors: usize,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Create, list and revoke API keys.
@@ -83,6 +89,19 @@ pub struct GlobalArgs {
     /// Address buckets by path (`endpoint/bucket/key`), as most self-hosted S3 servers need.
     #[arg(long, env = "FERROTUNE_S3_FORCE_PATH_STYLE", global = true)]
     pub s3_force_path_style: bool,
+    /// A YAML file listing base models: `models: [{name, path | gguf | storage | hub}]`.
+    #[arg(long, env = "FERROTUNE_MODELS_FILE", global = true)]
+    pub models_file: Option<PathBuf>,
+    /// A base model as NAME=PATH (a Hugging Face directory or a .gguf file); repeatable.
+    #[arg(long = "base-model", env = "FERROTUNE_BASE_MODELS", value_delimiter = ',', global = true)]
+    pub base_models: Vec<String>,
+    /// Seconds an executor's claim on a job lasts without a heartbeat; a job whose executor died
+    /// goes back to the queue after this long.
+    #[arg(long, env = "FERROTUNE_LEASE_SECS", default_value_t = 30, global = true)]
+    pub lease_secs: u64,
+    /// How often idle executors look for work, in milliseconds.
+    #[arg(long, env = "FERROTUNE_POLL_INTERVAL_MS", default_value_t = 1000, global = true)]
+    pub poll_interval_ms: u64,
     /// Log format.
     #[arg(long, env = "FERROTUNE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -119,6 +138,9 @@ pub struct ServeArgs {
     /// Seconds that in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "FERROTUNE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Training executors in this process (0: API only; run `ferrotune worker` elsewhere).
+    #[arg(long, env = "FERROTUNE_EXECUTORS", default_value_t = 1)]
+    pub executors: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +166,18 @@ impl GlobalArgs {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("ferrotune.db").display()))
+    }
+
+    /// The base-model catalog from `--models-file` and `--base-model`.
+    pub fn catalog(&self) -> anyhow::Result<crate::catalog::Catalog> {
+        let mut catalog = match &self.models_file {
+            Some(path) => crate::catalog::Catalog::from_file(path)?,
+            None => crate::catalog::Catalog::default(),
+        };
+        for flag in &self.base_models {
+            catalog.add_flag(flag)?;
+        }
+        Ok(catalog)
     }
 
     /// The artifact storage settings, defaulting to a directory in the data directory.

@@ -5,6 +5,7 @@
 //! `data`, `train`) knows nothing of HTTP or SQL.
 
 pub mod bench;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::catalog::Catalog;
 use crate::db::{SqlStore, Store};
 use crate::domain::dataset::Limits;
 use crate::http::state::{AppState, HttpConfig};
@@ -24,6 +25,7 @@ pub struct Settings {
     pub max_upload_bytes: u64,
     pub max_json_body_bytes: usize,
     pub shutdown_grace: Duration,
+    pub catalog: Arc<Catalog>,
 }
 
 /// Connects to the database (migrating it) and opens the artifact store.
@@ -53,6 +55,7 @@ pub async fn build_state(
     Ok(AppState {
         store,
         storage,
+        catalog: settings.catalog.clone(),
         config: Arc::new(HttpConfig {
             max_upload_bytes: settings.max_upload_bytes,
             max_json_body_bytes: settings.max_json_body_bytes,

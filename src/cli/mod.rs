@@ -33,6 +33,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Keys(command) => keys(&cli.global, command).await,
+            Command::Worker { .. } => anyhow::bail!("ferrotune worker: the executor pool is not built yet"),
             Command::Train { .. } | Command::Merge { .. } | Command::Bench(_) => unreachable!("handled above"),
         }
     })
@@ -48,6 +49,7 @@ fn serve_settings(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Setti
         max_upload_bytes: args.max_upload_size,
         max_json_body_bytes: usize::try_from(args.max_json_body).context("--max-json-body is too large")?,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        catalog: std::sync::Arc::new(global.catalog()?),
     })
 }
 

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::catalog::Catalog;
 use crate::db::Store;
 use crate::domain::dataset::Limits;
 use crate::storage::ArtifactStore;
@@ -10,6 +11,7 @@ use crate::storage::ArtifactStore;
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub storage: Arc<dyn ArtifactStore>,
+    pub catalog: Arc<Catalog>,
     pub config: Arc<HttpConfig>,
 }
 

@@ -130,10 +130,21 @@ pub async fn backing(backend: Backend) -> Backing {
             max_upload_bytes: 4 << 20,
             max_json_body_bytes: 64 << 10,
             shutdown_grace: Duration::from_secs(5),
+            catalog: Arc::new(test_catalog()),
         },
         _dir: dir,
         _database: database,
     }
+}
+
+/// The fixture models as base models: `tiny-llama` (llama) and `tiny-qwen2` (qwen2).
+pub fn test_catalog() -> ferrotune::catalog::Catalog {
+    let mut catalog = ferrotune::catalog::Catalog::default();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    for (name, dir) in [("tiny-llama", "llama"), ("tiny-qwen2", "qwen2")] {
+        catalog.add(name, ferrotune::catalog::ModelSource::Directory(fixtures.join(dir))).unwrap();
+    }
+    catalog
 }
 
 /// S3 settings with a fresh prefix in the test bucket.
