@@ -89,7 +89,11 @@ impl Catalog {
             && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
         anyhow::ensure!(valid, "invalid base model name {name:?} (letters, digits, - _ . / only; not ft:)");
         if let ModelSource::Directory(dir) = &source {
-            anyhow::ensure!(dir.join("config.json").exists(), "base model {name}: {} has no config.json", dir.display());
+            anyhow::ensure!(
+                dir.join("config.json").exists(),
+                "base model {name}: {} has no config.json",
+                dir.display()
+            );
         }
         self.models.insert(name.to_string(), BaseModel { name: name.to_string(), source });
         Ok(())

@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod db;
 pub mod domain;
+pub mod executor;
 pub mod http;
 pub mod ids;
 pub mod infer;

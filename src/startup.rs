@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use crate::catalog::Catalog;
 use crate::db::{SqlStore, Store};
 use crate::domain::dataset::Limits;
+use crate::executor::{ExecutorContext, ExecutorPool, ExecutorSettings};
 use crate::http::state::{AppState, HttpConfig};
 use crate::storage::{self, StorageSettings};
 
@@ -26,6 +27,7 @@ pub struct Settings {
     pub max_json_body_bytes: usize,
     pub shutdown_grace: Duration,
     pub catalog: Arc<Catalog>,
+    pub executor: ExecutorSettings,
 }
 
 /// Connects to the database (migrating it) and opens the artifact store.
@@ -70,6 +72,7 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     shutdown_grace: Duration,
+    pool: Option<ExecutorPool>,
 }
 
 impl Application {
@@ -84,7 +87,8 @@ impl Application {
             anonymous = state.config.allow_anonymous,
             "ferrotune is listening"
         );
-        Ok(Self { listener, state, shutdown_grace: settings.shutdown_grace })
+        let pool = (settings.executor.executors > 0).then(|| ExecutorPool::start(executor_context(&settings, &state)));
+        Ok(Self { listener, state, shutdown_grace: settings.shutdown_grace, pool })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -112,7 +116,21 @@ impl Application {
             result = server => result.context("the server failed")?,
             () = deadline => tracing::warn!("grace period over; exiting with requests still in flight"),
         }
+        if let Some(pool) = self.pool {
+            // Running jobs checkpoint and go back to the queue for another executor.
+            pool.shutdown().await;
+        }
         Ok(())
+    }
+}
+
+/// The executors' view of the application's backends.
+pub fn executor_context(settings: &Settings, state: &AppState) -> ExecutorContext {
+    ExecutorContext {
+        store: state.store.clone(),
+        storage: state.storage.clone(),
+        catalog: state.catalog.clone(),
+        settings: settings.executor.clone(),
     }
 }
 

@@ -9,6 +9,7 @@ use anyhow::Context;
 use crate::config::{BenchCommand, Cli, Command, GlobalArgs, KeysCommand, ServeArgs};
 use crate::db::{NewApiKey, SqlStore, Store};
 use crate::domain::api_key::generate_key;
+use crate::executor::{ExecutorContext, ExecutorPool, ExecutorSettings};
 use crate::startup::{shutdown_signal, Application, Settings};
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -33,7 +34,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Keys(command) => keys(&cli.global, command).await,
-            Command::Worker { .. } => anyhow::bail!("ferrotune worker: the executor pool is not built yet"),
+            Command::Worker { executors } => worker(&cli.global, executors).await,
             Command::Train { .. } | Command::Merge { .. } | Command::Bench(_) => unreachable!("handled above"),
         }
     })
@@ -50,7 +51,37 @@ fn serve_settings(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Setti
         max_json_body_bytes: usize::try_from(args.max_json_body).context("--max-json-body is too large")?,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         catalog: std::sync::Arc::new(global.catalog()?),
+        executor: executor_settings(global, args.executors),
     })
+}
+
+fn executor_settings(global: &GlobalArgs, executors: usize) -> ExecutorSettings {
+    ExecutorSettings {
+        executors,
+        lease: Duration::from_secs(global.lease_secs.max(1)),
+        poll_interval: Duration::from_millis(global.poll_interval_ms.max(10)),
+        work_dir: global.data_dir.join("work"),
+    }
+}
+
+/// `ferrotune worker`: executors only, until SIGTERM/SIGINT (then running jobs checkpoint and
+/// return to the queue).
+async fn worker(global: &GlobalArgs, executors: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(executors > 0, "--executors must be at least 1");
+    let store = open_store(global).await?;
+    let storage = crate::storage::open(&global.storage_settings()?).await.context("could not open artifact storage")?;
+    let context = ExecutorContext {
+        store: std::sync::Arc::new(store),
+        storage,
+        catalog: std::sync::Arc::new(global.catalog()?),
+        settings: executor_settings(global, executors),
+    };
+    let pool = ExecutorPool::start(context);
+    tracing::info!(executors, "worker running");
+    shutdown_signal().await;
+    tracing::info!("stopping: running jobs checkpoint and return to the queue");
+    pool.shutdown().await;
+    Ok(())
 }
 
 async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<()> {
@@ -60,7 +91,9 @@ async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn open_store(global: &GlobalArgs) -> anyhow::Result<SqlStore> {
-    let store = SqlStore::connect(&global.database_url(), 2).await.context("could not open the database")?;
+    let store = SqlStore::connect(&global.database_url(), global.database_max_connections)
+        .await
+        .context("could not open the database")?;
     store.migrate().await.context("could not migrate the database")?;
     Ok(store)
 }

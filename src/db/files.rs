@@ -46,16 +46,12 @@ pub trait FileStore {
     async fn delete_file(&self, project_id: &str, id: &str) -> Result<Option<FileRecord>, DbError>;
 }
 
-const FILE_COLUMNS: &str = "id, project_id, filename, purpose, bytes, status, status_details, format, \
-     examples, storage_key, created_at";
-
-#[async_trait]
-impl FileStore for SqlStore {
-    #[tracing::instrument(skip_all, fields(file = %file.id))]
-    async fn insert_file(&self, file: &FileRecord) -> Result<(), DbError> {
-        sqlx::query(&format!(
-            "INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-        ))
+/// Inserts a file row with any executor (a pool, or a transaction that writes more).
+pub(super) async fn insert_file_in<'c, E>(executor: E, file: &FileRecord) -> Result<(), DbError>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
+    sqlx::query(&format!("INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"))
         .bind(&file.id)
         .bind(&file.project_id)
         .bind(&file.filename)
@@ -67,9 +63,19 @@ impl FileStore for SqlStore {
         .bind(file.examples)
         .bind(&file.storage_key)
         .bind(file.created_at)
-        .execute(&self.pool)
+        .execute(executor)
         .await?;
-        Ok(())
+    Ok(())
+}
+
+const FILE_COLUMNS: &str = "id, project_id, filename, purpose, bytes, status, status_details, format, \
+     examples, storage_key, created_at";
+
+#[async_trait]
+impl FileStore for SqlStore {
+    #[tracing::instrument(skip_all, fields(file = %file.id))]
+    async fn insert_file(&self, file: &FileRecord) -> Result<(), DbError> {
+        insert_file_in(&self.pool, file).await
     }
 
     #[tracing::instrument(skip(self))]

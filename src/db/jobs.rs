@@ -97,6 +97,28 @@ pub struct CheckpointRecord {
     pub created_at: i64,
 }
 
+/// A fine-tuned model to register when its job succeeds.
+#[derive(Debug, Clone)]
+pub struct NewModel {
+    /// The `ft:...` name.
+    pub id: String,
+    pub project_id: String,
+    pub base_model: String,
+    pub method: String,
+    /// The storage prefix holding the adapter or model files.
+    pub storage_key: String,
+}
+
+/// How a job ends (or pauses).
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    pub status: JobStatus,
+    pub model: Option<NewModel>,
+    pub result_file: Option<super::FileRecord>,
+    pub error: Option<Value>,
+    pub event: NewEvent,
+}
+
 /// What an executor learns when it renews its lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lease {
@@ -123,7 +145,7 @@ pub trait JobStore {
     /// Moves the job from one of `from` to `to` and records `event`; false when its status was
     /// not in `from` (nothing changes then).
     async fn transition(&self, id: &str, from: &[JobStatus], to: JobStatus, event: NewEvent) -> Result<bool, DbError>;
-    /// Marks a running job for `cancel` or `pause`; false when it is not running.
+    /// Marks a running (or pausing) job for `cancel` or `pause`; false when it is neither.
     async fn request_action(&self, id: &str, action: &str, to: JobStatus, event: NewEvent) -> Result<bool, DbError>;
     /// Stores resolved hyperparameters and totals after validation, and queues the job.
     async fn finish_validation(&self, id: &str, hyperparameters: &str, event: NewEvent) -> Result<bool, DbError>;
@@ -143,18 +165,9 @@ pub trait JobStore {
         trained_tokens: i64,
         estimated_finish: Option<i64>,
     ) -> Result<bool, DbError>;
-    /// Ends a job held by `owner`: final status, outputs and an event, in one transaction.
-    #[allow(clippy::too_many_arguments)]
-    async fn complete_job(
-        &self,
-        id: &str,
-        owner: &str,
-        status: JobStatus,
-        fine_tuned_model: Option<&str>,
-        result_files: &[String],
-        error: Option<&Value>,
-        event: NewEvent,
-    ) -> Result<bool, DbError>;
+    /// Ends a job held by `owner`: its status, fine-tuned model, results file, error and event,
+    /// all in one transaction. False when the job is no longer held by `owner`.
+    async fn complete_job(&self, id: &str, owner: &str, outcome: JobOutcome) -> Result<bool, DbError>;
     async fn add_event(&self, job_id: &str, event: NewEvent) -> Result<EventRecord, DbError>;
     /// Events in creation order after `after` (an event id); newest `limit` when `after` is absent.
     async fn list_events(&self, job_id: &str, after: Option<&str>, limit: u32) -> Result<Vec<EventRecord>, DbError>;
@@ -314,7 +327,8 @@ impl JobStore for SqlStore {
     async fn request_action(&self, id: &str, action: &str, to: JobStatus, event: NewEvent) -> Result<bool, DbError> {
         let mut tx = self.pool.begin().await?;
         let changed = sqlx::query(
-            "UPDATE fine_tuning_jobs SET requested_action = $1, status = $2 WHERE id = $3 AND status = 'running'",
+            "UPDATE fine_tuning_jobs SET requested_action = $1, status = $2 WHERE id = $3 \
+             AND status IN ('running', 'pausing')",
         )
         .bind(action)
         .bind(to.as_str())
@@ -396,10 +410,10 @@ impl JobStore for SqlStore {
         let mut tx = self.pool.begin().await?;
         let expired: Vec<(String, String)> = sqlx::query_as(
             "UPDATE fine_tuning_jobs SET \
-               status = CASE WHEN status = 'validating_files' THEN 'validating_files' \
+               status = CASE WHEN requested_action = 'cancel' THEN 'cancelled' \
+                             WHEN status = 'validating_files' THEN 'validating_files' \
                              WHEN status = 'pausing' THEN 'paused' ELSE 'queued' END, \
-               lease_owner = NULL, lease_expires_at = NULL, \
-               requested_action = CASE WHEN requested_action = 'cancel' THEN 'cancel' ELSE NULL END \
+               lease_owner = NULL, lease_expires_at = NULL, requested_action = NULL \
              WHERE lease_owner IS NOT NULL AND lease_expires_at < $1 RETURNING id, status",
         )
         .bind(unix_now())
@@ -445,38 +459,50 @@ impl JobStore for SqlStore {
             == 1)
     }
 
-    async fn complete_job(
-        &self,
-        id: &str,
-        owner: &str,
-        status: JobStatus,
-        fine_tuned_model: Option<&str>,
-        result_files: &[String],
-        error: Option<&Value>,
-        event: NewEvent,
-    ) -> Result<bool, DbError> {
+    #[tracing::instrument(skip(self, outcome), fields(status = outcome.status.as_str()))]
+    async fn complete_job(&self, id: &str, owner: &str, outcome: JobOutcome) -> Result<bool, DbError> {
         let mut tx = self.pool.begin().await?;
+        let result_files: Vec<&str> = outcome.result_file.iter().map(|f| f.id.as_str()).collect();
         let changed = sqlx::query(
-            "UPDATE fine_tuning_jobs SET status = $1, fine_tuned_model = $2, result_files = $3, error = $4, \
-             finished_at = $5, lease_owner = NULL, lease_expires_at = NULL, requested_action = NULL, \
-             estimated_finish = NULL WHERE id = $6 AND lease_owner = $7",
+            "UPDATE fine_tuning_jobs SET status = $1, fine_tuned_model = COALESCE($2, fine_tuned_model), \
+             result_files = $3, error = $4, finished_at = $5, lease_owner = NULL, lease_expires_at = NULL, \
+             requested_action = NULL, estimated_finish = NULL WHERE id = $6 AND lease_owner = $7",
         )
-        .bind(status.as_str())
-        .bind(fine_tuned_model)
-        .bind(serde_json::to_string(result_files).unwrap_or_else(|_| "[]".into()))
-        .bind(error.map(Value::to_string))
-        .bind(status.is_terminal().then(unix_now))
+        .bind(outcome.status.as_str())
+        .bind(outcome.model.as_ref().map(|m| m.id.clone()))
+        .bind(serde_json::to_string(&result_files).unwrap_or_else(|_| "[]".into()))
+        .bind(outcome.error.as_ref().map(Value::to_string))
+        .bind(outcome.status.is_terminal().then(unix_now))
         .bind(id)
         .bind(owner)
         .execute(&mut *tx)
         .await?
         .rows_affected()
             == 1;
-        if changed {
-            insert_event(&mut *tx, id, &event).await?;
+        if !changed {
+            return Ok(false);
         }
+        if let Some(model) = &outcome.model {
+            sqlx::query(
+                "INSERT INTO models (id, project_id, job_id, base_model, method, storage_key, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&model.id)
+            .bind(&model.project_id)
+            .bind(id)
+            .bind(&model.base_model)
+            .bind(&model.method)
+            .bind(&model.storage_key)
+            .bind(unix_now())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(file) = &outcome.result_file {
+            super::files::insert_file_in(&mut *tx, file).await?;
+        }
+        insert_event(&mut *tx, id, &outcome.event).await?;
         tx.commit().await?;
-        Ok(changed)
+        Ok(true)
     }
 
     async fn add_event(&self, job_id: &str, event: NewEvent) -> Result<EventRecord, DbError> {

@@ -5,15 +5,19 @@
 //! where the dialects differ, `SqlStore` branches on its [`Dialect`]. The store knows nothing of HTTP.
 
 mod files;
+mod job_queries;
 mod jobs;
 mod keys;
+mod model_queries;
 mod sql;
 
 use async_trait::async_trait;
 
 pub use files::{FileListQuery, FileRecord, FileStore, ListOrder};
-pub use jobs::{CheckpointRecord, EventRecord, JobRecord, JobStore, Lease, NewEvent};
+pub use job_queries::JobQueryStore;
+pub use jobs::{CheckpointRecord, EventRecord, JobOutcome, JobRecord, JobStore, Lease, NewEvent, NewModel};
 pub use keys::{ApiKeyRecord, KeyStore, NewApiKey, DEFAULT_PROJECT_ID};
+pub use model_queries::{ModelRecord, ModelStore};
 pub use sql::{Dialect, SqlStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +36,7 @@ pub enum DbError {
 
 /// Everything the service keeps in its database.
 #[async_trait]
-pub trait Store: KeyStore + FileStore + JobStore + Send + Sync + 'static {
+pub trait Store: KeyStore + FileStore + JobStore + JobQueryStore + ModelStore + Send + Sync + 'static {
     /// A round trip to the database, for readiness checks.
     async fn ping(&self) -> Result<(), DbError>;
     /// Applies pending migrations.

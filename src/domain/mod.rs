@@ -6,3 +6,4 @@ pub mod dataset;
 pub mod file;
 pub mod hyperparameters;
 pub mod job;
+pub mod model_name;

@@ -35,6 +35,19 @@ pub enum ErrorCode {
     InvalidApiKey,
     InternalError,
     NotReady,
+    JobNotFound,
+    ModelNotFound,
+    /// `model_not_found` for a model named in a request body (400, with `param`).
+    UnknownModel,
+    /// `file_not_found` for a file named in a request body (400, with `param`).
+    UnknownFile,
+    ModelNotSupported,
+    ModelNotOwned,
+    InvalidFileFormat,
+    UnsupportedMethod,
+    InvalidHyperparameters,
+    ConflictingHyperparameters,
+    InvalidJobState,
 }
 
 impl ErrorCode {
@@ -64,6 +77,17 @@ impl ErrorCode {
             InvalidApiKey => ("invalid_api_key", "authentication_error", StatusCode::UNAUTHORIZED),
             InternalError => ("internal_error", "server_error", StatusCode::INTERNAL_SERVER_ERROR),
             NotReady => ("not_ready", "server_error", StatusCode::SERVICE_UNAVAILABLE),
+            JobNotFound => ("job_not_found", REQ, StatusCode::NOT_FOUND),
+            ModelNotFound => ("model_not_found", REQ, StatusCode::NOT_FOUND),
+            UnknownModel => ("model_not_found", REQ, BAD),
+            UnknownFile => ("file_not_found", REQ, BAD),
+            ModelNotSupported => ("model_not_supported", REQ, BAD),
+            ModelNotOwned => ("model_not_owned", REQ, StatusCode::FORBIDDEN),
+            InvalidFileFormat => ("invalid_file_format", REQ, BAD),
+            UnsupportedMethod => ("unsupported_method", REQ, BAD),
+            InvalidHyperparameters => ("invalid_hyperparameters", REQ, BAD),
+            ConflictingHyperparameters => ("conflicting_hyperparameters", REQ, BAD),
+            InvalidJobState => ("invalid_job_state", REQ, StatusCode::CONFLICT),
         }
     }
 
@@ -109,6 +133,10 @@ impl ApiError {
 
     pub fn code(&self) -> ErrorCode {
         self.code
+    }
+
+    pub fn param(&self) -> Option<&str> {
+        self.param.as_deref()
     }
 }
 

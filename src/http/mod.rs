@@ -7,6 +7,10 @@ pub mod error;
 pub mod extract;
 mod files;
 mod health;
+mod job_events;
+mod jobs;
+mod jobs_create;
+mod models;
 pub mod state;
 mod upload;
 
@@ -37,6 +41,17 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/files/{file_id}"),
     ("DELETE", "/v1/files/{file_id}"),
     ("GET", "/v1/files/{file_id}/content"),
+    ("POST", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume"),
+    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"),
+    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model}"),
+    ("DELETE", "/v1/models/{model}"),
 ];
 
 fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
@@ -49,6 +64,19 @@ fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
         ("GET", "/v1/files/{file_id}") => routing::get(files::retrieve_file),
         ("DELETE", "/v1/files/{file_id}") => routing::delete(files::delete_file),
         ("GET", "/v1/files/{file_id}/content") => routing::get(files::download_file),
+        ("POST", "/v1/fine_tuning/jobs") => routing::post(jobs_create::create_job),
+        ("GET", "/v1/fine_tuning/jobs") => routing::get(jobs::list_jobs),
+        ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}") => routing::get(jobs::retrieve_job),
+        ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel") => routing::post(jobs::cancel_job),
+        ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause") => routing::post(jobs::pause_job),
+        ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume") => routing::post(jobs::resume_job),
+        ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events") => routing::get(job_events::list_job_events),
+        ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints") => {
+            routing::get(job_events::list_job_checkpoints)
+        }
+        ("GET", "/v1/models") => routing::get(models::list_models),
+        ("GET", "/v1/models/{model}") => routing::get(models::retrieve_model),
+        ("DELETE", "/v1/models/{model}") => routing::delete(models::delete_model),
         _ => unreachable!("route {method} {path} is in ROUTES but has no handler"),
     }
 }

@@ -43,6 +43,8 @@ pub struct Progress {
     /// Fractional epoch (1.5 = half-way through the second epoch).
     pub epoch: f64,
     pub loss: f64,
+    /// Share of trained tokens the model predicted right (argmax) in this step's batches.
+    pub accuracy: f64,
     pub learning_rate: f64,
     pub tokens_per_second: f64,
     pub eta_seconds: f64,

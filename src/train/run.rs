@@ -111,7 +111,7 @@ impl Run<'_> {
                     }
                 }
                 let step_started = Instant::now();
-                let (loss, tokens) = self.step(groups[self.state.next_group])?;
+                let (loss, accuracy, tokens) = self.step(groups[self.state.next_group])?;
                 self.state.next_group += 1;
                 if self.state.next_group == groups.len() {
                     self.state.epoch += 1;
@@ -124,6 +124,7 @@ impl Run<'_> {
                     total_steps: self.total_steps,
                     epoch: (self.state.step as f64 / self.steps_per_epoch as f64),
                     loss,
+                    accuracy,
                     learning_rate: self.schedule.lr(self.state.step - 1),
                     tokens_per_second: tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
                     eta_seconds: elapsed / done * (self.total_steps - self.state.step) as f64,
@@ -147,8 +148,9 @@ impl Run<'_> {
         Ok(StopReason::Completed)
     }
 
-    /// One optimizer step over a group of micro-batches; returns (mean loss, tokens seen).
-    fn step(&mut self, group: &[&[usize]]) -> Result<(f64, usize), TrainError> {
+    /// One optimizer step over a group of micro-batches; returns (mean loss, token accuracy,
+    /// tokens seen).
+    fn step(&mut self, group: &[&[usize]]) -> Result<(f64, f64, usize), TrainError> {
         let model = &self.prepared.model;
         let batches = group
             .iter()
@@ -162,12 +164,14 @@ impl Run<'_> {
         let params = &model.trainable.params;
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut loss_total = 0.0;
+        let mut correct = 0usize;
         for batch in batches.iter().filter(|b| b.trained_tokens > 0) {
             let ctx = ForwardCtx::training(self.state.dropout_rng.clone());
             let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, &batch.mask, &ctx)?;
             let logits = prediction_logits(&model.logits(&hidden, &ctx)?)?;
             let loss = (masked_cross_entropy_sum(&logits, &batch.targets, &batch.target_mask)? / trained as f64)?;
             loss_total += f64::from(loss.to_scalar::<f32>()?);
+            correct += count_correct(&logits, batch)?;
             let store = loss.backward()?;
             if let Some(rng) = ctx.into_rng() {
                 self.state.dropout_rng = rng;
@@ -190,7 +194,7 @@ impl Run<'_> {
         self.state.step += 1;
         self.state.trained_tokens += trained as u64;
         self.state.last_loss = Some(loss_total);
-        Ok((loss_total, tokens))
+        Ok((loss_total, correct as f64 / trained.max(1) as f64, tokens))
     }
 
     /// Evaluates; returns true when early stopping says stop.
@@ -246,6 +250,12 @@ impl Run<'_> {
             last_checkpoint: self.last_checkpoint,
         })
     }
+}
+
+/// How many trained positions the argmax of `logits` predicts right.
+fn count_correct(logits: &Tensor, batch: &super::batch::Batch) -> candle_core::Result<usize> {
+    let predicted: Vec<u32> = logits.detach().argmax(candle_core::D::Minus1)?.to_vec1()?;
+    Ok(predicted.iter().zip(&batch.host_targets).zip(&batch.host_mask).filter(|((p, t), m)| **m == 1 && p == t).count())
 }
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm` (as torch's

@@ -131,6 +131,12 @@ pub async fn backing(backend: Backend) -> Backing {
             max_json_body_bytes: 64 << 10,
             shutdown_grace: Duration::from_secs(5),
             catalog: Arc::new(test_catalog()),
+            executor: ferrotune::executor::ExecutorSettings {
+                executors: 0,
+                lease: Duration::from_secs(3),
+                poll_interval: Duration::from_millis(50),
+                work_dir: dir.path().join("work"),
+            },
         },
         _dir: dir,
         _database: database,
@@ -163,6 +169,8 @@ pub struct TestApp {
     pub router: Router,
     pub state: AppState,
     pub backing: Backing,
+    /// Executors started by `start_executors`.
+    pub pool: Option<ferrotune::executor::ExecutorPool>,
 }
 
 impl TestApp {
@@ -175,7 +183,25 @@ impl TestApp {
         adjust(&mut backing.settings);
         let (store, storage) = open_backends(&backing.settings).await.expect("open backends");
         let state = build_state(&backing.settings, store, storage).await.expect("build state");
-        Self { router: ferrotune::http::router(state.clone()), state, backing }
+        Self { router: ferrotune::http::router(state.clone()), state, backing, pool: None }
+    }
+
+    /// Starts `n` executors on this app's database and storage.
+    pub fn start_executors(&mut self, n: usize) {
+        let mut settings = self.backing.settings.clone();
+        settings.executor.executors = n;
+        self.pool = Some(ferrotune::executor::ExecutorPool::start(ferrotune::startup::executor_context(
+            &settings,
+            &self.state,
+        )));
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value, key: Option<&str>) -> TestResponse {
+        let request = request("POST", path, key)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        self.send(request).await
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

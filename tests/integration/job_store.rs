@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use ferrotune::db::{JobRecord, JobStore, Lease, NewEvent, SqlStore, Store, DEFAULT_PROJECT_ID};
+use ferrotune::db::{JobOutcome, JobRecord, JobStore, Lease, NewEvent, SqlStore, Store, DEFAULT_PROJECT_ID};
 use ferrotune::domain::job::JobStatus;
 
 use crate::helpers::{backends, backing, Backend};
@@ -114,10 +114,15 @@ async fn transitions_are_conditional_and_requests_reach_the_executor() {
             .transition("ftjob-t", &[JobStatus::Paused], JobStatus::Queued, NewEvent::message("x"))
             .await
             .unwrap());
-        assert!(store
-            .complete_job("ftjob-t", "w", JobStatus::Paused, None, &[], None, NewEvent::message("paused"))
-            .await
-            .unwrap());
+        let paused = JobOutcome {
+            status: JobStatus::Paused,
+            model: None,
+            result_file: None,
+            error: None,
+            event: NewEvent::message("paused"),
+        };
+        assert!(store.complete_job("ftjob-t", "w", paused.clone()).await.unwrap());
+        assert!(!store.complete_job("ftjob-t", "w", paused).await.unwrap(), "no longer held");
         assert!(store
             .transition("ftjob-t", &[JobStatus::Paused], JobStatus::Queued, NewEvent::message("resumed"))
             .await

@@ -1,0 +1,63 @@
+//! Names of fine-tuned models and their checkpoints, in OpenAI's shape:
+//! `ft:<base>:<project>:<suffix>:<job>` and `…:ckpt-step-<N>`.
+//!
+//! The name is known from the moment a job is created (it depends only on the request), so
+//! checkpoints can carry it before the job succeeds.
+
+/// The longest `suffix` a job may give (OpenAI's limit).
+pub const MAX_SUFFIX_LEN: usize = 64;
+
+const JOB_ID_PREFIX: &str = "ftjob-";
+
+/// Whether `suffix` may appear in a model name: 1 to 64 of `[A-Za-z0-9_-]`, so that it cannot
+/// add a `:` (the separator) or anything a URL path would need to escape.
+pub fn is_valid_suffix(suffix: &str) -> bool {
+    (1..=MAX_SUFFIX_LEN).contains(&suffix.len())
+        && suffix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// `ft:<base>:<project>:<suffix or empty>:<job id without "ftjob-">`.
+pub fn fine_tuned_model_name(base: &str, project: &str, suffix: Option<&str>, job_id: &str) -> String {
+    let job = job_id.strip_prefix(JOB_ID_PREFIX).unwrap_or(job_id);
+    format!("ft:{base}:{project}:{}:{job}", suffix.unwrap_or(""))
+}
+
+/// The name of the checkpoint saved at `step` of the model `model`.
+pub fn checkpoint_model_name(model: &str, step: i64) -> String {
+    format!("{model}:ckpt-step-{step}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_openais_shape() {
+        assert_eq!(
+            fine_tuned_model_name("tiny-llama", "acme", Some("support-v2"), "ftjob-abc123"),
+            "ft:tiny-llama:acme:support-v2:abc123"
+        );
+    }
+
+    #[test]
+    fn a_missing_suffix_leaves_its_field_empty() {
+        assert_eq!(fine_tuned_model_name("org/base", "default", None, "ftjob-x9"), "ft:org/base:default::x9");
+    }
+
+    #[test]
+    fn checkpoints_extend_the_model_name_with_their_step() {
+        let model = fine_tuned_model_name("tiny", "p", None, "ftjob-j");
+        assert_eq!(checkpoint_model_name(&model, 40), "ft:tiny:p::j:ckpt-step-40");
+    }
+
+    #[test]
+    fn suffixes_are_short_and_plain() {
+        assert!(is_valid_suffix("my_model-2"));
+        assert!(is_valid_suffix(&"a".repeat(64)));
+        assert!(!is_valid_suffix(""));
+        assert!(!is_valid_suffix(&"a".repeat(65)));
+        assert!(!is_valid_suffix("has:colon"));
+        assert!(!is_valid_suffix("has space"));
+        assert!(!is_valid_suffix("ünï"));
+    }
+}

@@ -1,0 +1,274 @@
+//! Running a queued job: stage its data (and its last checkpoint, when resuming), train on a
+//! dedicated thread while heartbeats and reports flow, then store the result and end the job.
+
+use std::path::Path;
+
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use super::bridge::{start_heartbeat, JobObserver, Report, SharedSignal, Signal};
+use super::plan::JobPlan;
+use super::validate::{job_dir, stage_file};
+use super::{artifacts, ExecutorContext, JobFailure, CHECKPOINT_FILES};
+use crate::db::{FileRecord, JobOutcome, JobRecord, NewEvent, NewModel};
+use crate::domain::file::{FilePurpose, FileStatus};
+use crate::domain::job::JobStatus;
+use crate::domain::model_name::fine_tuned_model_name;
+use crate::ids::{new_id, unix_now};
+use crate::train::{spawn_training, StopReason, Summary, TrainError};
+
+pub async fn run(context: &ExecutorContext, owner: &str, job: JobRecord, mut shutdown: watch::Receiver<bool>) {
+    let signal = SharedSignal::default();
+    let heartbeat = start_heartbeat(context, &job.id, owner, signal.clone());
+    let watcher = {
+        let signal = signal.clone();
+        tokio::spawn(async move {
+            while shutdown.changed().await.is_ok() {
+                if *shutdown.borrow() {
+                    signal.raise(Signal::Shutdown);
+                }
+            }
+        })
+    };
+    let outcome = train_job(context, owner, &job, signal.clone()).await;
+    heartbeat.abort();
+    watcher.abort();
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(failure) => Some(failure.outcome()),
+    };
+    // `None`: the lease was lost, so the job is another executor's now; leave it alone.
+    if let Some(outcome) = outcome {
+        let terminal = outcome.status.is_terminal();
+        match context.store.complete_job(&job.id, owner, outcome).await {
+            Ok(true) if terminal => {
+                let _ = tokio::fs::remove_dir_all(job_dir(context, &job.id)).await;
+            }
+            Ok(_) => {}
+            Err(err) => tracing::error!(error = %err, "could not record how the job ended; its lease will lapse"),
+        }
+    }
+}
+
+async fn train_job(
+    context: &ExecutorContext,
+    owner: &str,
+    job: &JobRecord,
+    signal: SharedSignal,
+) -> Result<Option<JobOutcome>, JobFailure> {
+    let plan: JobPlan = serde_json::from_str(&job.hyperparameters).map_err(JobFailure::platform)?;
+    let model_dir =
+        context.model_dir(&job.model).map_err(|m| JobFailure::user("model_not_available", m, Some("model")))?;
+    let dir = job_dir(context, &job.id);
+    let data_dir = dir.join("data");
+    tokio::fs::create_dir_all(&data_dir).await.map_err(JobFailure::platform)?;
+    let train_file = stage_file(context, job, &job.training_file, "training_file", &data_dir).await?;
+    let validation_file = match &job.validation_file {
+        Some(id) => Some(stage_file(context, job, id, "validation_file", &data_dir).await?),
+        None => None,
+    };
+    let output_dir = dir.join("output");
+    let mut config = plan.train_config(&model_dir, train_file, validation_file, output_dir.clone(), job.seed as u64);
+    config.resume_from = stage_latest_checkpoint(context, job, &output_dir).await?;
+    let start_message = match &config.resume_from {
+        Some(_) => format!("Fine-tuning resumed from the checkpoint at step {} (attempt {})", job.step, job.attempts),
+        None => "Fine-tuning job started".to_string(),
+    };
+    let _ = context.store.add_event(&job.id, NewEvent::message(start_message)).await;
+
+    let (reports, received) = mpsc::unbounded_channel();
+    let observer = JobObserver { reports, signal: signal.clone() };
+    let reporter = tokio::spawn(report_loop(context.clone(), job.id.clone(), owner.to_string(), received));
+    let training = spawn_training(config, observer).map_err(JobFailure::platform)?;
+    let result = tokio::task::spawn_blocking(move || training.join())
+        .await
+        .map_err(JobFailure::platform)?
+        .map_err(|_| JobFailure::platform("the training thread panicked"))?;
+    let rows = reporter.await.map_err(JobFailure::platform)?;
+    let summary = result.map_err(train_failure)?;
+    match summary.stop {
+        StopReason::Completed | StopReason::EarlyStopped => {
+            Ok(Some(finish(context, job, &plan, &summary, rows).await?))
+        }
+        StopReason::Cancelled if signal.get() == Signal::Lost => Ok(None),
+        StopReason::Cancelled => Ok(Some(simple_outcome(JobStatus::Cancelled, "Job cancelled"))),
+        StopReason::Paused if signal.get() == Signal::Shutdown => Ok(Some(simple_outcome(
+            JobStatus::Queued,
+            "The executor is shutting down; the job is queued again and will resume from its checkpoint",
+        ))),
+        StopReason::Paused => {
+            Ok(Some(simple_outcome(JobStatus::Paused, &format!("Job paused at step {}", summary.steps))))
+        }
+    }
+}
+
+fn simple_outcome(status: JobStatus, message: &str) -> JobOutcome {
+    JobOutcome { status, model: None, result_file: None, error: None, event: NewEvent::message(message) }
+}
+
+/// Data and settings problems are the user's; anything else is ours.
+fn train_failure(err: TrainError) -> JobFailure {
+    match err {
+        TrainError::Data(e) => JobFailure::user("invalid_file", e.to_string(), Some("training_file")),
+        TrainError::Config(e) => JobFailure::user("invalid_hyperparameters", e, Some("hyperparameters")),
+        other => JobFailure::platform(other),
+    }
+}
+
+/// Downloads the job's newest checkpoint into the output directory, for the trainer to resume.
+async fn stage_latest_checkpoint(
+    context: &ExecutorContext,
+    job: &JobRecord,
+    output_dir: &Path,
+) -> Result<Option<std::path::PathBuf>, JobFailure> {
+    let checkpoints = context.store.list_checkpoints(&job.id).await.map_err(JobFailure::platform)?;
+    let Some(latest) = checkpoints.first() else { return Ok(None) };
+    let dir = output_dir.join("checkpoints").join(format!("step-{}", latest.step_number));
+    let names: Vec<String> = CHECKPOINT_FILES.iter().map(|s| s.to_string()).collect();
+    artifacts::download_files(context.storage.as_ref(), &latest.storage_key, &names, &dir)
+        .await
+        .map_err(JobFailure::platform)?;
+    Ok(Some(dir))
+}
+
+/// Rows of the results CSV: step, train loss and accuracy, validation loss and accuracy.
+type ResultRows = Vec<(u64, f64, f64, Option<(f64, f64)>)>;
+
+/// Records progress, metrics and checkpoints as the trainer reports them.
+async fn report_loop(
+    context: ExecutorContext,
+    job_id: String,
+    owner: String,
+    mut reports: mpsc::UnboundedReceiver<Report>,
+) -> ResultRows {
+    let mut rows: ResultRows = Vec::new();
+    while let Some(report) = reports.recv().await {
+        match report {
+            Report::Progress(p) => {
+                let finish = unix_now() + p.eta_seconds.round() as i64;
+                let _ = context
+                    .store
+                    .record_progress(
+                        &job_id,
+                        &owner,
+                        p.step as i64,
+                        p.total_steps as i64,
+                        p.epoch,
+                        p.trained_tokens as i64,
+                        Some(finish),
+                    )
+                    .await;
+                let data = json!({
+                    "step": p.step, "total_steps": p.total_steps, "train_loss": p.loss,
+                    "train_mean_token_accuracy": p.accuracy, "learning_rate": p.learning_rate,
+                    "tokens_per_second": p.tokens_per_second, "epoch": p.epoch,
+                });
+                let message = format!("Step {}/{}: training loss={:.4}", p.step, p.total_steps, p.loss);
+                let _ = context.store.add_event(&job_id, crate::db::NewEvent::metrics(message, data)).await;
+                rows.push((p.step, p.loss, p.accuracy, None));
+            }
+            Report::Evaluated(step, m) => {
+                if let Some(row) = rows.iter_mut().rev().find(|r| r.0 == step) {
+                    row.3 = Some((m.loss, m.mean_token_accuracy));
+                }
+                let data = json!({ "step": step, "valid_loss": m.loss, "valid_mean_token_accuracy": m.mean_token_accuracy, "perplexity": m.perplexity });
+                let message = format!("Step {step}: validation loss={:.4}", m.loss);
+                let _ = context.store.add_event(&job_id, crate::db::NewEvent::metrics(message, data)).await;
+            }
+            Report::Checkpoint { step, dir, done } => {
+                let prefix = format!("checkpoints/{job_id}/step-{step}");
+                let metrics = match rows.iter().rev().find(|r| r.0 == step) {
+                    Some((_, loss, accuracy, valid)) => json!({
+                        "step": step, "train_loss": loss, "train_mean_token_accuracy": accuracy,
+                        "valid_loss": valid.map(|v| v.0), "valid_mean_token_accuracy": valid.map(|v| v.1),
+                    }),
+                    None => json!({ "step": step }),
+                };
+                match artifacts::upload_dir(context.storage.as_ref(), &dir, &prefix).await {
+                    Ok(_) => {
+                        let _ = context.store.add_checkpoint(&job_id, step as i64, &metrics, &prefix).await;
+                        let _ = context
+                            .store
+                            .add_event(&job_id, NewEvent::message(format!("Checkpoint created at step {step}")))
+                            .await;
+                    }
+                    Err(err) => tracing::error!(error = %err, step, "could not store a checkpoint"),
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+    rows
+}
+
+/// Uploads the adapter or model and the results CSV; returns the success outcome.
+async fn finish(
+    context: &ExecutorContext,
+    job: &JobRecord,
+    plan: &JobPlan,
+    summary: &Summary,
+    rows: ResultRows,
+) -> Result<JobOutcome, JobFailure> {
+    let output = summary.output.as_ref().ok_or_else(|| JobFailure::platform("the trainer wrote no output"))?;
+    let project = context
+        .store
+        .project_name(&job.project_id)
+        .await
+        .map_err(JobFailure::platform)?
+        .unwrap_or_else(|| job.project_id.clone());
+    let name = fine_tuned_model_name(&job.model, &project, job.suffix.as_deref(), &job.id);
+    let prefix = format!("models/{}/{}", job.project_id, job.id);
+    artifacts::upload_dir(context.storage.as_ref(), output, &prefix).await.map_err(JobFailure::platform)?;
+    let result_file = store_results_csv(context, job, &rows).await?;
+    let method = if plan.lora.is_some() { "lora" } else { "full" };
+    let message = match summary.stop {
+        StopReason::EarlyStopped => "The job has successfully completed (stopped early: the validation loss stopped improving; the model keeps the best weights)",
+        _ => "The job has successfully completed",
+    };
+    Ok(JobOutcome {
+        status: JobStatus::Succeeded,
+        model: Some(NewModel {
+            id: name,
+            project_id: job.project_id.clone(),
+            base_model: job.model.clone(),
+            method: method.into(),
+            storage_key: prefix,
+        }),
+        result_file: Some(result_file),
+        error: None,
+        event: NewEvent::message(message),
+    })
+}
+
+async fn store_results_csv(
+    context: &ExecutorContext,
+    job: &JobRecord,
+    rows: &ResultRows,
+) -> Result<FileRecord, JobFailure> {
+    let mut csv = String::from("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n");
+    for (step, loss, accuracy, valid) in rows {
+        let (valid_loss, valid_accuracy) = match valid {
+            Some((l, a)) => (l.to_string(), a.to_string()),
+            None => (String::new(), String::new()),
+        };
+        csv.push_str(&format!("{step},{loss},{accuracy},{valid_loss},{valid_accuracy}\n"));
+    }
+    let id = new_id("file");
+    let key = format!("files/{}/{id}", job.project_id);
+    let bytes = csv.len() as i64;
+    let body = futures::stream::iter(vec![Ok(bytes::Bytes::from(csv))]);
+    crate::storage::put_stream(context.storage.as_ref(), &key, Box::pin(body)).await.map_err(JobFailure::platform)?;
+    Ok(FileRecord {
+        id,
+        project_id: job.project_id.clone(),
+        filename: format!("{}-results.csv", job.id),
+        purpose: FilePurpose::FineTuneResults.as_str().into(),
+        bytes,
+        status: FileStatus::Processed.as_str().into(),
+        status_details: None,
+        format: None,
+        examples: None,
+        storage_key: key,
+        created_at: unix_now(),
+    })
+}

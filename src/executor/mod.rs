@@ -1,0 +1,169 @@
+//! The executor pool: workers that claim jobs from the database, validate their data, train them
+//! on a dedicated thread, report progress and checkpoints, and survive crashes (a job whose
+//! executor dies goes back to the queue when its lease lapses and resumes from its last
+//! checkpoint). Used in-process by `serve` and alone by `ferrotune worker`.
+
+mod artifacts;
+mod bridge;
+mod job;
+pub mod plan;
+mod validate;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::catalog::{Catalog, ModelSource};
+use crate::db::{JobOutcome, JobRecord, NewEvent, Store};
+use crate::domain::job::JobStatus;
+use crate::storage::ArtifactStore;
+
+/// Files a checkpoint consists of (see `train::checkpoint`).
+pub const CHECKPOINT_FILES: [&str; 3] = ["trainable.safetensors", "optimizer.safetensors", "state.json"];
+
+#[derive(Debug, Clone)]
+pub struct ExecutorSettings {
+    pub executors: usize,
+    /// How long a claim lasts without a heartbeat.
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    /// Scratch space for data, checkpoints and outputs of running jobs.
+    pub work_dir: PathBuf,
+}
+
+/// Everything an executor works with.
+#[derive(Clone)]
+pub struct ExecutorContext {
+    pub store: Arc<dyn Store>,
+    pub storage: Arc<dyn ArtifactStore>,
+    pub catalog: Arc<Catalog>,
+    pub settings: ExecutorSettings,
+}
+
+impl ExecutorContext {
+    fn lease_secs(&self) -> i64 {
+        self.settings.lease.as_secs().max(1) as i64
+    }
+
+    /// The local directory of a base model, or why it cannot be trained here.
+    fn model_dir(&self, name: &str) -> Result<PathBuf, String> {
+        match self.catalog.get(name).map(|m| &m.source) {
+            Some(ModelSource::Directory(dir)) => Ok(dir.clone()),
+            Some(_) => {
+                Err(format!("base model {name} is not a local Hugging Face directory; it cannot be trained yet"))
+            }
+            None => Err(format!("base model {name} is no longer configured on this executor")),
+        }
+    }
+}
+
+/// A failure that ends a job: user errors (bad data or settings) keep their own code and param.
+#[derive(Debug)]
+pub struct JobFailure {
+    pub code: &'static str,
+    pub message: String,
+    pub param: Option<&'static str>,
+}
+
+impl JobFailure {
+    pub fn platform(message: impl std::fmt::Display) -> Self {
+        Self {
+            code: "internal_error",
+            message: format!("the service failed while running the job: {message}"),
+            param: None,
+        }
+    }
+
+    pub fn user(code: &'static str, message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self { code, message: message.into(), param }
+    }
+
+    fn outcome(&self) -> JobOutcome {
+        JobOutcome {
+            status: JobStatus::Failed,
+            model: None,
+            result_file: None,
+            error: Some(serde_json::json!({ "code": self.code, "message": self.message, "param": self.param })),
+            event: NewEvent::error(format!("Job failed: {}", self.message)),
+        }
+    }
+}
+
+pub struct ExecutorPool {
+    stop: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl ExecutorPool {
+    /// Starts `settings.executors` executors on the current runtime (training itself runs on
+    /// dedicated threads, never on the runtime's workers).
+    pub fn start(context: ExecutorContext) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let workers = (0..context.settings.executors)
+            .map(|i| {
+                let owner = format!("{}-{}-{i}", hostname(), crate::ids::random_alphanumeric(6));
+                tokio::spawn(executor_loop(context.clone(), owner, stopped.clone()))
+            })
+            .collect();
+        Self { stop, workers }
+    }
+
+    /// Asks every executor to stop: running jobs checkpoint and go back to the queue.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for worker in self.workers {
+            let _ = worker.await;
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "executor".into())
+}
+
+#[tracing::instrument(skip(context, stopped))]
+async fn executor_loop(context: ExecutorContext, owner: String, mut stopped: watch::Receiver<bool>) {
+    tracing::info!("executor started");
+    while !*stopped.borrow() {
+        match next_job(&context, &owner).await {
+            Ok(Some((job, validating))) => {
+                let span = tracing::info_span!("job", job = %job.id);
+                if validating {
+                    validate::validate(&context, &owner, job).instrument(span).await;
+                } else {
+                    job::run(&context, &owner, job, stopped.clone()).instrument(span).await;
+                }
+            }
+            Ok(None) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(context.settings.poll_interval) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not poll for jobs");
+                tokio::time::sleep(context.settings.poll_interval).await;
+            }
+        }
+    }
+    tracing::info!("executor stopped");
+}
+
+/// Requeues abandoned jobs, then claims validation work first, training second.
+async fn next_job(context: &ExecutorContext, owner: &str) -> Result<Option<(JobRecord, bool)>, crate::db::DbError> {
+    let requeued = context.store.requeue_expired().await?;
+    if !requeued.is_empty() {
+        tracing::warn!(jobs = ?requeued, "requeued jobs whose executor stopped responding");
+    }
+    let lease = context.lease_secs();
+    if let Some(job) = context.store.claim_job(JobStatus::ValidatingFiles, owner, lease).await? {
+        return Ok(Some((job, true)));
+    }
+    Ok(context.store.claim_job(JobStatus::Queued, owner, lease).await?.map(|job| (job, false)))
+}

@@ -1,0 +1,141 @@
+//! A job's concrete training plan: its requested hyperparameters resolved against the data
+//! (stored on the job after validation) and turned into a `TrainConfig`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::hyperparameters::{HyperparametersRequest, TrainingType};
+use crate::peft::lora::TargetModules;
+use crate::train::config::{EarlyStopping, LoraSettings, Method, TrainConfig};
+use crate::train::schedule::SchedulerKind;
+
+/// Base learning rates before `learning_rate_multiplier` (full fine-tuning moves every weight,
+/// so it starts an order of magnitude lower).
+const LORA_BASE_LR: f64 = 2e-4;
+const FULL_BASE_LR: f64 = 2e-5;
+const DEFAULT_MAX_SEQ_LEN: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPlan {
+    pub n_epochs: u32,
+    pub batch_size: usize,
+    pub learning_rate_multiplier: f64,
+    pub training_type: TrainingType,
+    pub learning_rate: f64,
+    pub lr_scheduler: SchedulerKind,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub gradient_accumulation_steps: usize,
+    pub max_seq_len: usize,
+    pub packing: bool,
+    pub eval_interval: u64,
+    pub early_stopping: Option<EarlyStopping>,
+    pub n_checkpoints: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSettings>,
+    /// Examples and tokens the training file holds (for the totals shown to users).
+    pub examples: usize,
+    pub tokens: usize,
+    pub total_steps: u64,
+}
+
+impl JobPlan {
+    /// Resolves `"auto"` and defaults for `examples` training examples of `tokens` tokens.
+    pub fn resolve(request: &HyperparametersRequest, examples: usize, tokens: usize, model_max_len: usize) -> Self {
+        let (n_epochs, batch_size, multiplier) = request.resolve_openai(examples);
+        let training_type = request.training_type.unwrap_or_default();
+        let base = if training_type == TrainingType::Full { FULL_BASE_LR } else { LORA_BASE_LR };
+        let accumulation = request.gradient_accumulation_steps.unwrap_or(1);
+        let steps_per_epoch = examples.div_ceil(batch_size).div_ceil(accumulation) as u64;
+        let lora = (training_type == TrainingType::Lora).then(|| {
+            let requested = request.lora.clone().unwrap_or_default();
+            let defaults = LoraSettings::default();
+            LoraSettings {
+                r: requested.r.unwrap_or(defaults.r),
+                alpha: requested.alpha.unwrap_or(defaults.alpha),
+                dropout: requested.dropout.unwrap_or(defaults.dropout),
+                target_modules: requested
+                    .target_modules
+                    .and_then(|t| serde_json::from_value::<TargetModules>(t).ok())
+                    .unwrap_or(defaults.target_modules),
+                use_rslora: requested.use_rslora.unwrap_or(false),
+                train_norms: false,
+            }
+        });
+        Self {
+            n_epochs,
+            batch_size,
+            learning_rate_multiplier: multiplier,
+            training_type,
+            learning_rate: request.learning_rate.unwrap_or(base) * multiplier,
+            lr_scheduler: match request.lr_scheduler.as_deref() {
+                Some("constant") => SchedulerKind::Constant,
+                Some("cosine") => SchedulerKind::Cosine,
+                _ => SchedulerKind::Linear,
+            },
+            warmup_ratio: request.warmup_ratio.unwrap_or(0.0),
+            weight_decay: request.weight_decay.unwrap_or(0.0),
+            max_grad_norm: request.max_grad_norm.unwrap_or(1.0),
+            gradient_accumulation_steps: accumulation,
+            max_seq_len: request.max_seq_len.unwrap_or(DEFAULT_MAX_SEQ_LEN).min(model_max_len),
+            packing: request.packing.unwrap_or(false),
+            eval_interval: request.eval_interval.unwrap_or(0),
+            early_stopping: request
+                .early_stopping
+                .map(|e| EarlyStopping { patience: e.patience, min_delta: e.min_delta }),
+            n_checkpoints: request.n_checkpoints.unwrap_or(n_epochs.min(3)),
+            lora,
+            examples,
+            tokens,
+            total_steps: steps_per_epoch * u64::from(n_epochs),
+        }
+    }
+
+    /// Checkpoint every N steps so that about `n_checkpoints` are made (at least every step).
+    pub fn checkpoint_interval(&self) -> u64 {
+        if self.n_checkpoints == 0 {
+            return 0;
+        }
+        self.total_steps.div_ceil(u64::from(self.n_checkpoints)).max(1)
+    }
+
+    pub fn train_config(
+        &self,
+        model: &Path,
+        train_file: PathBuf,
+        validation_file: Option<PathBuf>,
+        output_dir: PathBuf,
+        seed: u64,
+    ) -> TrainConfig {
+        TrainConfig {
+            model: model.to_path_buf(),
+            train_file,
+            validation_file,
+            validation_fraction: 0.0,
+            output_dir,
+            method: if self.training_type == TrainingType::Full { Method::Full } else { Method::Lora },
+            lora: self.lora.clone().unwrap_or_default(),
+            epochs: self.n_epochs,
+            max_steps: None,
+            batch_size: self.batch_size,
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+            learning_rate: self.learning_rate,
+            lr_scheduler: self.lr_scheduler,
+            warmup_ratio: self.warmup_ratio,
+            warmup_steps: None,
+            min_lr_ratio: 0.0,
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            max_seq_len: self.max_seq_len,
+            packing: self.packing,
+            train_on_inputs: false,
+            seed,
+            eval_interval: self.eval_interval,
+            early_stopping: self.early_stopping,
+            checkpoint_interval: self.checkpoint_interval(),
+            resume_from: None,
+        }
+    }
+}

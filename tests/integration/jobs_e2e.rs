@@ -1,0 +1,227 @@
+//! Fine-tuning jobs end to end: the API, the executor pool and the trainer together, on both
+//! backends; cancel, pause/resume, many jobs on two executors, and a worker killed mid-training.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use candle_core::Device;
+use serde_json::{json, Value};
+
+use crate::helpers::{backends, Backend, TestApp};
+
+const WORDS: [&str; 8] = ["apple", "river", "stone", "cloud", "green", "tiger", "music", "paper"];
+
+/// A chat dataset that teaches code words, uploaded as a fine-tune file; returns its id.
+pub async fn upload_qa(app: &TestApp) -> String {
+    let lines: Vec<String> = WORDS
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            json!({"messages": [{"role": "user", "content": format!("What is code number {i}?")},
+                                {"role": "assistant", "content": format!("The code is {w}.")}]})
+            .to_string()
+        })
+        .collect();
+    let file = app.upload_dataset("qa.jsonl", &(lines.join("\n") + "\n"), None).await;
+    file["id"].as_str().unwrap().to_string()
+}
+
+pub fn job_request(file: &str, epochs: u32, batch: u32, checkpoints: u32) -> Value {
+    json!({
+        "model": "tiny-llama",
+        "training_file": file,
+        "suffix": "qa",
+        "seed": 11,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": epochs, "batch_size": batch, "learning_rate": 1e-2, "lr_scheduler": "constant",
+            "lora": {"r": 16, "alpha": 32}, "n_checkpoints": checkpoints
+        }}}
+    })
+}
+
+pub async fn create_job(app: &TestApp, body: &Value) -> String {
+    let response = app.post_json("/v1/fine_tuning/jobs", body, None).await;
+    assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+    response.json()["id"].as_str().unwrap().to_string()
+}
+
+pub async fn get_job(app: &TestApp, id: &str) -> Value {
+    app.get(&format!("/v1/fine_tuning/jobs/{id}"), None).await.json()
+}
+
+/// Polls the job until `done` holds, failing after `timeout`.
+pub async fn wait_for(app: &TestApp, id: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let job = get_job(app, id).await;
+        if done(&job) {
+            return job;
+        }
+        assert!(started.elapsed() < timeout, "timed out waiting; the job is {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn status(job: &Value) -> &str {
+    job["status"].as_str().unwrap_or("")
+}
+
+/// Every event of the job, oldest first.
+pub async fn all_events(app: &TestApp, id: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(a) => format!("/v1/fine_tuning/jobs/{id}/events?limit=100&after={a}"),
+            None => format!("/v1/fine_tuning/jobs/{id}/events?limit=100"),
+        };
+        let page = app.get(&path, None).await.json();
+        let data = page["data"].as_array().unwrap().clone();
+        after = data.last().and_then(|e| e["id"].as_str()).map(str::to_string);
+        events.extend(data);
+        if page["has_more"] != true {
+            break;
+        }
+    }
+    events.reverse();
+    events
+}
+
+/// Steps of the metrics events, oldest first.
+fn metric_steps(events: &[Value]) -> Vec<i64> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "metrics" && e["data"]["train_loss"].is_number())
+        .map(|e| e["data"]["step"].as_i64().unwrap())
+        .collect()
+}
+
+/// The adapter tensors of a finished job, read back from artifact storage.
+async fn adapter_tensors(app: &TestApp, job: &Value) -> HashMap<String, Vec<f32>> {
+    let key = format!(
+        "models/{}/{}/adapter_model.safetensors",
+        job["organization_id"].as_str().unwrap(),
+        job["id"].as_str().unwrap()
+    );
+    let download = app.storage().get(&key).await.unwrap();
+    let chunks: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(download.body).await.unwrap();
+    let tensors = candle_core::safetensors::load_buffer(&chunks.concat(), &Device::Cpu).unwrap();
+    tensors.into_iter().map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1().unwrap())).collect()
+}
+
+#[tokio::test]
+async fn a_job_runs_from_validation_to_a_registered_model_with_checkpoints_and_results() {
+    for backend in backends() {
+        let mut app = TestApp::spawn(backend).await;
+        app.start_executors(1);
+        let file = upload_qa(&app).await;
+        let id = create_job(&app, &job_request(&file, 15, 4, 3)).await;
+        let job = wait_for(&app, &id, Duration::from_secs(180), |j| {
+            ["succeeded", "failed", "cancelled"].contains(&status(j))
+        })
+        .await;
+        assert_eq!(status(&job), "succeeded", "{backend:?}: {job}");
+        assert_eq!(job["hyperparameters"]["n_epochs"], 15);
+        assert_eq!(job["hyperparameters"]["batch_size"], 4);
+        assert!(job["trained_tokens"].as_i64().unwrap() > 0);
+        let model = job["fine_tuned_model"].as_str().unwrap();
+        assert!(model.starts_with("ft:tiny-llama:default:qa:"), "{model}");
+
+        let checkpoints = app.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints"), None).await.json();
+        let steps: Vec<i64> =
+            checkpoints["data"].as_array().unwrap().iter().map(|c| c["step_number"].as_i64().unwrap()).collect();
+        assert_eq!(
+            steps,
+            vec![20, 10],
+            "{backend:?}: 30 steps in 3 checkpoints; the last step writes the model instead"
+        );
+        assert_eq!(checkpoints["data"][0]["fine_tuned_model_checkpoint"], format!("{model}:ckpt-step-20"));
+
+        let results = job["result_files"][0].as_str().unwrap();
+        let csv = app.get(&format!("/v1/files/{results}/content"), None).await.text();
+        assert!(csv.starts_with("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"), "{csv}");
+        assert_eq!(csv.lines().count(), 1 + 30);
+
+        let events = all_events(&app, &id).await;
+        assert_eq!(metric_steps(&events), (1..=30).collect::<Vec<_>>());
+        assert!(events.last().unwrap()["message"].as_str().unwrap().contains("successfully completed"));
+        let models = app.get("/v1/models", None).await.json();
+        assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == model), "{models}");
+        assert_eq!(adapter_tensors(&app, &job).await.len(), 28, "A and B of 7 modules in 2 layers");
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_job_stops_within_a_step() {
+    let mut app = TestApp::spawn(Backend::SqliteLocal).await;
+    app.start_executors(1);
+    let file = upload_qa(&app).await;
+    let id = create_job(&app, &job_request(&file, 50, 1, 0)).await;
+    wait_for(&app, &id, Duration::from_secs(60), |j| {
+        status(j) == "running" && j["progress"]["step"].as_i64() >= Some(2)
+    })
+    .await;
+    let response = app.post_json(&format!("/v1/fine_tuning/jobs/{id}/cancel"), &json!({}), None).await;
+    assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+    let job = wait_for(&app, &id, Duration::from_secs(30), |j| status(j) == "cancelled").await;
+    assert!(job["fine_tuned_model"].is_null());
+    let stopped_at = job["progress"]["step"].as_i64().unwrap();
+    assert!(stopped_at < 400, "stopped before the end: {stopped_at}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get_job(&app, &id).await["progress"]["step"].as_i64().unwrap(), stopped_at, "no step after cancelling");
+}
+
+#[tokio::test]
+async fn a_paused_job_checkpoints_and_resumes_where_it_stopped() {
+    let mut app = TestApp::spawn(Backend::SqliteLocal).await;
+    app.start_executors(1);
+    let file = upload_qa(&app).await;
+    let id = create_job(&app, &job_request(&file, 40, 1, 0)).await;
+    wait_for(&app, &id, Duration::from_secs(60), |j| {
+        status(j) == "running" && j["progress"]["step"].as_i64() >= Some(3)
+    })
+    .await;
+    assert_eq!(
+        app.post_json(&format!("/v1/fine_tuning/jobs/{id}/pause"), &json!({}), None).await.status,
+        StatusCode::OK
+    );
+    let paused = wait_for(&app, &id, Duration::from_secs(30), |j| status(j) == "paused").await;
+    let paused_step = paused["progress"]["step"].as_i64().unwrap();
+    let checkpoints = app.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints"), None).await.json();
+    assert_eq!(checkpoints["data"][0]["step_number"].as_i64(), Some(paused_step), "pausing saved a checkpoint first");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(status(&get_job(&app, &id).await), "paused", "a paused job stays paused");
+
+    assert_eq!(
+        app.post_json(&format!("/v1/fine_tuning/jobs/{id}/resume"), &json!({}), None).await.status,
+        StatusCode::OK
+    );
+    let job =
+        wait_for(&app, &id, Duration::from_secs(180), |j| status(j) == "succeeded" || status(j) == "failed").await;
+    assert_eq!(status(&job), "succeeded", "{job}");
+    let steps = metric_steps(&all_events(&app, &id).await);
+    assert_eq!(steps, (1..=320).collect::<Vec<_>>(), "no step is repeated or skipped around the pause");
+}
+
+#[tokio::test]
+async fn two_executors_run_ten_jobs_each_exactly_once() {
+    for backend in backends() {
+        let mut app = TestApp::spawn(backend).await;
+        app.start_executors(2);
+        let file = upload_qa(&app).await;
+        let mut ids = Vec::new();
+        for _ in 0..10 {
+            ids.push(create_job(&app, &job_request(&file, 2, 4, 0)).await);
+        }
+        for id in &ids {
+            let job =
+                wait_for(&app, id, Duration::from_secs(240), |j| ["succeeded", "failed"].contains(&status(j))).await;
+            assert_eq!(status(&job), "succeeded", "{backend:?}: {job}");
+            let events = all_events(&app, id).await;
+            let starts = events.iter().filter(|e| e["message"] == "Fine-tuning job started").count();
+            assert_eq!(starts, 1, "{backend:?}: job {id} started {starts} times");
+            assert_eq!(metric_steps(&events), (1..=4).collect::<Vec<_>>());
+        }
+    }
+}
