@@ -359,7 +359,13 @@ pub struct RunningServer {
 
 impl RunningServer {
     pub async fn start(backend: Backend) -> Self {
-        let backing = backing(backend).await;
+        Self::start_with_executors(backend, 0).await
+    }
+
+    /// A server with `executors` in-process training executors.
+    pub async fn start_with_executors(backend: Backend, executors: usize) -> Self {
+        let mut backing = backing(backend).await;
+        backing.settings.executor.executors = executors;
         let app = Application::build(backing.settings.clone()).await.expect("build the app");
         let addr = app.local_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -154,7 +154,13 @@ async fn a_job_runs_from_validation_to_a_registered_model_with_checkpoints_and_r
 
 #[tokio::test]
 async fn a_cancelled_job_stops_within_a_step() {
-    let mut app = TestApp::spawn(Backend::SqliteLocal).await;
+    for backend in backends() {
+        cancel_stops_within_a_step(backend).await;
+    }
+}
+
+async fn cancel_stops_within_a_step(backend: Backend) {
+    let mut app = TestApp::spawn(backend).await;
     app.start_executors(1);
     let file = upload_qa(&app).await;
     let id = create_job(&app, &job_request(&file, 50, 1, 0)).await;
@@ -174,7 +180,13 @@ async fn a_cancelled_job_stops_within_a_step() {
 
 #[tokio::test]
 async fn a_paused_job_checkpoints_and_resumes_where_it_stopped() {
-    let mut app = TestApp::spawn(Backend::SqliteLocal).await;
+    for backend in backends() {
+        pause_and_resume(backend).await;
+    }
+}
+
+async fn pause_and_resume(backend: Backend) {
+    let mut app = TestApp::spawn(backend).await;
     app.start_executors(1);
     let file = upload_qa(&app).await;
     let id = create_job(&app, &job_request(&file, 40, 1, 0)).await;

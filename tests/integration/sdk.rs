@@ -12,15 +12,24 @@ async fn the_openai_python_sdk_creates_lists_and_controls_fine_tuning_jobs_and_l
     run_sdk_script("jobs_sdk.py").await;
 }
 
+#[tokio::test]
+async fn the_openai_python_sdk_follows_a_job_to_its_fine_tuned_model() {
+    run_sdk_script_with(1, "job_run_sdk.py").await;
+}
+
 /// Runs `tests/sdk/<script> BASE_URL` against a live server (without executors) on every backend.
 async fn run_sdk_script(script: &str) {
+    run_sdk_script_with(0, script).await;
+}
+
+async fn run_sdk_script_with(executors: usize, script: &str) {
     let Some(python) = env_or_skip("FERROTUNE_TEST_PYTHON") else {
         eprintln!("skipping: set FERROTUNE_TEST_PYTHON to a Python with the `openai` package");
         return;
     };
     let script = format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
     for backend in backends() {
-        let server = RunningServer::start(backend).await;
+        let server = RunningServer::start_with_executors(backend, executors).await;
         let output =
             tokio::process::Command::new(&python).arg(&script).arg(server.url()).output().await.expect("run python");
         assert!(
