@@ -27,8 +27,45 @@ pub fn checkpoint_model_name(model: &str, step: i64) -> String {
     format!("{model}:ckpt-step-{step}")
 }
 
+/// What a fine-tuned model name refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedName {
+    /// The model's name without any checkpoint part.
+    pub model: String,
+    /// The job that made it (`ftjob-…`).
+    pub job_id: String,
+    /// The checkpoint step, for `…:ckpt-step-<N>`.
+    pub checkpoint_step: Option<i64>,
+}
+
+/// Parses `ft:<base>:<project>:<suffix>:<job>[:ckpt-step-<N>]`; `None` for other names.
+pub fn parse_fine_tuned_name(name: &str) -> Option<ParsedName> {
+    if !name.starts_with("ft:") {
+        return None;
+    }
+    let (model, step) = match name.rsplit_once(":ckpt-step-") {
+        Some((model, step)) => (model, Some(step.parse::<i64>().ok()?)),
+        None => (name, None),
+    };
+    let job = model.rsplit(':').next().filter(|j| !j.is_empty())?;
+    Some(ParsedName { model: model.to_string(), job_id: format!("{JOB_ID_PREFIX}{job}"), checkpoint_step: step })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_parse_back_to_their_job_and_checkpoint() {
+        let model = fine_tuned_model_name("org/base", "p", Some("s"), "ftjob-abc");
+        let parsed = parse_fine_tuned_name(&checkpoint_model_name(&model, 12)).unwrap();
+        assert_eq!(
+            (parsed.model.as_str(), parsed.job_id.as_str(), parsed.checkpoint_step),
+            (model.as_str(), "ftjob-abc", Some(12))
+        );
+        assert_eq!(parse_fine_tuned_name(&model).unwrap().checkpoint_step, None);
+        assert!(parse_fine_tuned_name("tiny-llama").is_none());
+        assert!(parse_fine_tuned_name("ft:a:b:c:j:ckpt-step-x").is_none());
+    }
+
     use super::*;
 
     #[test]

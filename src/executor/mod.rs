@@ -4,6 +4,7 @@
 //! checkpoint). Used in-process by `serve` and alone by `ferrotune worker`.
 
 mod artifacts;
+pub use artifacts::download_files;
 mod bridge;
 mod job;
 pub mod plan;

@@ -10,6 +10,7 @@ mod health;
 mod job_events;
 mod jobs;
 mod jobs_create;
+mod model_content;
 mod models;
 pub mod state;
 mod upload;
@@ -52,6 +53,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"),
     ("DELETE", "/v1/models/{model}"),
+    ("GET", "/v1/models/{model}/content"),
 ];
 
 fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
@@ -77,6 +79,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
         ("GET", "/v1/models") => routing::get(models::list_models),
         ("GET", "/v1/models/{model}") => routing::get(models::retrieve_model),
         ("DELETE", "/v1/models/{model}") => routing::delete(models::delete_model),
+        ("GET", "/v1/models/{model}/content") => routing::get(model_content::download_model),
         _ => unreachable!("route {method} {path} is in ROUTES but has no handler"),
     }
 }

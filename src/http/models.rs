@@ -12,16 +12,6 @@ use super::state::AppState;
 use crate::catalog::BaseModel;
 use crate::db::ModelRecord;
 
-/// The files a fine-tuned model may have under its storage prefix (adapter or full weights).
-const MODEL_FILES: [&str; 6] = [
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "model.safetensors",
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-];
-
 /// OpenAI's `model`, plus `root` and `parent` (the base a fine-tuned model came from).
 #[derive(Debug, Serialize)]
 pub struct ModelObject {
@@ -95,8 +85,13 @@ pub async fn delete_model(
     }
     let model = state.store.delete_model(&caller.project_id, &name).await?.ok_or_else(|| model_not_found(&name))?;
     // The row is gone first, so nothing can load a half-deleted model; leftovers are only logged.
-    for file in MODEL_FILES {
-        let key = format!("{}/{file}", model.storage_key.trim_end_matches('/'));
+    let prefix = model.storage_key.trim_end_matches('/');
+    let files = state.storage.list(prefix).await.unwrap_or_else(|err| {
+        tracing::warn!(model = %model.id, error = %err, "could not list a deleted model's files");
+        Vec::new()
+    });
+    for file in files {
+        let key = format!("{prefix}/{file}");
         if let Err(err) = state.storage.delete(&key).await {
             tracing::warn!(model = %model.id, key, error = %err, "deleted a model record but not its stored file");
         }

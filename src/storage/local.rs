@@ -87,6 +87,23 @@ impl ArtifactStore for LocalStore {
         }
     }
 
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let dir = self.path_of(prefix)?;
+        let mut names = Vec::new();
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+            Err(err) => return Err(err.into()),
+        };
+        while let Some(entry) = entries.next_entry().await? {
+            if entry.file_type().await?.is_file() {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
     async fn check(&self) -> Result<(), StorageError> {
         let probe = self.root.join(UPLOADS_DIR).join(format!("ready-{}", uuid::Uuid::new_v4()));
         tokio::fs::write(&probe, b"ok").await?;

@@ -6,6 +6,7 @@
 
 mod local;
 mod s3;
+pub mod tar;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +53,8 @@ pub trait ArtifactStore: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
     /// Whether the storage is reachable and writable, for readiness checks.
     async fn check(&self) -> Result<(), StorageError>;
+    /// Names of the objects directly under `prefix` (a key without a trailing `/`), sorted.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
 }
 
 /// An object being written. Dropping it without `commit` discards what was written.

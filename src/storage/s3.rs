@@ -114,6 +114,25 @@ impl ArtifactStore for S3Store {
         Ok(())
     }
 
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let full = format!("{}/", self.object_key(prefix)?);
+        let mut names = Vec::new();
+        let mut pages =
+            self.client.list_objects_v2().bucket(&self.bucket).prefix(&full).delimiter("/").into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| s3_error("ListObjectsV2", e))?;
+            names.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .filter_map(|k| k.strip_prefix(&full))
+                    .map(str::to_string),
+            );
+        }
+        names.sort();
+        Ok(names)
+    }
+
     async fn check(&self) -> Result<(), StorageError> {
         self.client.head_bucket().bucket(&self.bucket).send().await.map_err(|e| s3_error("HeadBucket", e))?;
         Ok(())

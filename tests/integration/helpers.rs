@@ -358,10 +358,6 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    pub async fn start(backend: Backend) -> Self {
-        Self::start_with_executors(backend, 0).await
-    }
-
     /// A server with `executors` in-process training executors.
     pub async fn start_with_executors(backend: Backend, executors: usize) -> Self {
         let mut backing = backing(backend).await;

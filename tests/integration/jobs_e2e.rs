@@ -237,3 +237,78 @@ async fn two_executors_run_ten_jobs_each_exactly_once() {
         }
     }
 }
+
+/// Downloads `GET /v1/models/{name}/content[?query]` and unpacks it with tar into a new directory.
+async fn download_tar(app: &TestApp, name: &str, query: &str) -> tempfile::TempDir {
+    let path = format!("/v1/models/{}/content{query}", name.replace('/', "%2F"));
+    let response = app.get(&path, None).await;
+    assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+    assert_eq!(response.headers["content-type"], "application/x-tar");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("download.tar"), &response.body).unwrap();
+    let status =
+        std::process::Command::new("tar").args(["-xf", "download.tar"]).current_dir(dir.path()).status().unwrap();
+    assert!(status.success());
+    std::fs::remove_file(dir.path().join("download.tar")).unwrap();
+    dir
+}
+
+fn logits_of(dir: &std::path::Path, adapter: Option<&std::path::Path>) -> candle_core::Tensor {
+    use ferrotune::models::llama::{Adaptation, CausalLm};
+    let base = adapter.map_or(dir.to_path_buf(), |_| crate::model_numerics::fixture("llama"));
+    let config = ferrotune::models::config::ModelConfig::from_file(&base.join("config.json")).unwrap();
+    let weights = ferrotune::models::weights::load_model_weights(&base, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let plan = adapter.map(|a| {
+        let (config, norms, tensors) = ferrotune::peft::adapter::load_adapter(a, &Device::Cpu).unwrap();
+        ferrotune::peft::lora::LoraPlan { config, seed: 0, trainable: false, train_norms: norms, loaded: Some(tensors) }
+    });
+    let model = match &plan {
+        Some(plan) => CausalLm::new(config, weights, Adaptation::Lora(plan)).unwrap(),
+        None => CausalLm::new(config, weights, Adaptation::None).unwrap(),
+    };
+    let ids: Vec<u32> = (0..12u32).map(|i| 4 + i * 31 % 500).collect();
+    let mut cache = ferrotune::models::llama::KvCache::default();
+    model
+        .forward_cached(
+            &candle_core::Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+            &mut cache,
+        )
+        .unwrap()
+}
+
+#[tokio::test]
+async fn models_and_checkpoints_download_as_adapters_or_merged_models() {
+    for backend in backends() {
+        let mut app = TestApp::spawn(backend).await;
+        app.start_executors(1);
+        let file = upload_qa(&app).await;
+        let id = create_job(&app, &job_request(&file, 4, 4, 2)).await;
+        let job = wait_for(&app, &id, Duration::from_secs(120), |j| ["succeeded", "failed"].contains(&status(j))).await;
+        assert_eq!(status(&job), "succeeded", "{job}");
+        let model = job["fine_tuned_model"].as_str().unwrap();
+
+        let adapter = download_tar(&app, model, "").await;
+        let mut names: Vec<String> = std::fs::read_dir(adapter.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert!(
+            names.contains(&"adapter_config.json".to_string())
+                && names.contains(&"adapter_model.safetensors".to_string()),
+            "{names:?}"
+        );
+        let merged = download_tar(&app, model, "?format=merged").await;
+        assert!(merged.path().join("model.safetensors").exists() && merged.path().join("config.json").exists());
+        let (with_adapter, folded) = (logits_of(adapter.path(), Some(adapter.path())), logits_of(merged.path(), None));
+        let diff: f32 =
+            (with_adapter - folded).unwrap().abs().unwrap().max(1).unwrap().max(0).unwrap().to_scalar().unwrap();
+        assert!(diff < 1e-4, "{backend:?}: merged model differs from base + adapter by {diff}");
+
+        let checkpoint = format!("{model}:ckpt-step-4");
+        let from_checkpoint = download_tar(&app, &checkpoint, "").await;
+        assert!(from_checkpoint.path().join("adapter_model.safetensors").exists());
+        let missing = app.get(&format!("/v1/models/{model}:ckpt-step-3/content"), None).await;
+        missing.assert_error(StatusCode::NOT_FOUND, "model_not_found");
+    }
+}

@@ -1,0 +1,196 @@
+//! `GET /v1/models/{model}/content`: a fine-tuned model or checkpoint as a tar archive, either the
+//! PEFT adapter (LoRA; the default) or a full Hugging Face model directory (`format=merged`, or
+//! any fully fine-tuned model).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::error::{ApiError, ErrorCode};
+use super::extract::{ApiQuery, Caller};
+use super::state::AppState;
+use crate::catalog::ModelSource;
+use crate::domain::model_name::parse_fine_tuned_name;
+use crate::executor::plan::JobPlan;
+use crate::models::config::ModelConfig;
+use crate::models::llama::{Adaptation, CausalLm};
+use crate::models::weights::load_model_weights;
+use crate::peft::adapter::{load_adapter, save_adapter};
+use crate::peft::lora::LoraPlan;
+use crate::peft::merge::merged_tensors;
+use crate::storage::tar::{tar_stream, TarEntry};
+use crate::train::output::write_model_dir;
+
+#[derive(Debug, Deserialize)]
+pub struct ContentParams {
+    format: Option<String>,
+}
+
+/// Where the weights to package come from.
+enum Source {
+    /// The stored output of a finished job (adapter or model files).
+    Stored { prefix: String, lora: bool },
+    /// A checkpoint's trainable tensors, with the job's plan.
+    Checkpoint { prefix: String, plan: Box<JobPlan> },
+}
+
+pub async fn download_model(
+    State(state): State<AppState>,
+    caller: Caller,
+    UrlPath(name): UrlPath<String>,
+    ApiQuery(params): ApiQuery<ContentParams>,
+) -> Result<Response, ApiError> {
+    let merged = match params.format.as_deref() {
+        None | Some("adapter") => false,
+        Some("merged") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidQuery,
+                format!("format must be adapter or merged, not {other:?}"),
+            )
+            .with_param("format"))
+        }
+    };
+    let not_found = || {
+        ApiError::new(ErrorCode::ModelNotFound, format!("no fine-tuned model or checkpoint {name}")).with_param("model")
+    };
+    let parsed = parse_fine_tuned_name(&name).ok_or_else(not_found)?;
+    let (base, source) = match parsed.checkpoint_step {
+        None => {
+            let model = state.store.get_model(&caller.project_id, &parsed.model).await?.ok_or_else(not_found)?;
+            (model.base_model, Source::Stored { prefix: model.storage_key, lora: model.method == "lora" })
+        }
+        Some(step) => {
+            let job = state.store.get_job(&caller.project_id, &parsed.job_id).await?.ok_or_else(not_found)?;
+            let checkpoint = state.store.list_checkpoints(&job.id).await?.into_iter().find(|c| c.step_number == step);
+            let checkpoint = checkpoint.ok_or_else(not_found)?;
+            let plan: JobPlan = serde_json::from_str(&job.hyperparameters).map_err(ApiError::internal)?;
+            (job.model, Source::Checkpoint { prefix: checkpoint.storage_key, plan: Box::new(plan) })
+        }
+    };
+    let base_dir = match state.catalog.get(&base).map(|m| &m.source) {
+        Some(ModelSource::Directory(dir)) => dir.clone(),
+        _ => {
+            return Err(ApiError::new(ErrorCode::ModelNotSupported, format!("base model {base} is not available here"))
+                .with_param("model"))
+        }
+    };
+    let work = tempfile::tempdir().map_err(ApiError::internal)?;
+    let prefix = match &source {
+        Source::Stored { prefix, .. } | Source::Checkpoint { prefix, .. } => prefix.clone(),
+    };
+    let src = work.path().join("source");
+    let names = state.storage.list(&prefix).await?;
+    crate::executor::download_files(state.storage.as_ref(), &prefix, &names, &src).await?;
+    let out = work.path().join("out");
+    let base_name = base.clone();
+    let dir = tokio::task::spawn_blocking(move || package(&source, &src, &out, &base_dir, &base_name, merged))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("packaging the model failed: {e}")))?;
+    archive(dir, work, &name).await
+}
+
+/// Writes the directory to archive and returns it.
+fn package(
+    source: &Source,
+    src: &Path,
+    out: &Path,
+    base_dir: &Path,
+    base: &str,
+    merged: bool,
+) -> candle_core::Result<PathBuf> {
+    let adapter_dir = match source {
+        Source::Stored { lora: false, .. } => return Ok(src.to_path_buf()),
+        Source::Stored { lora: true, .. } => src.to_path_buf(),
+        Source::Checkpoint { plan, .. } => {
+            let trainable = candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?;
+            let Some(lora) = &plan.lora else {
+                return write_full_checkpoint(trainable, out, base_dir);
+            };
+            let adapter_dir = out.join("adapter");
+            let tensors: HashMap<String, Tensor> = trainable
+                .into_iter()
+                .map(|(k, v)| if k.starts_with("base_model.") { (k, v) } else { (format!("base_model.model.{k}"), v) })
+                .collect();
+            save_adapter(&adapter_dir, &lora.lora_config(), base, &tensors, lora.train_norms)?;
+            for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+                if base_dir.join(file).exists() {
+                    std::fs::copy(base_dir.join(file), adapter_dir.join(file))?;
+                }
+            }
+            adapter_dir
+        }
+    };
+    if !merged {
+        return Ok(adapter_dir);
+    }
+    let (config, norms, tensors) = load_adapter(&adapter_dir, &Device::Cpu)?;
+    let plan = LoraPlan { config, seed: 0, trainable: false, train_norms: norms, loaded: Some(tensors) };
+    let model = base_model(base_dir, Adaptation::Lora(&plan))?;
+    let merged_dir = out.join("merged");
+    write_model_dir(&merged_dir, &model, merged_tensors(&model)?, base_dir)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    Ok(merged_dir)
+}
+
+fn base_model(dir: &Path, adaptation: Adaptation<'_>) -> candle_core::Result<CausalLm> {
+    let config =
+        ModelConfig::from_file(&dir.join("config.json")).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    CausalLm::new(config, load_model_weights(dir, DType::F32, &Device::Cpu)?, adaptation)
+}
+
+/// A fully fine-tuned checkpoint holds every weight: write them as a model directory.
+fn write_full_checkpoint(
+    trainable: HashMap<String, Tensor>,
+    out: &Path,
+    base_dir: &Path,
+) -> candle_core::Result<PathBuf> {
+    let model = base_model(base_dir, Adaptation::Full)?;
+    model.trainable.restore(&trainable)?;
+    let dir = out.join("model");
+    write_model_dir(&dir, &model, model.base_tensors(), base_dir)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    Ok(dir)
+}
+
+/// Streams the files of `dir` as `<name>.tar`; the temporary directory lives until the stream ends.
+async fn archive(dir: PathBuf, work: tempfile::TempDir, name: &str) -> Result<Response, ApiError> {
+    let mut entries = Vec::new();
+    let mut files = tokio::fs::read_dir(&dir).await.map_err(ApiError::internal)?;
+    let mut paths = Vec::new();
+    while let Some(entry) = files.next_entry().await.map_err(ApiError::internal)? {
+        if entry.file_type().await.map_err(ApiError::internal)?.is_file() {
+            paths.push(entry.path());
+        }
+    }
+    paths.sort();
+    for path in paths {
+        let file = tokio::fs::File::open(&path).await.map_err(ApiError::internal)?;
+        let size = file.metadata().await.map_err(ApiError::internal)?.len();
+        let entry_name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        entries.push(TarEntry { name: entry_name, size, body: Box::pin(tokio_util::io::ReaderStream::new(file)) });
+    }
+    let stream = futures::StreamExt::chain(
+        tar_stream(entries, crate::ids::unix_now().max(0) as u64),
+        futures::stream::once(async move {
+            drop(work);
+            Ok(bytes::Bytes::new())
+        }),
+    );
+    let filename = name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_");
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-tar".to_string()),
+            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{filename}.tar\"")),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
