@@ -4,7 +4,9 @@
 //! checkpoint). Used in-process by `serve` and alone by `ferrotune worker`.
 
 mod artifacts;
+mod base_model;
 pub use artifacts::download_files;
+pub use base_model::local_model_dir;
 mod bridge;
 mod job;
 pub mod plan;
@@ -18,7 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::catalog::{Catalog, ModelSource};
+use crate::catalog::Catalog;
 use crate::db::{JobOutcome, JobRecord, NewEvent, Store};
 use crate::domain::job::JobStatus;
 use crate::storage::ArtifactStore;
@@ -51,14 +53,8 @@ impl ExecutorContext {
     }
 
     /// The local directory of a base model, or why it cannot be trained here.
-    fn model_dir(&self, name: &str) -> Result<PathBuf, String> {
-        match self.catalog.get(name).map(|m| &m.source) {
-            Some(ModelSource::Directory(dir)) => Ok(dir.clone()),
-            Some(_) => {
-                Err(format!("base model {name} is not a local Hugging Face directory; it cannot be trained yet"))
-            }
-            None => Err(format!("base model {name} is no longer configured on this executor")),
-        }
+    async fn model_dir(&self, name: &str) -> Result<PathBuf, String> {
+        local_model_dir(&self.catalog, self.storage.as_ref(), name, &self.settings.work_dir.join("base-models")).await
     }
 }
 

@@ -211,8 +211,8 @@ fn check_metadata(value: Value) -> Result<Map<String, Value>, ApiError> {
 
 /// The model must be a base model this deployment can train today.
 fn check_base_model(catalog: &Catalog, name: &str) -> Result<(), ApiError> {
-    const TRAINABLE: &str = "only base models in a local Hugging Face directory (`path:` in the model catalog, or \
-                             `--base-model NAME=DIR`) are trainable today";
+    const TRAINABLE: &str = "only base models in a Hugging Face directory (`path:` or `storage:` in the model \
+                             catalog, or `--base-model NAME=DIR`) are trainable today";
     let unsupported = |why: String| ApiError::new(ErrorCode::ModelNotSupported, why).with_param("model");
     let Some(base) = catalog.get(name) else {
         if name.starts_with("ft:") {
@@ -225,9 +225,8 @@ fn check_base_model(catalog: &Catalog, name: &str) -> Result<(), ApiError> {
         .with_param("model"));
     };
     let kind = match &base.source {
-        ModelSource::Directory(_) => return Ok(()),
+        ModelSource::Directory(_) | ModelSource::Storage(_) => return Ok(()),
         ModelSource::Gguf(_) => "a GGUF file",
-        ModelSource::Storage(_) => "in artifact storage",
         ModelSource::Hub(_) => "a Hugging Face Hub model",
     };
     Err(unsupported(format!("base model {name:?} is {kind}; {TRAINABLE}")))

@@ -15,7 +15,6 @@ use serde::Deserialize;
 use super::error::{ApiError, ErrorCode};
 use super::extract::{ApiQuery, Caller};
 use super::state::AppState;
-use crate::catalog::ModelSource;
 use crate::domain::model_name::parse_fine_tuned_name;
 use crate::executor::plan::JobPlan;
 use crate::models::config::ModelConfig;
@@ -74,14 +73,11 @@ pub async fn download_model(
             (job.model, Source::Checkpoint { prefix: checkpoint.storage_key, plan: Box::new(plan) })
         }
     };
-    let base_dir = match state.catalog.get(&base).map(|m| &m.source) {
-        Some(ModelSource::Directory(dir)) => dir.clone(),
-        _ => {
-            return Err(ApiError::new(ErrorCode::ModelNotSupported, format!("base model {base} is not available here"))
-                .with_param("model"))
-        }
-    };
     let work = tempfile::tempdir().map_err(ApiError::internal)?;
+    let base_dir =
+        crate::executor::local_model_dir(&state.catalog, state.storage.as_ref(), &base, &work.path().join("base"))
+            .await
+            .map_err(|m| ApiError::new(ErrorCode::ModelNotSupported, m).with_param("model"))?;
     let prefix = match &source {
         Source::Stored { prefix, .. } | Source::Checkpoint { prefix, .. } => prefix.clone(),
     };

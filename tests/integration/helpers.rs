@@ -169,8 +169,8 @@ pub struct TestApp {
     pub router: Router,
     pub state: AppState,
     pub backing: Backing,
-    /// Executors started by `start_executors`.
-    pub pool: Option<ferrotune::executor::ExecutorPool>,
+    /// Executor pools started by `start_executors`: each is like one worker process.
+    pub pools: Vec<ferrotune::executor::ExecutorPool>,
 }
 
 impl TestApp {
@@ -183,17 +183,15 @@ impl TestApp {
         adjust(&mut backing.settings);
         let (store, storage) = open_backends(&backing.settings).await.expect("open backends");
         let state = build_state(&backing.settings, store, storage).await.expect("build state");
-        Self { router: ferrotune::http::router(state.clone()), state, backing, pool: None }
+        Self { router: ferrotune::http::router(state.clone()), state, backing, pools: Vec::new() }
     }
 
-    /// Starts `n` executors on this app's database and storage.
+    /// Starts a pool of `n` executors (a worker) on this app's database and storage.
     pub fn start_executors(&mut self, n: usize) {
         let mut settings = self.backing.settings.clone();
         settings.executor.executors = n;
-        self.pool = Some(ferrotune::executor::ExecutorPool::start(ferrotune::startup::executor_context(
-            &settings,
-            &self.state,
-        )));
+        let context = ferrotune::startup::executor_context(&settings, &self.state);
+        self.pools.push(ferrotune::executor::ExecutorPool::start(context));
     }
 
     pub async fn post_json(&self, path: &str, body: &Value, key: Option<&str>) -> TestResponse {

@@ -217,10 +217,11 @@ async fn pause_and_resume(backend: Backend) {
 }
 
 #[tokio::test]
-async fn two_executors_run_ten_jobs_each_exactly_once() {
+async fn two_workers_run_ten_jobs_each_exactly_once() {
     for backend in backends() {
         let mut app = TestApp::spawn(backend).await;
-        app.start_executors(2);
+        app.start_executors(1);
+        app.start_executors(1);
         let file = upload_qa(&app).await;
         let mut ids = Vec::new();
         for _ in 0..10 {
@@ -310,5 +311,35 @@ async fn models_and_checkpoints_download_as_adapters_or_merged_models() {
         assert!(from_checkpoint.path().join("adapter_model.safetensors").exists());
         let missing = app.get(&format!("/v1/models/{model}:ckpt-step-3/content"), None).await;
         missing.assert_error(StatusCode::NOT_FOUND, "model_not_found");
+    }
+}
+
+#[tokio::test]
+async fn a_base_model_in_object_storage_is_fetched_and_trained() {
+    use ferrotune::catalog::ModelSource;
+    for backend in backends() {
+        let mut app = TestApp::spawn_with(backend, |settings| {
+            let mut catalog = crate::helpers::test_catalog();
+            catalog.add("tiny-stored", ModelSource::Storage("base-models/tiny".into())).unwrap();
+            settings.catalog = std::sync::Arc::new(catalog);
+        })
+        .await;
+        for entry in std::fs::read_dir(crate::model_numerics::fixture("llama")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                let bytes = bytes::Bytes::from(std::fs::read(&path).unwrap());
+                let key = format!("base-models/tiny/{}", path.file_name().unwrap().to_string_lossy());
+                let body = futures::StreamExt::boxed(futures::stream::iter(vec![Ok(bytes)]));
+                ferrotune::storage::put_stream(app.storage().as_ref(), &key, body).await.unwrap();
+            }
+        }
+        app.start_executors(1);
+        let file = upload_qa(&app).await;
+        let mut request = job_request(&file, 2, 4, 0);
+        request["model"] = json!("tiny-stored");
+        let id = create_job(&app, &request).await;
+        let job = wait_for(&app, &id, Duration::from_secs(120), |j| ["succeeded", "failed"].contains(&status(j))).await;
+        assert_eq!(status(&job), "succeeded", "{backend:?}: {job}");
+        assert!(job["fine_tuned_model"].as_str().unwrap().starts_with("ft:tiny-stored:"));
     }
 }
