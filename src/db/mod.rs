@@ -6,6 +6,7 @@
 
 mod files;
 mod job_queries;
+mod job_records;
 mod jobs;
 mod keys;
 mod model_queries;
