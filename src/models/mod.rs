@@ -2,6 +2,7 @@
 //! differentiable ops, loading Hugging Face configs and safetensors. No HTTP, no SQL.
 
 pub mod config;
+pub mod fused;
 pub mod linear;
 pub mod llama;
 pub mod mask;

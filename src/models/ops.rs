@@ -4,8 +4,14 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
-/// RMSNorm, `x / sqrt(mean(x²) + eps) * weight`, computed in f32 like transformers.
+/// RMSNorm, `x / sqrt(mean(x²) + eps) * weight`, computed in f32 like transformers (one fused
+/// node on the CPU in f32, see `fused`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    super::fused::rms_norm(x, weight, eps)
+}
+
+/// RMSNorm from composite (differentiable) ops, for dtypes and devices without a fused kernel.
+pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -55,7 +61,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.weight)?))
+        Ok(Some(grad_res.detach().matmul(&self.weight)?))
     }
 }
 

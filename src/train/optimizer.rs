@@ -46,14 +46,15 @@ impl AdamW {
         let bias2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
         for p in params {
             let Some(grad) = grads.get(&p.name) else { continue };
-            let grad = grad.to_dtype(DType::F32)?;
+            // Detached, so that the moments never hold on to an autograd graph.
+            let grad = grad.detach().to_dtype(DType::F32)?;
             let (m, v) = match self.moments.remove(&p.name) {
                 Some(state) => state,
                 None => (grad.zeros_like()?, grad.zeros_like()?),
             };
             let m = ((m * c.beta1)? + (&grad * (1.0 - c.beta1))?)?;
             let v = ((v * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
-            let mut value = p.var.as_tensor().to_dtype(DType::F32)?;
+            let mut value = p.var.as_tensor().detach().to_dtype(DType::F32)?;
             if p.decay && c.weight_decay > 0.0 {
                 value = (value * (1.0 - lr * c.weight_decay))?;
             }
