@@ -62,6 +62,8 @@ pub enum Command {
 pub enum BenchCommand {
     /// Timed training steps on synthetic batches.
     Train(crate::bench::train::BenchTrainArgs),
+    /// Timed greedy decoding (batch 1, KV cache) from a synthetic prompt.
+    Generate(crate::bench::generate::BenchGenerateArgs),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -19,6 +19,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train { config } => return train::train(config),
         Command::Merge { base, adapter, output } => return train::merge(base, adapter, output),
         Command::Bench(BenchCommand::Train(args)) => return crate::bench::train::run(args),
+        Command::Bench(BenchCommand::Generate(args)) => return crate::bench::generate::run(args),
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

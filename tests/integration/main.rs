@@ -3,6 +3,7 @@
 //! training core against PyTorch/transformers/PEFT references in `tests/fixtures`.
 
 mod auth;
+mod bench_cli;
 mod errors;
 mod files;
 mod helpers;
