@@ -90,23 +90,12 @@ pub struct CheckpointRecord {
     pub created_at: i64,
 }
 
-/// A fine-tuned model to register when its job succeeds.
-#[derive(Debug, Clone)]
-pub struct NewModel {
-    /// The `ft:...` name.
-    pub id: String,
-    pub project_id: String,
-    pub base_model: String,
-    pub method: String,
-    /// The storage prefix holding the adapter or model files.
-    pub storage_key: String,
-}
-
 /// How a job ends (or pauses).
 #[derive(Debug, Clone)]
 pub struct JobOutcome {
     pub status: JobStatus,
-    pub model: Option<NewModel>,
+    /// The fine-tuned model to register (on success).
+    pub model: Option<super::ModelRecord>,
     pub result_file: Option<super::FileRecord>,
     pub error: Option<Value>,
     pub event: NewEvent,

@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use serde_json::Value;
 
-pub use super::job_records::{CheckpointRecord, EventRecord, JobOutcome, JobRecord, Lease, NewEvent, NewModel};
+pub use super::job_records::{CheckpointRecord, EventRecord, JobOutcome, JobRecord, Lease, NewEvent};
 use super::{DbError, Dialect, SqlStore, Store};
 use crate::domain::job::JobStatus;
 use crate::ids::{new_id, unix_now};
@@ -367,19 +367,7 @@ impl JobStore for SqlStore {
             return Ok(false);
         }
         if let Some(model) = &outcome.model {
-            sqlx::query(
-                "INSERT INTO models (id, project_id, job_id, base_model, method, storage_key, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(&model.id)
-            .bind(&model.project_id)
-            .bind(id)
-            .bind(&model.base_model)
-            .bind(&model.method)
-            .bind(&model.storage_key)
-            .bind(unix_now())
-            .execute(&mut *tx)
-            .await?;
+            super::model_queries::insert_model_in(&mut *tx, model).await?;
         }
         if let Some(file) = &outcome.result_file {
             super::files::insert_file_in(&mut *tx, file).await?;

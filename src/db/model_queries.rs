@@ -30,21 +30,29 @@ pub trait ModelStore {
 
 const MODEL_COLUMNS: &str = "id, project_id, job_id, base_model, method, storage_key, created_at";
 
+/// Inserts a model row with any executor (the pool, or the transaction that ends its job).
+pub(super) async fn insert_model_in<'c, E>(executor: E, model: &ModelRecord) -> Result<(), DbError>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
+    sqlx::query(&format!("INSERT INTO models ({MODEL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"))
+        .bind(&model.id)
+        .bind(&model.project_id)
+        .bind(&model.job_id)
+        .bind(&model.base_model)
+        .bind(&model.method)
+        .bind(&model.storage_key)
+        .bind(model.created_at)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl ModelStore for SqlStore {
     #[tracing::instrument(skip_all, fields(model = %model.id))]
     async fn insert_model(&self, model: &ModelRecord) -> Result<(), DbError> {
-        sqlx::query(&format!("INSERT INTO models ({MODEL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"))
-            .bind(&model.id)
-            .bind(&model.project_id)
-            .bind(&model.job_id)
-            .bind(&model.base_model)
-            .bind(&model.method)
-            .bind(&model.storage_key)
-            .bind(model.created_at)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        insert_model_in(&self.pool, model).await
     }
 
     #[tracing::instrument(skip(self))]

@@ -10,7 +10,7 @@ use super::bridge::{start_heartbeat, JobObserver, Report, SharedSignal, Signal};
 use super::plan::JobPlan;
 use super::validate::{job_dir, stage_file};
 use super::{artifacts, ExecutorContext, JobFailure, CHECKPOINT_FILES};
-use crate::db::{FileRecord, JobOutcome, JobRecord, NewEvent, NewModel};
+use crate::db::{FileRecord, JobOutcome, JobRecord, ModelRecord, NewEvent};
 use crate::domain::file::{FilePurpose, FileStatus};
 use crate::domain::job::JobStatus;
 use crate::domain::model_name::fine_tuned_model_name;
@@ -227,12 +227,14 @@ async fn finish(
     };
     Ok(JobOutcome {
         status: JobStatus::Succeeded,
-        model: Some(NewModel {
+        model: Some(ModelRecord {
             id: name,
             project_id: job.project_id.clone(),
+            job_id: Some(job.id.clone()),
             base_model: job.model.clone(),
             method: method.into(),
             storage_key: prefix,
+            created_at: unix_now(),
         }),
         result_file: Some(result_file),
         error: None,
