@@ -93,6 +93,25 @@ where
     .await?)
 }
 
+impl SqlStore {
+    /// Runs a conditional update of one job and, when it changed the row, records `event`, in
+    /// one transaction; returns whether the row changed.
+    async fn update_with_event<'q>(
+        &self,
+        update: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+        id: &str,
+        event: &NewEvent,
+    ) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let changed = update.execute(&mut *tx).await?.rows_affected() == 1;
+        if changed {
+            insert_event(&mut *tx, id, event).await?;
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+}
+
 #[async_trait]
 impl JobStore for SqlStore {
     #[tracing::instrument(skip_all, fields(job = %job.id))]
@@ -186,7 +205,6 @@ impl JobStore for SqlStore {
 
     #[tracing::instrument(skip(self, event))]
     async fn transition(&self, id: &str, from: &[JobStatus], to: JobStatus, event: NewEvent) -> Result<bool, DbError> {
-        let mut tx = self.pool.begin().await?;
         let placeholders: Vec<String> = (0..from.len()).map(|i| format!("${}", i + 4)).collect();
         let finished = to.is_terminal().then(unix_now);
         // Leaving `running` (or being requeued) drops the lease and any pending request.
@@ -200,51 +218,28 @@ impl JobStore for SqlStore {
         for status in from {
             update = update.bind(status.as_str());
         }
-        let changed = update.execute(&mut *tx).await?.rows_affected() == 1;
-        if changed {
-            insert_event(&mut *tx, id, &event).await?;
-        }
-        tx.commit().await?;
-        Ok(changed)
+        self.update_with_event(update, id, &event).await
     }
 
     async fn request_action(&self, id: &str, action: &str, to: JobStatus, event: NewEvent) -> Result<bool, DbError> {
-        let mut tx = self.pool.begin().await?;
-        let changed = sqlx::query(
+        let update = sqlx::query(
             "UPDATE fine_tuning_jobs SET requested_action = $1, status = $2 WHERE id = $3 \
              AND status IN ('running', 'pausing')",
         )
         .bind(action)
         .bind(to.as_str())
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if changed {
-            insert_event(&mut *tx, id, &event).await?;
-        }
-        tx.commit().await?;
-        Ok(changed)
+        .bind(id);
+        self.update_with_event(update, id, &event).await
     }
 
     async fn finish_validation(&self, id: &str, hyperparameters: &str, event: NewEvent) -> Result<bool, DbError> {
-        let mut tx = self.pool.begin().await?;
-        let changed = sqlx::query(
+        let update = sqlx::query(
             "UPDATE fine_tuning_jobs SET status = 'queued', hyperparameters = $1, lease_owner = NULL, \
              lease_expires_at = NULL WHERE id = $2 AND status = 'validating_files'",
         )
         .bind(hyperparameters)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if changed {
-            insert_event(&mut *tx, id, &event).await?;
-        }
-        tx.commit().await?;
-        Ok(changed)
+        .bind(id);
+        self.update_with_event(update, id, &event).await
     }
 
     #[tracing::instrument(skip(self))]
