@@ -25,14 +25,17 @@ pub async fn validate(context: &ExecutorContext, owner: &str, job: JobRecord) {
                 plan.examples, plan.tokens, plan.n_epochs, plan.batch_size, plan.total_steps
             );
             let plan = serde_json::to_string(&plan).expect("a plan serializes");
+            // The staged data stays: if this machine also runs the job, it is not downloaded again.
             context.store.finish_validation(&job.id, &plan, NewEvent::message(message)).await
         }
-        Err(failure) => context.store.complete_job(&job.id, owner, failure.outcome()).await,
+        Err(failure) => {
+            let _ = tokio::fs::remove_dir_all(job_dir(context, &job.id)).await;
+            context.store.complete_job(&job.id, owner, failure.outcome()).await
+        }
     };
     if let Err(err) = stored {
         tracing::error!(error = %err, "could not record the validation result; the lease will lapse and it runs again");
     }
-    let _ = tokio::fs::remove_dir_all(job_dir(context, &job.id).join("data")).await;
 }
 
 pub fn job_dir(context: &ExecutorContext, job_id: &str) -> PathBuf {
