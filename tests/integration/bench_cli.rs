@@ -40,7 +40,10 @@ fn bench_train_reports_the_harness_fields() {
     }
     // r 8 on q (64→64), k and v (64→32), o (64→64), in 2 layers: 2 · (1024 + 768 + 768 + 1024).
     assert_eq!(report["params_trainable"], 7168, "{report}");
-    assert!(report["loss_last"].as_f64().unwrap() < report["loss_first"].as_f64().unwrap() + 1.0);
+    let (first, last) = (report["loss_first"].as_f64().unwrap(), report["loss_last"].as_f64().unwrap());
+    // ln(512) ≈ 6.2 for an untrained model on random tokens; the optimizer steps move the loss.
+    assert!(first.is_finite() && first > 1.0 && first < 20.0, "{report}");
+    assert_ne!(first, last, "the timed steps trained nothing: {report}");
 }
 
 #[test]
