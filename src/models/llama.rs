@@ -18,6 +18,9 @@ use super::weights::take;
 use super::ForwardCtx;
 use crate::peft::lora::LoraPlan;
 
+mod rows;
+pub use rows::{Row, ServingAdapter};
+
 /// What to train.
 #[derive(Debug, Clone, Copy)]
 pub enum Adaptation<'a> {
@@ -67,8 +70,9 @@ pub struct CausalLm {
     dtype: DType,
 }
 
-/// Per-layer keys and values of the tokens seen so far.
-#[derive(Default)]
+/// Per-layer keys and values of the tokens seen so far. Cloning is cheap (tensors are shared and
+/// never written in place), so sequences with a common prompt can share its prefill.
+#[derive(Default, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,

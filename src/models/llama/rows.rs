@@ -1,0 +1,302 @@
+//! Serving forward: several independent sequences ("rows") in one pass over the shared base
+//! weights, each with its own KV cache and its own LoRA adapter (or none), applied unmerged.
+//!
+//! The tokens of every row are laid end to end, so each base linear layer runs once for the whole
+//! batch (prompts being prefilled and single decode tokens alike); adapter deltas are computed per
+//! adapter over that adapter's tokens and added back; attention runs per row against its cache.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{Result, Tensor};
+
+use super::{CausalLm, KvCache, Linear};
+use crate::models::mask::incremental_causal_mask;
+use crate::models::ops::{apply_rope, repeat_kv, rms_norm};
+use crate::models::ForwardCtx;
+use crate::peft::lora::{peft_names, LoraConfig};
+
+/// One LoRA pair ready for inference: `delta = x · a_t · b_t`, the scale folded into `b_t`.
+#[derive(Debug, Clone)]
+struct LoraPair {
+    /// (in, r)
+    a_t: Tensor,
+    /// (r, out), times the adapter's scale
+    b_t: Tensor,
+}
+
+#[derive(Debug, Clone, Default)]
+struct LayerAdapter {
+    /// In [`super::LINEAR_MODULES`] order.
+    linears: [Option<LoraPair>; 7],
+    input_norm: Option<Tensor>,
+    post_norm: Option<Tensor>,
+}
+
+/// A PEFT LoRA adapter prepared for serving over a shared base model.
+#[derive(Debug, Clone)]
+pub struct ServingAdapter {
+    layers: Vec<LayerAdapter>,
+    norm: Option<Tensor>,
+    lm_head: Option<LoraPair>,
+    bytes: usize,
+}
+
+impl ServingAdapter {
+    /// Checks `tensors` (PEFT names) against `model` and prepares them. Every LoRA tensor must
+    /// belong to a module of the model with the right shape: an adapter trained for another base
+    /// is an error, not garbage output.
+    pub fn from_peft(model: &CausalLm, config: &LoraConfig, tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        let scale = config.scale();
+        let mut used: HashSet<String> = HashSet::new();
+        let mut bytes = 0usize;
+        let mut pair = |module: &str, linear: &Linear| -> Result<Option<LoraPair>> {
+            if !config.targets(module) {
+                return Ok(None);
+            }
+            let (a_name, b_name) = peft_names(module);
+            let (Some(a), Some(b)) = (tensors.get(&a_name), tensors.get(&b_name)) else {
+                candle_core::bail!("the adapter targets {module} but has no weights for it");
+            };
+            let (out_f, in_f) = linear.weight.tensor().dims2()?;
+            if a.dims() != [config.r, in_f] || b.dims() != [out_f, config.r] {
+                candle_core::bail!(
+                    "adapter weights for {module} have shapes {:?} and {:?}; this base model needs ({}, {in_f}) and \
+                     ({out_f}, {})",
+                    a.dims(),
+                    b.dims(),
+                    config.r,
+                    config.r
+                );
+            }
+            used.insert(a_name);
+            used.insert(b_name);
+            bytes += (a.elem_count() + b.elem_count()) * 4;
+            let like = linear.weight.tensor();
+            let a_t = a.to_device(like.device())?.to_dtype(like.dtype())?.t()?.contiguous()?;
+            let b_t = (b.to_device(like.device())?.to_dtype(like.dtype())?.t()?.contiguous()? * scale)?;
+            Ok(Some(LoraPair { a_t, b_t }))
+        };
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for (i, block) in model.layers.iter().enumerate() {
+            let mut layer = LayerAdapter::default();
+            for (slot, (name, linear)) in layer.linears.iter_mut().zip(block.linears()) {
+                let group = if ["gate_proj", "up_proj", "down_proj"].contains(&name) { "mlp" } else { "self_attn" };
+                *slot = pair(&format!("model.layers.{i}.{group}.{name}"), linear)?;
+            }
+            layers.push(layer);
+        }
+        let lm_head = match &model.lm_head {
+            Some(head) => pair("lm_head", head)?,
+            None => None,
+        };
+        let mut norm_override = |name: &str, like: &Tensor| -> Result<Option<Tensor>> {
+            let key = format!("base_model.model.{name}");
+            let Some(t) = tensors.get(&key) else { return Ok(None) };
+            if t.dims() != like.dims() {
+                candle_core::bail!("adapter norm {name} has shape {:?}, expected {:?}", t.dims(), like.dims());
+            }
+            used.insert(key);
+            bytes += t.elem_count() * 4;
+            Ok(Some(t.to_device(like.device())?.to_dtype(like.dtype())?))
+        };
+        for (i, (layer, block)) in layers.iter_mut().zip(&model.layers).enumerate() {
+            layer.input_norm =
+                norm_override(&format!("model.layers.{i}.input_layernorm.weight"), block.input_norm.tensor())?;
+            layer.post_norm =
+                norm_override(&format!("model.layers.{i}.post_attention_layernorm.weight"), block.post_norm.tensor())?;
+        }
+        let norm = norm_override("model.norm.weight", model.norm.tensor())?;
+        let mut extra: Vec<&str> = tensors.keys().filter(|k| !used.contains(*k)).map(String::as_str).collect();
+        if !extra.is_empty() {
+            extra.sort_unstable();
+            candle_core::bail!(
+                "the adapter has {} tensor(s) this base model has no place for, e.g. {:?}",
+                extra.len(),
+                &extra[..extra.len().min(3)]
+            );
+        }
+        Ok(Self { layers, norm, lm_head, bytes })
+    }
+
+    /// Memory held by the adapter's tensors.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// One sequence of a batched step: the tokens it adds, its cache, and its adapter.
+pub struct Row<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub adapter: Option<&'a ServingAdapter>,
+}
+
+/// The tokens (indices into the concatenated batch) that share one adapter.
+struct Group<'a> {
+    adapter: &'a ServingAdapter,
+    /// `None` when the group is the whole batch.
+    index: Option<Tensor>,
+}
+
+impl CausalLm {
+    /// Feeds every row's tokens after its cached ones; returns the logits of each row's last
+    /// token, `(rows, vocab)`.
+    pub fn forward_rows(&self, rows: &mut [Row<'_>]) -> Result<Tensor> {
+        if rows.is_empty() || rows.iter().any(|r| r.tokens.is_empty()) {
+            candle_core::bail!("forward_rows needs at least one row, each with at least one token");
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(rows.len());
+        for row in rows.iter_mut() {
+            let past = row.cache.len;
+            let t = row.tokens.len();
+            if past + t > self.rope.max_positions() {
+                candle_core::bail!(
+                    "sequence of {} tokens exceeds the model's {} positions",
+                    past + t,
+                    self.rope.max_positions()
+                );
+            }
+            if row.cache.layers.is_empty() {
+                row.cache.layers = (0..self.layers.len()).map(|_| None).collect();
+            }
+            spans.push((ids.len(), t));
+            ids.extend_from_slice(row.tokens);
+            positions.extend((past..past + t).map(|p| p as u32));
+        }
+        let total = ids.len();
+        let groups = self.groups(rows, &spans, total)?;
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let positions = Tensor::from_vec(positions, (1, total), &self.device)?;
+        let (cos, sin) = self.rope.at(&positions, self.dtype)?;
+        let eps = self.config.rms_norm_eps;
+        let ctx = ForwardCtx::inference();
+        let mut x = self.embed.tensor().index_select(&ids, 0)?;
+        for (li, block) in self.layers.iter().enumerate() {
+            let normed =
+                norm_rows(&x, block.input_norm.tensor(), rows, &spans, eps, |a| a.layers[li].input_norm.as_ref())?;
+            let lin = |k: usize, linear: &Linear, input: &Tensor| -> Result<Tensor> {
+                with_adapters(linear.forward(input, &ctx)?, input, &groups, |a| a.layers[li].linears[k].as_ref())
+            };
+            let att = &block.attention;
+            let q = lin(0, &att.q, &normed)?;
+            let k = lin(1, &att.k, &normed)?;
+            let v = lin(2, &att.v, &normed)?;
+            let mut outs = Vec::with_capacity(rows.len());
+            for (row, &(start, t)) in rows.iter_mut().zip(&spans) {
+                let past = row.cache.len;
+                let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+                    y.narrow(0, start, t)?.reshape((1, t, n, att.head_dim))?.transpose(1, 2)?.contiguous()
+                };
+                let (cos, sin) = (cos.narrow(2, start, t)?, sin.narrow(2, start, t)?);
+                let q = apply_rope(&heads(&q, att.heads)?, &cos, &sin)?;
+                let mut k = apply_rope(&heads(&k, att.kv_heads)?, &cos, &sin)?;
+                let mut v = heads(&v, att.kv_heads)?;
+                let slot = &mut row.cache.layers[li];
+                if let Some((past_k, past_v)) = slot.as_ref() {
+                    k = Tensor::cat(&[past_k, &k], 2)?;
+                    v = Tensor::cat(&[past_v, &v], 2)?;
+                }
+                *slot = Some((k.clone(), v.clone()));
+                let groups = att.heads / att.kv_heads;
+                let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
+                let scale = 1.0 / (att.head_dim as f64).sqrt();
+                let mut scores = (q.matmul(&k.t()?)? * scale)?;
+                let windowed = self.config.sliding_window.is_some_and(|w| past + t > w);
+                if t > 1 || windowed {
+                    let mask = incremental_causal_mask(past, t, self.config.sliding_window, &self.device)?;
+                    scores = scores.broadcast_add(&mask.to_dtype(self.dtype)?)?;
+                }
+                let probs = crate::models::fused::softmax_last_dim(&scores)?;
+                outs.push(probs.matmul(&v)?.transpose(1, 2)?.reshape((t, att.heads * att.head_dim))?);
+            }
+            let attended = if outs.len() == 1 { outs.pop().expect("one row") } else { Tensor::cat(&outs, 0)? };
+            x = (x + lin(3, &att.o, &attended)?)?;
+            let normed =
+                norm_rows(&x, block.post_norm.tensor(), rows, &spans, eps, |a| a.layers[li].post_norm.as_ref())?;
+            let mlp = &block.mlp;
+            let gated = (lin(4, &mlp.gate, &normed)?.silu()? * lin(5, &mlp.up, &normed)?)?;
+            x = (x + lin(6, &mlp.down, &gated)?)?;
+        }
+        for row in rows.iter_mut() {
+            row.cache.len += row.tokens.len();
+        }
+        let last: Vec<u32> = spans.iter().map(|&(start, t)| (start + t - 1) as u32).collect();
+        let last = Tensor::from_vec(last, rows.len(), &self.device)?;
+        let hidden = x.index_select(&last, 0)?;
+        let row_spans: Vec<(usize, usize)> = (0..rows.len()).map(|i| (i, 1)).collect();
+        let hidden = norm_rows(&hidden, self.norm.tensor(), rows, &row_spans, eps, |a| a.norm.as_ref())?;
+        let logits = self.logits(&hidden, &ctx)?;
+        if self.lm_head.is_none() {
+            return Ok(logits);
+        }
+        let row_groups = self.groups(rows, &row_spans, rows.len())?;
+        with_adapters(logits, &hidden, &row_groups, |a| a.lm_head.as_ref())
+    }
+
+    fn groups<'a>(&self, rows: &[Row<'a>], spans: &[(usize, usize)], total: usize) -> Result<Vec<Group<'a>>> {
+        let mut by_adapter: Vec<(&'a ServingAdapter, Vec<u32>)> = Vec::new();
+        for (row, &(start, t)) in rows.iter().zip(spans) {
+            let Some(adapter) = row.adapter else { continue };
+            let tokens = (start..start + t).map(|i| i as u32);
+            match by_adapter.iter_mut().find(|(a, _)| std::ptr::eq(*a, adapter)) {
+                Some((_, index)) => index.extend(tokens),
+                None => by_adapter.push((adapter, tokens.collect())),
+            }
+        }
+        by_adapter
+            .into_iter()
+            .map(|(adapter, index)| {
+                let index = if index.len() == total {
+                    None
+                } else {
+                    let n = index.len();
+                    Some(Tensor::from_vec(index, n, &self.device)?)
+                };
+                Ok(Group { adapter, index })
+            })
+            .collect()
+    }
+}
+
+/// Adds each adapter group's LoRA delta (from `pick`) to the base output `y`.
+fn with_adapters(
+    mut y: Tensor,
+    x: &Tensor,
+    groups: &[Group<'_>],
+    pick: impl Fn(&ServingAdapter) -> Option<&LoraPair>,
+) -> Result<Tensor> {
+    for group in groups {
+        let Some(pair) = pick(group.adapter) else { continue };
+        y = match &group.index {
+            None => (y + x.matmul(&pair.a_t)?.matmul(&pair.b_t)?)?,
+            Some(index) => {
+                let delta = x.index_select(index, 0)?.matmul(&pair.a_t)?.matmul(&pair.b_t)?;
+                y.index_add(index, &delta, 0)?
+            }
+        };
+    }
+    Ok(y)
+}
+
+/// RMSNorm with the base weight, or per row with the weight its adapter trained.
+fn norm_rows<'a>(
+    x: &Tensor,
+    base: &Tensor,
+    rows: &[Row<'a>],
+    spans: &[(usize, usize)],
+    eps: f64,
+    pick: impl Fn(&'a ServingAdapter) -> Option<&'a Tensor>,
+) -> Result<Tensor> {
+    let weight_of = |row: &Row<'a>| -> Option<&'a Tensor> { row.adapter.and_then(&pick) };
+    if rows.iter().all(|r| weight_of(r).is_none()) {
+        return rms_norm(x, base, eps);
+    }
+    let parts = rows
+        .iter()
+        .zip(spans)
+        .map(|(row, &(start, t))| rms_norm(&x.narrow(0, start, t)?, weight_of(row).unwrap_or(base), eps))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
+}
