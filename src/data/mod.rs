@@ -13,7 +13,7 @@ pub mod template;
 pub mod tokenizer;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 
 use std::path::PathBuf;
 

@@ -1,3 +1,7 @@
-//! Text generation with a KV cache (greedy for now; sampling and batching come with serving).
+//! Text generation with a KV cache: greedy decoding for tools and benchmarks, and the batched,
+//! sampled serving engine with its detokenizer.
 
+pub mod engine;
 pub mod generate;
+pub mod sampling;
+pub mod text;
