@@ -39,7 +39,7 @@ fn cache_name(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
 }
 
-async fn download_once(
+pub(crate) async fn download_once(
     storage: &dyn ArtifactStore,
     prefix: &str,
     dir: &Path,

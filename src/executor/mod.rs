@@ -6,6 +6,7 @@
 mod artifacts;
 mod base_model;
 pub use artifacts::download_files;
+pub(crate) use base_model::download_once;
 pub use base_model::local_model_dir;
 mod bridge;
 mod job;

@@ -1,0 +1,152 @@
+//! Loading what [`super::Inference`] caches: models into engines, adapters into serving form.
+//! Files come from the catalog's directories or from artifact storage; parsing and building run
+//! on blocking threads.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+
+use super::{Inference, ServeError, WeightsSource};
+use crate::data::tokenizer::ChatTokenizer;
+use crate::executor::local_model_dir;
+use crate::infer::engine::Engine;
+use crate::models::config::ModelConfig;
+use crate::models::llama::{Adaptation, CausalLm, ServingAdapter};
+use crate::models::weights::load_model_weights;
+use crate::peft::adapter::load_adapter;
+
+/// The local directory of a catalog base model (fetched from storage into the cache if needed).
+async fn base_dir(inference: &Inference, name: &str) -> Result<PathBuf, ServeError> {
+    let cache = inference.settings.work_dir.join("base-models");
+    local_model_dir(&inference.catalog, inference.storage.as_ref(), name, &cache)
+        .await
+        .map_err(ServeError::NotSupported)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, ServeError> {
+    Ok(tokio::task::spawn_blocking(f).await.context("a model loading task failed")??)
+}
+
+fn read_model(dir: &Path, adaptation: Adaptation<'_>) -> anyhow::Result<CausalLm> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let weights = load_model_weights(dir, DType::F32, &Device::Cpu)?;
+    Ok(CausalLm::new(config, weights, adaptation)?)
+}
+
+pub async fn base_engine(inference: &Inference, name: &str) -> Result<Engine, ServeError> {
+    let dir = base_dir(inference, name).await?;
+    let started = std::time::Instant::now();
+    let settings = inference.settings.clone();
+    let name_owned = name.to_string();
+    let engine = blocking(move || {
+        let model = read_model(&dir, Adaptation::None).with_context(|| format!("loading base model {name_owned}"))?;
+        let tokenizer = ChatTokenizer::from_dir(&dir)?;
+        Ok(Engine::start(&name_owned, model, tokenizer, settings.engine)?)
+    })
+    .await?;
+    tracing::info!(model = name, ms = started.elapsed().as_millis() as u64, "loaded a base model for inference");
+    Ok(engine)
+}
+
+/// A fully fine-tuned model: its stored model directory, or the base with a checkpoint's weights.
+pub async fn full_engine(
+    inference: &Inference,
+    id: &str,
+    base: &str,
+    source: &WeightsSource,
+) -> Result<Engine, ServeError> {
+    let base = base_dir(inference, base).await?;
+    let id_owned = id.to_string();
+    match source {
+        WeightsSource::Stored { prefix } => {
+            let cache = inference.settings.work_dir.join("served-models").join(cache_name(id));
+            let dir = crate::executor::download_once(inference.storage.as_ref(), prefix.trim_end_matches('/'), &cache)
+                .await
+                .context("fetching the fine-tuned model from storage")?;
+            let settings = inference.settings.clone();
+            blocking(move || {
+                let model = read_model(&dir, Adaptation::None)?;
+                let tokenizer =
+                    ChatTokenizer::from_dir(if dir.join("tokenizer.json").exists() { &dir } else { &base })?;
+                Ok(Engine::start(&id_owned, model, tokenizer, settings.engine)?)
+            })
+            .await
+        }
+        WeightsSource::Checkpoint { prefix, .. } => {
+            let trainable = fetch_checkpoint(inference, prefix).await?;
+            let settings = inference.settings.clone();
+            blocking(move || {
+                let model = read_model(&base, Adaptation::Full)?;
+                model.trainable.restore(&trainable).context("the checkpoint does not fit its base model")?;
+                let tokenizer = ChatTokenizer::from_dir(&base)?;
+                Ok(Engine::start(&id_owned, model, tokenizer, settings.engine)?)
+            })
+            .await
+        }
+    }
+}
+
+/// A LoRA adapter (a job's PEFT output or a LoRA checkpoint), checked against `engine`'s model.
+pub async fn adapter(
+    inference: &Inference,
+    engine: &Engine,
+    base: &str,
+    source: &WeightsSource,
+) -> Result<ServingAdapter, ServeError> {
+    let started = std::time::Instant::now();
+    let (config, tensors) = match source {
+        WeightsSource::Stored { prefix } => {
+            let work = tempfile::tempdir().context("a scratch directory for the adapter")?;
+            let names = ["adapter_config.json", "adapter_model.safetensors"].map(String::from);
+            crate::executor::download_files(
+                inference.storage.as_ref(),
+                prefix.trim_end_matches('/'),
+                &names,
+                work.path(),
+            )
+            .await
+            .context("fetching the adapter from storage")?;
+            blocking(move || {
+                let (config, _norms, tensors) = load_adapter(work.path(), &Device::Cpu)?;
+                Ok((config, tensors))
+            })
+            .await?
+        }
+        WeightsSource::Checkpoint { prefix, plan } => {
+            let lora = plan.lora.as_ref().context("a LoRA checkpoint without LoRA settings")?;
+            let trainable = fetch_checkpoint(inference, prefix).await?;
+            let tensors = trainable
+                .into_iter()
+                .map(|(k, v)| if k.starts_with("base_model.") { (k, v) } else { (format!("base_model.model.{k}"), v) })
+                .collect();
+            (lora.lora_config(), tensors)
+        }
+    };
+    let model = engine.model.clone();
+    let adapter = blocking(move || {
+        ServingAdapter::from_peft(&model, &config, &tensors).context("the adapter does not fit its base model")
+    })
+    .await?;
+    tracing::info!(
+        base,
+        bytes = adapter.bytes(),
+        ms = started.elapsed().as_millis() as u64,
+        "loaded an adapter for inference"
+    );
+    Ok(adapter)
+}
+
+async fn fetch_checkpoint(inference: &Inference, prefix: &str) -> Result<HashMap<String, Tensor>, ServeError> {
+    let work = tempfile::tempdir().context("a scratch directory for the checkpoint")?;
+    let names = ["trainable.safetensors".to_string()];
+    crate::executor::download_files(inference.storage.as_ref(), prefix.trim_end_matches('/'), &names, work.path())
+        .await
+        .context("fetching the checkpoint from storage")?;
+    blocking(move || Ok(candle_core::safetensors::load(work.path().join("trainable.safetensors"), &Device::Cpu)?)).await
+}
+
+fn cache_name(id: &str) -> String {
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
+}

@@ -1,0 +1,115 @@
+//! What the inference endpoints serve from: one generation engine per loaded model, shared by
+//! every LoRA adapter on it, and the adapters themselves, loaded lazily from artifact storage into
+//! a cache bounded by a memory budget (least recently used out first).
+//!
+//! Which model a name means, and whether the caller may use it, is decided per request by the
+//! HTTP layer ([`Target`]); this module only loads and caches. Loading (disk, storage, weights)
+//! runs on blocking threads, generation on each engine's own thread.
+
+mod cache;
+mod load;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cache::LruCells;
+
+use crate::catalog::Catalog;
+use crate::executor::plan::JobPlan;
+use crate::infer::engine::{Engine, EngineSettings};
+use crate::models::llama::ServingAdapter;
+use crate::storage::ArtifactStore;
+
+#[derive(Debug, Clone)]
+pub struct InferenceSettings {
+    pub engine: EngineSettings,
+    /// Memory for loaded LoRA adapters; the least recently used go first beyond it.
+    pub adapter_cache_bytes: usize,
+    /// Models (bases and fully fine-tuned models) kept loaded at once.
+    pub max_models: usize,
+    /// Where base and fine-tuned models fetched from storage are cached.
+    pub work_dir: PathBuf,
+}
+
+/// Where a fine-tuned model's weights are.
+#[derive(Debug, Clone)]
+pub enum WeightsSource {
+    /// The stored output of a finished job (a PEFT adapter, or a model directory).
+    Stored { prefix: String },
+    /// A checkpoint's trainable tensors, and the plan of the job that wrote it.
+    Checkpoint { prefix: String, plan: Box<JobPlan> },
+}
+
+/// What a requested model name resolved to (after the caller's access was checked).
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A base model of the catalog.
+    Base { name: String },
+    /// A LoRA adapter, served over its base's engine.
+    Adapter { id: String, base: String, source: WeightsSource },
+    /// A fully fine-tuned model or checkpoint, with an engine of its own.
+    Full { id: String, base: String, source: WeightsSource },
+}
+
+/// Why a model cannot be served; the message is for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    NotSupported(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+pub struct Inference {
+    catalog: Arc<Catalog>,
+    storage: Arc<dyn ArtifactStore>,
+    settings: InferenceSettings,
+    engines: LruCells<Engine>,
+    adapters: LruCells<ServingAdapter>,
+}
+
+impl Inference {
+    pub fn new(catalog: Arc<Catalog>, storage: Arc<dyn ArtifactStore>, settings: InferenceSettings) -> Self {
+        Self { catalog, storage, settings, engines: LruCells::new(), adapters: LruCells::new() }
+    }
+
+    pub fn settings(&self) -> &InferenceSettings {
+        &self.settings
+    }
+
+    /// The engine that runs `target`, loading its model on first use.
+    pub async fn engine(&self, target: &Target) -> Result<Arc<Engine>, ServeError> {
+        let key = match target {
+            Target::Base { name } | Target::Adapter { base: name, .. } => format!("base:{name}"),
+            Target::Full { id, .. } => format!("full:{id}"),
+        };
+        let load = || async move {
+            match target {
+                Target::Base { name } | Target::Adapter { base: name, .. } => load::base_engine(self, name).await,
+                Target::Full { id, base, source } => load::full_engine(self, id, base, source).await,
+            }
+        };
+        let max = self.settings.max_models.max(1);
+        self.engines.get_or_load(&key, load, |engines| engines.len() > max).await
+    }
+
+    /// The adapter of `target` (none for base and fully fine-tuned models), loaded on first use.
+    pub async fn adapter(&self, target: &Target, engine: &Engine) -> Result<Option<Arc<ServingAdapter>>, ServeError> {
+        let Target::Adapter { id, base, source } = target else { return Ok(None) };
+        let budget = self.settings.adapter_cache_bytes;
+        let adapter = self
+            .adapters
+            .get_or_load(
+                id,
+                || load::adapter(self, engine, base, source),
+                |loaded| loaded.iter().map(|a| a.bytes()).sum::<usize>() > budget,
+            )
+            .await?;
+        Ok(Some(adapter))
+    }
+
+    /// How many adapters are loaded now (for tests and metrics).
+    pub fn loaded_adapters(&self) -> usize {
+        self.adapters.loaded()
+    }
+}
