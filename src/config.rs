@@ -143,6 +143,18 @@ pub struct ServeArgs {
     /// Training executors in this process (0: API only; run `ferrotune worker` elsewhere).
     #[arg(long, env = "FERROTUNE_EXECUTORS", default_value_t = 1)]
     pub executors: usize,
+    /// Inference: sequences one model decodes together at most (also the largest `n`).
+    #[arg(long, env = "FERROTUNE_MAX_BATCH", default_value_t = 16)]
+    pub max_batch: usize,
+    /// Inference: requests waiting per model before new ones get 429.
+    #[arg(long, env = "FERROTUNE_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+    /// Inference: memory for loaded LoRA adapters (bytes; suffixes allowed); least recently used go first.
+    #[arg(long, env = "FERROTUNE_ADAPTER_CACHE", default_value = "1GiB", value_parser = parse_byte_size)]
+    pub adapter_cache: u64,
+    /// Inference: models (bases and fully fine-tuned models) kept loaded at once.
+    #[arg(long, env = "FERROTUNE_MAX_LOADED_MODELS", default_value_t = 2)]
+    pub max_loaded_models: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,6 +204,15 @@ impl GlobalArgs {
 impl ServeArgs {
     pub fn dataset_limits(&self) -> Limits {
         Limits { max_line_bytes: self.max_line_size as usize, min_examples: self.min_examples }
+    }
+
+    pub fn inference_settings(&self, data_dir: &std::path::Path) -> crate::serving::InferenceSettings {
+        crate::serving::InferenceSettings {
+            engine: crate::infer::engine::EngineSettings { max_batch: self.max_batch, max_queue: self.max_queue },
+            adapter_cache_bytes: usize::try_from(self.adapter_cache).unwrap_or(usize::MAX),
+            max_models: self.max_loaded_models,
+            work_dir: data_dir.join("work").join("serving"),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use crate::db::{SqlStore, Store};
 use crate::domain::dataset::Limits;
 use crate::executor::{ExecutorContext, ExecutorPool, ExecutorSettings};
 use crate::http::state::{AppState, HttpConfig};
+use crate::serving::{Inference, InferenceSettings};
 use crate::storage::{self, StorageSettings};
 
 /// Everything `serve` needs, already parsed.
@@ -28,6 +29,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub catalog: Arc<Catalog>,
     pub executor: ExecutorSettings,
+    pub inference: InferenceSettings,
 }
 
 /// Connects to the database (migrating it) and opens the artifact store.
@@ -54,9 +56,11 @@ pub async fn build_state(
             settings.bind
         );
     }
+    let inference = Arc::new(Inference::new(settings.catalog.clone(), storage.clone(), settings.inference.clone()));
     Ok(AppState {
         store,
         storage,
+        inference,
         catalog: settings.catalog.clone(),
         config: Arc::new(HttpConfig {
             max_upload_bytes: settings.max_upload_bytes,

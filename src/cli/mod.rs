@@ -53,6 +53,7 @@ fn serve_settings(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Setti
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         catalog: std::sync::Arc::new(global.catalog()?),
         executor: executor_settings(global, args.executors),
+        inference: args.inference_settings(&global.data_dir),
     })
 }
 

@@ -48,6 +48,12 @@ pub enum ErrorCode {
     InvalidHyperparameters,
     ConflictingHyperparameters,
     InvalidJobState,
+    /// The prompt plus the requested completion do not fit the model's context.
+    ContextLengthExceeded,
+    /// A request parameter this server does not implement (rather than silently ignoring it).
+    UnsupportedParameter,
+    /// The model's generation queue is full: retry later (429).
+    EngineOverloaded,
 }
 
 impl ErrorCode {
@@ -88,6 +94,9 @@ impl ErrorCode {
             InvalidHyperparameters => ("invalid_hyperparameters", REQ, BAD),
             ConflictingHyperparameters => ("conflicting_hyperparameters", REQ, BAD),
             InvalidJobState => ("invalid_job_state", REQ, StatusCode::CONFLICT),
+            ContextLengthExceeded => ("context_length_exceeded", REQ, BAD),
+            UnsupportedParameter => ("unsupported_parameter", REQ, BAD),
+            EngineOverloaded => ("engine_overloaded", "rate_limit_error", StatusCode::TOO_MANY_REQUESTS),
         }
     }
 

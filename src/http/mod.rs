@@ -3,10 +3,13 @@
 //! [`ROUTES`] is the single list of routes: the router is built from it and the OpenAPI test
 //! compares it with `openapi.yaml`, so a route cannot exist undocumented.
 
+mod chat;
+mod completions;
 pub mod error;
 pub mod extract;
 mod files;
 mod health;
+mod inference;
 mod job_events;
 mod jobs;
 mod jobs_create;
@@ -54,6 +57,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/models/{model}"),
     ("DELETE", "/v1/models/{model}"),
     ("GET", "/v1/models/{model}/content"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
 ];
 
 fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
@@ -80,6 +85,8 @@ fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
         ("GET", "/v1/models/{model}") => routing::get(models::retrieve_model),
         ("DELETE", "/v1/models/{model}") => routing::delete(models::delete_model),
         ("GET", "/v1/models/{model}/content") => routing::get(model_content::download_model),
+        ("POST", "/v1/chat/completions") => routing::post(chat::create_chat_completion),
+        ("POST", "/v1/completions") => routing::post(completions::create_completion),
         _ => unreachable!("route {method} {path} is in ROUTES but has no handler"),
     }
 }

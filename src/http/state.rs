@@ -12,6 +12,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub storage: Arc<dyn ArtifactStore>,
     pub catalog: Arc<Catalog>,
+    pub inference: Arc<crate::serving::Inference>,
     pub config: Arc<HttpConfig>,
 }
 

@@ -137,6 +137,12 @@ pub async fn backing(backend: Backend) -> Backing {
                 poll_interval: Duration::from_millis(50),
                 work_dir: dir.path().join("work"),
             },
+            inference: ferrotune::serving::InferenceSettings {
+                engine: ferrotune::infer::engine::EngineSettings { max_batch: 16, max_queue: 64 },
+                adapter_cache_bytes: 256 << 20,
+                max_models: 2,
+                work_dir: dir.path().join("work").join("serving"),
+            },
         },
         _dir: dir,
         _database: database,
