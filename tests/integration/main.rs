@@ -7,6 +7,7 @@ mod bench_cli;
 mod errors;
 mod files;
 mod helpers;
+mod inference;
 mod interop;
 mod job_store;
 mod jobs_api;

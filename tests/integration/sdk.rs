@@ -17,6 +17,11 @@ async fn the_openai_python_sdk_follows_a_job_to_its_fine_tuned_model() {
     run_sdk_script_with(1, "job_run_sdk.py").await;
 }
 
+#[tokio::test]
+async fn a_model_fine_tuned_by_a_job_answers_what_it_was_taught_through_the_sdk_and_curl() {
+    run_sdk_script_with(1, "chat_sdk.py").await;
+}
+
 /// Runs `tests/sdk/<script> BASE_URL` against a live server (without executors) on every backend.
 async fn run_sdk_script(script: &str) {
     run_sdk_script_with(0, script).await;
