@@ -31,9 +31,16 @@ pub struct BenchGenerateArgs {
     /// Timed repetitions after one warm-up (the medians are reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Run N simultaneous requests through the serving engine (batched decode, adapter unmerged)
+    /// and report their aggregate throughput, instead of the single-sequence decoder.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
 }
 
 pub fn run(args: &BenchGenerateArgs) -> anyhow::Result<()> {
+    if let Some(concurrency) = args.concurrency {
+        return super::serve::run(args, concurrency);
+    }
     anyhow::ensure!(args.new_tokens >= 2 && args.prompt_tokens >= 1, "need a prompt and at least 2 new tokens");
     let device = Device::Cpu;
     let config = ModelConfig::from_file(&args.model.join("config.json"))?;

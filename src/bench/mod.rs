@@ -2,6 +2,7 @@
 //! so `compare.sh` can run them side by side with the PyTorch reference.
 
 pub mod generate;
+pub mod serve;
 pub mod train;
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`; `ru_maxrss` equivalent).
