@@ -18,6 +18,7 @@ pub mod infer;
 pub mod models;
 pub mod peft;
 pub mod rng;
+pub mod serving;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
