@@ -445,3 +445,48 @@ async fn forty_concurrent_requests_over_four_adapters_each_get_their_own_adapter
     assert!(peak > 4, "requests for different adapters were decoded together (peak batch {peak})");
     assert_eq!(app.state.inference.loaded_adapters(), 4);
 }
+
+#[tokio::test]
+async fn checkpoints_and_fully_fine_tuned_models_are_served_as_soon_as_their_jobs_succeed() {
+    use crate::jobs_e2e::{create_job, job_request, status, upload_qa, wait_for};
+    for backend in backends() {
+        let mut app = TestApp::spawn(backend).await;
+        app.start_executors(1);
+        let file = upload_qa(&app).await;
+        let lora_job = create_job(&app, &job_request(&file, 4, 4, 2)).await;
+        let mut full_request = job_request(&file, 2, 4, 2);
+        let hyper = &mut full_request["method"]["supervised"]["hyperparameters"];
+        hyper.as_object_mut().unwrap().remove("lora");
+        hyper["training_type"] = json!("full");
+        hyper["learning_rate"] = json!(1e-3);
+        let full_job = create_job(&app, &full_request).await;
+        let mut served = Vec::new();
+        for (id, checkpoint_step) in [(lora_job, 4), (full_job, 2)] {
+            let job =
+                wait_for(&app, &id, Duration::from_secs(120), |j| ["succeeded", "failed"].contains(&status(j))).await;
+            assert_eq!(status(&job), "succeeded", "{backend:?}: {job}");
+            let model = job["fine_tuned_model"].as_str().unwrap().to_string();
+            served.push(model.clone());
+            served.push(format!("{model}:ckpt-step-{checkpoint_step}"));
+        }
+        let messages = json!([{"role": "user", "content": "What is code number 2?"}]);
+        let mut answers = Vec::new();
+        for model in &served {
+            let response =
+                chat(&app, json!({"model": model, "messages": messages, "max_tokens": 8, "temperature": 0}), None)
+                    .await;
+            assert_eq!(response.status, StatusCode::OK, "{backend:?} {model}: {}", response.text());
+            let body = response.json();
+            assert_eq!(body["model"], model.as_str());
+            assert!(body["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{body}");
+            answers.push(body["choices"][0]["message"]["content"].as_str().unwrap().to_string());
+        }
+        let missing = format!("{}:ckpt-step-3", served[0]);
+        chat(&app, json!({"model": missing, "messages": messages}), None)
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "model_not_found");
+        // The fully fine-tuned model and its checkpoint are engines of their own; the LoRA model and
+        // checkpoint share the base's engine.
+        assert_eq!(app.state.inference.loaded_adapters(), 2, "{answers:?}");
+    }
+}
