@@ -284,7 +284,14 @@ impl Worker {
                     let group = self.active[i].group;
                     let leader = (0..self.active.len()).find(|&j| self.active[j].group == group && row_of[j].is_some());
                     let Some(leader) = leader else { continue };
-                    self.active[i].cache = self.active[leader].cache.clone();
+                    match self.active[leader].cache.fork() {
+                        Ok(cache) => self.active[i].cache = cache,
+                        Err(err) => {
+                            let _ = self.active[i].events.send(GenEvent::Failed(err.to_string()));
+                            self.active[i].pending.clear();
+                            continue;
+                        }
+                    }
                     row_of[leader].expect("a leader has a row")
                 }
             };

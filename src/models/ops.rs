@@ -19,6 +19,9 @@ pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tenso
     normed.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
+/// From 2 up to this many rows, inference computes `(W · xᵀ)ᵀ` (see `frozen_linear`).
+const SMALL_BATCH: usize = 16;
+
 /// `x · Wᵀ` for a frozen `W` (out × in): the backward gives the gradient of `x` only.
 ///
 /// candle's own matmul backward also computes (and keeps until the end of backward) a
@@ -30,11 +33,18 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if last != in_features {
         candle_core::bail!("frozen_linear: input has {last} features, weight expects {in_features}");
     }
+    let rows: usize = dims.iter().product();
+    if !x.track_op() && (2..=SMALL_BATCH).contains(&rows) {
+        // Decoding: few rows. `W · xᵀ` (long M, short N) suits the gemm kernels far better than
+        // `x · Wᵀ` (short M); the result is the transpose of what we want, made contiguous.
+        let out = weight.matmul(&x.reshape((rows, in_features))?.t()?)?.t()?.contiguous()?;
+        dims.push(out_features);
+        return out.reshape(dims);
+    }
     if !x.device().is_cpu() || !x.track_op() {
         // No gradient wanted (inference), or no CPU kernel for the custom op: a plain matmul.
         return x.broadcast_matmul(&weight.t()?);
     }
-    let rows: usize = dims.iter().product();
     let out = x.reshape((rows, in_features))?.apply_op1(FrozenMatmul { weight: weight.clone() })?;
     dims.push(out_features);
     out.reshape(dims)

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{Result, Tensor};
 
-use super::{CausalLm, KvCache, Linear};
+use super::{CausalLm, KvCache, LayerCache, Linear};
 use crate::models::mask::incremental_causal_mask;
 use crate::models::ops::{apply_rope, repeat_kv, rms_norm};
 use crate::models::ForwardCtx;
@@ -57,7 +57,7 @@ impl ServingAdapter {
             let (Some(a), Some(b)) = (tensors.get(&a_name), tensors.get(&b_name)) else {
                 candle_core::bail!("the adapter targets {module} but has no weights for it");
             };
-            let (out_f, in_f) = linear.weight.tensor().dims2()?;
+            let (out_f, in_f) = linear.weight.dims2()?;
             if a.dims() != [config.r, in_f] || b.dims() != [out_f, config.r] {
                 candle_core::bail!(
                     "adapter weights for {module} have shapes {:?} and {:?}; this base model needs ({}, {in_f}) and \
@@ -71,7 +71,7 @@ impl ServingAdapter {
             used.insert(a_name);
             used.insert(b_name);
             bytes += (a.elem_count() + b.elem_count()) * 4;
-            let like = linear.weight.tensor();
+            let like = model.embed.tensor();
             let a_t = a.to_device(like.device())?.to_dtype(like.dtype())?.t()?.contiguous()?;
             let b_t = (b.to_device(like.device())?.to_dtype(like.dtype())?.t()?.contiguous()? * scale)?;
             Ok(Some(LoraPair { a_t, b_t }))
@@ -183,33 +183,55 @@ impl CausalLm {
             let q = lin(0, &att.q, &normed)?;
             let k = lin(1, &att.k, &normed)?;
             let v = lin(2, &att.v, &normed)?;
+            // RoPE for every token at once; then each row attends against its own cache.
+            let all_heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+                y.reshape((1, total, n, att.head_dim))?.transpose(1, 2)?.contiguous()
+            };
+            let q = apply_rope(&all_heads(&q, att.heads)?, &cos, &sin)?;
+            let k = apply_rope(&all_heads(&k, att.kv_heads)?, &cos, &sin)?;
+            let v = all_heads(&v, att.kv_heads)?;
+            let groups = att.heads / att.kv_heads;
+            let scale = 1.0 / (att.head_dim as f64).sqrt();
+            let max_positions = self.rope.max_positions();
             let mut outs = Vec::with_capacity(rows.len());
             for (row, &(start, t)) in rows.iter_mut().zip(&spans) {
                 let past = row.cache.len;
-                let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
-                    y.narrow(0, start, t)?.reshape((1, t, n, att.head_dim))?.transpose(1, 2)?.contiguous()
-                };
-                let (cos, sin) = (cos.narrow(2, start, t)?, sin.narrow(2, start, t)?);
-                let q = apply_rope(&heads(&q, att.heads)?, &cos, &sin)?;
-                let mut k = apply_rope(&heads(&k, att.kv_heads)?, &cos, &sin)?;
-                let mut v = heads(&v, att.kv_heads)?;
-                let slot = &mut row.cache.layers[li];
-                if let Some((past_k, past_v)) = slot.as_ref() {
-                    k = Tensor::cat(&[past_k, &k], 2)?;
-                    v = Tensor::cat(&[past_v, &v], 2)?;
-                }
-                *slot = Some((k.clone(), v.clone()));
-                let groups = att.heads / att.kv_heads;
-                let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
-                let scale = 1.0 / (att.head_dim as f64).sqrt();
-                let mut scores = (q.matmul(&k.t()?)? * scale)?;
+                let (keys, values) = LayerCache::append(
+                    &mut row.cache.layers[li],
+                    &k.narrow(2, start, t)?,
+                    &v.narrow(2, start, t)?,
+                    max_positions,
+                )?;
+                let q = q.narrow(2, start, t)?;
                 let windowed = self.config.sliding_window.is_some_and(|w| past + t > w);
-                if t > 1 || windowed {
-                    let mask = incremental_causal_mask(past, t, self.config.sliding_window, &self.device)?;
-                    scores = scores.broadcast_add(&mask.to_dtype(self.dtype)?)?;
-                }
-                let probs = crate::models::fused::softmax_last_dim(&scores)?;
-                outs.push(probs.matmul(&v)?.transpose(1, 2)?.reshape((t, att.heads * att.head_dim))?);
+                let mask = if t > 1 || windowed {
+                    Some(
+                        incremental_causal_mask(past, t, self.config.sliding_window, &self.device)?
+                            .to_dtype(self.dtype)?,
+                    )
+                } else {
+                    None
+                };
+                let out = if t == 1 {
+                    // One query per head: group the query heads by their key/value head instead of
+                    // repeating keys and values (heads h·g..h·g+g share key/value head h).
+                    let q = q.contiguous()?.reshape((1, att.kv_heads, groups, att.head_dim))?;
+                    let mut scores = (q.matmul(&keys.t()?)? * scale)?;
+                    if let Some(mask) = &mask {
+                        scores = scores.broadcast_add(mask)?;
+                    }
+                    let probs = crate::models::fused::softmax_last_dim(&scores)?;
+                    probs.matmul(&values)?.reshape((1, att.heads * att.head_dim))?
+                } else {
+                    let (keys, values) = (repeat_kv(&keys, groups)?, repeat_kv(&values, groups)?);
+                    let mut scores = (q.contiguous()?.matmul(&keys.t()?)? * scale)?;
+                    if let Some(mask) = &mask {
+                        scores = scores.broadcast_add(mask)?;
+                    }
+                    let probs = crate::models::fused::softmax_last_dim(&scores)?;
+                    probs.matmul(&values)?.transpose(1, 2)?.reshape((t, att.heads * att.head_dim))?
+                };
+                outs.push(out);
             }
             let attended = if outs.len() == 1 { outs.pop().expect("one row") } else { Tensor::cat(&outs, 0)? };
             x = (x + lin(3, &att.o, &attended)?)?;
