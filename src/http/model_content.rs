@@ -151,7 +151,7 @@ fn write_full_checkpoint(
     let model = base_model(base_dir, Adaptation::Full)?;
     model.trainable.restore(&trainable)?;
     let dir = out.join("model");
-    write_model_dir(&dir, &model, model.base_tensors(), base_dir)
+    write_model_dir(&dir, &model, model.base_tensors()?, base_dir)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     Ok(dir)
 }

@@ -1,11 +1,40 @@
 //! A linear layer over a frozen or trainable weight, with an optional LoRA adapter applied
 //! unmerged: `y = x·Wᵀ + b + scale · dropout(x)·Aᵀ·Bᵀ`.
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{Result, Tensor};
 
 use super::ops::frozen_linear;
 use super::params::Param;
+use super::quantized::quantized_linear;
 use super::ForwardCtx;
+
+/// A linear layer's weight: dense (frozen or trained) or frozen and block-quantized (QLoRA).
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Param),
+    Quantized(Arc<QTensor>),
+}
+
+impl LinearWeight {
+    /// `(out_features, in_features)`.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Dense(p) => p.tensor().dims2(),
+            Self::Quantized(q) => q.shape().dims2(),
+        }
+    }
+
+    /// The weight as a dense tensor (dequantized when quantized).
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            Self::Dense(p) => Ok(p.tensor().clone()),
+            Self::Quantized(q) => q.dequantize(&q.device()),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct LoraWeights {
@@ -19,7 +48,7 @@ pub struct LoraWeights {
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Param,
+    pub weight: LinearWeight,
     pub bias: Option<Param>,
     pub lora: Option<LoraWeights>,
 }
@@ -27,8 +56,9 @@ pub struct Linear {
 impl Linear {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let mut y = match &self.weight {
-            Param::Frozen(w) => frozen_linear(x, w)?,
-            Param::Trainable(w) => x.broadcast_matmul(&w.as_tensor().t()?)?,
+            LinearWeight::Dense(Param::Frozen(w)) => frozen_linear(x, w)?,
+            LinearWeight::Dense(Param::Trainable(w)) => x.broadcast_matmul(&w.as_tensor().t()?)?,
+            LinearWeight::Quantized(q) => quantized_linear(x, q)?,
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias.tensor())?;
@@ -43,6 +73,6 @@ impl Linear {
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.tensor().dims()[0]
+        self.weight.dims2().map_or(0, |(out, _)| out)
     }
 }

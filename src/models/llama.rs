@@ -5,11 +5,14 @@
 //! cache). Weights keep transformers' names, so adapters and checkpoints map one to one.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::config::ModelConfig;
-use super::linear::{Linear, LoraWeights};
+use super::linear::{Linear, LinearWeight, LoraWeights};
 use super::mask::incremental_causal_mask;
 use super::ops::{apply_rope, repeat_kv, rms_norm};
 use super::params::{Param, TrainableParams};
@@ -70,26 +73,15 @@ pub struct CausalLm {
     dtype: DType,
 }
 
-/// Per-layer keys and values of the tokens seen so far. Cloning is cheap (tensors are shared and
-/// never written in place), so sequences with a common prompt can share its prefill.
-#[derive(Default, Clone)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
+pub use super::kv_cache::KvCache;
+use super::kv_cache::LayerCache;
 
 struct Builder<'a> {
     weights: HashMap<String, Tensor>,
+    /// Linear weights kept block-quantized (QLoRA), by transformers' name.
+    quantized: HashMap<String, Arc<QTensor>>,
+    /// A tensor of the model's device and dtype (new adapter weights are made like it).
+    like: Tensor,
     adaptation: Adaptation<'a>,
     trainable: TrainableParams,
     lora_init: crate::rng::Rng,
@@ -120,8 +112,22 @@ impl Builder<'_> {
 
     fn linear(&mut self, module: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Linear> {
         let weight_name = format!("{module}.weight");
-        let weight = take(&mut self.weights, &weight_name, &[out_f, in_f])?;
-        let weight = if self.full() { self.trainable.add(weight_name, &weight, true)? } else { Param::Frozen(weight) };
+        let weight = if let Some(q) = self.quantized.remove(&weight_name) {
+            if q.shape().dims2()? != (out_f, in_f) {
+                candle_core::bail!("{weight_name} has shape {:?}, expected ({out_f}, {in_f})", q.shape());
+            }
+            if self.full() {
+                candle_core::bail!("full fine-tuning needs dense weights, but {weight_name} is quantized");
+            }
+            LinearWeight::Quantized(q)
+        } else {
+            let weight = take(&mut self.weights, &weight_name, &[out_f, in_f])?;
+            LinearWeight::Dense(if self.full() {
+                self.trainable.add(weight_name, &weight, true)?
+            } else {
+                Param::Frozen(weight)
+            })
+        };
         let bias = if bias {
             let name = format!("{module}.bias");
             let tensor = take(&mut self.weights, &name, &[out_f])?;
@@ -131,7 +137,8 @@ impl Builder<'_> {
         };
         let lora = match self.adaptation {
             Adaptation::Lora(plan) if plan.targets(module) => {
-                Some(self.lora(plan, module, in_f, out_f, weight.tensor())?)
+                let like = self.like.clone();
+                Some(self.lora(plan, module, in_f, out_f, &like)?)
             }
             _ => None,
         };
@@ -153,15 +160,27 @@ impl Builder<'_> {
 impl CausalLm {
     /// Builds the model from transformers-named `weights` (consumed), training per `adaptation`.
     pub fn new(config: ModelConfig, weights: HashMap<String, Tensor>, adaptation: Adaptation<'_>) -> Result<Self> {
+        Self::with_quantized(config, weights, HashMap::new(), adaptation)
+    }
+
+    /// As [`CausalLm::new`], with some linear weights kept block-quantized (`quantized`, by
+    /// transformers' name): frozen, for QLoRA or inference.
+    pub fn with_quantized(
+        config: ModelConfig,
+        weights: HashMap<String, Tensor>,
+        quantized: HashMap<String, Arc<QTensor>>,
+        adaptation: Adaptation<'_>,
+    ) -> Result<Self> {
         let embed_probe = weights
             .get("model.embed_tokens.weight")
             .ok_or_else(|| candle_core::Error::Msg("missing embeddings".into()))?;
         let (device, dtype) = (embed_probe.device().clone(), embed_probe.dtype());
+        let like = embed_probe.narrow(0, 0, 1)?;
         let lora_init = match adaptation {
             Adaptation::Lora(plan) => crate::rng::Rng::derive(plan.seed, "lora-init"),
             _ => crate::rng::Rng::new(0),
         };
-        let mut b = Builder { weights, adaptation, trainable: TrainableParams::default(), lora_init };
+        let mut b = Builder { weights, quantized, like, adaptation, trainable: TrainableParams::default(), lora_init };
         let (h, v) = (config.hidden_size, config.vocab_size);
         let (q_out, kv_out) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
         let embed = b.param("model.embed_tokens.weight", &[v, h], true)?;
@@ -251,7 +270,8 @@ impl CausalLm {
         let ctx = ForwardCtx::inference();
         let mut x = self.embed(input_ids)?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &cos, &sin, &mask, Some(slot), self.config.rms_norm_eps, &ctx)?;
+            let max = self.rope.max_positions();
+            x = layer.forward(&x, &cos, &sin, &mask, Some((slot, max)), self.config.rms_norm_eps, &ctx)?;
         }
         cache.len += t;
         let last = x.narrow(1, t - 1, 1)?;
@@ -266,7 +286,7 @@ impl CausalLm {
     }
 
     /// The base weights by transformers' names (for merging and saving a full model).
-    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
+    pub fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.tensor().clone())];
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -274,13 +294,13 @@ impl CausalLm {
             out.push((format!("{p}.post_attention_layernorm.weight"), layer.post_norm.tensor().clone()));
         }
         for (module, linear) in self.linear_modules() {
-            out.push((format!("{module}.weight"), linear.weight.tensor().clone()));
+            out.push((format!("{module}.weight"), linear.weight.dense()?));
             if let Some(bias) = &linear.bias {
                 out.push((format!("{module}.bias"), bias.tensor().clone()));
             }
         }
         out.push(("model.norm.weight".to_string(), self.norm.tensor().clone()));
-        out
+        Ok(out)
     }
 
     /// Every linear module with its transformers path, for merging adapters.
@@ -307,7 +327,7 @@ impl Block {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<LayerCache>, usize)>,
         eps: f64,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
@@ -341,7 +361,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<LayerCache>, usize)>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -351,12 +371,8 @@ impl Attention {
         let q = apply_rope(&heads(self.q.forward(x, ctx)?, self.heads)?, cos, sin)?;
         let mut k = apply_rope(&heads(self.k.forward(x, ctx)?, self.kv_heads)?, cos, sin)?;
         let mut v = heads(self.v.forward(x, ctx)?, self.kv_heads)?;
-        if let Some(slot) = cache {
-            if let Some((past_k, past_v)) = slot.as_ref() {
-                k = Tensor::cat(&[past_k, &k], 2)?;
-                v = Tensor::cat(&[past_v, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+        if let Some((slot, max)) = cache {
+            (k, v) = LayerCache::append(slot, &k, &v, max)?;
         }
         let groups = self.heads / self.kv_heads;
         let k = repeat_kv(&k, groups)?;

@@ -3,11 +3,14 @@
 
 pub mod config;
 pub mod fused;
+pub mod gguf;
+pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod mask;
 pub mod ops;
 pub mod params;
+pub mod quantized;
 pub mod rope;
 pub mod weights;
 

@@ -6,7 +6,7 @@ use crate::models::llama::CausalLm;
 
 /// The model's weights by transformers' names with every adapter merged in.
 pub fn merged_tensors(model: &CausalLm) -> Result<Vec<(String, Tensor)>> {
-    let mut tensors = model.base_tensors();
+    let mut tensors = model.base_tensors()?;
     for (module, linear) in model.linear_modules() {
         let Some(lora) = &linear.lora else { continue };
         let delta = (lora.b.tensor().matmul(lora.a.tensor())? * lora.scale)?;

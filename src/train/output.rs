@@ -44,7 +44,7 @@ pub fn write(prepared: &Prepared, config: &TrainConfig) -> Result<PathBuf, Train
             save_adapter(&dir, &config.lora.lora_config(), &base, &tensors, config.lora.train_norms)?;
             copy_tokenizer_files(&config.model, &dir)?;
         }
-        Method::Full => write_model_dir(&dir, &prepared.model, prepared.model.base_tensors(), &config.model)?,
+        Method::Full => write_model_dir(&dir, &prepared.model, prepared.model.base_tensors()?, &config.model)?,
     }
     Ok(dir)
 }

@@ -1,0 +1,263 @@
+//! GGUF base models (llama architecture): the configuration from the `llama.*` metadata, the
+//! weights under transformers' names (kept quantized where the file has them quantized), and the
+//! tokenizer and chat template from the `tokenizer.*` metadata.
+//!
+//! llama.cpp's converter stores the query and key projections with their rows permuted for its
+//! interleaved rotary embedding (`convert_hf_to_gguf.py`, `LlamaModel.permute`); we undo that
+//! permutation row by row (a quantized row is a whole number of blocks, so rows move as bytes).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{Device, Result, Tensor};
+use serde_json::json;
+
+use super::config::ModelConfig;
+use crate::data::tokenizer::ChatTokenizer;
+
+/// A GGUF file's model: dense tensors (norms, embeddings) and quantized linear weights.
+pub struct GgufModel {
+    pub config: ModelConfig,
+    pub dense: HashMap<String, Tensor>,
+    pub quantized: HashMap<String, Arc<QTensor>>,
+    pub tokenizer: ChatTokenizer,
+    /// The quantization of most linear weights (what QLoRA keeps by default).
+    pub quantization: Option<super::quantized::Quantization>,
+}
+
+fn meta<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
+    content.metadata.get(key).ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata has no {key}")))
+}
+
+fn opt_u32(content: &Content, key: &str) -> Option<u32> {
+    content.metadata.get(key).and_then(|v| v.to_u32().ok())
+}
+
+/// The model's configuration as a transformers `config.json` would state it.
+pub fn config_json(content: &Content) -> Result<serde_json::Value> {
+    let arch = meta(content, "general.architecture")?.to_string()?.clone();
+    if arch != "llama" {
+        candle_core::bail!("GGUF architecture {arch:?} is not supported (llama only)");
+    }
+    let u = |key: &str| -> Result<u32> { meta(content, &format!("llama.{key}"))?.to_u32() };
+    let heads = u("attention.head_count")?;
+    let hidden = u("embedding_length")?;
+    let vocab = match opt_u32(content, "llama.vocab_size") {
+        Some(v) => v as usize,
+        None => meta(content, "tokenizer.ggml.tokens")?.to_vec()?.len(),
+    };
+    let eps = meta(content, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?;
+    let theta = content.metadata.get("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
+    Ok(json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": u("feed_forward_length")?,
+        "num_hidden_layers": u("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": opt_u32(content, "llama.attention.head_count_kv").unwrap_or(heads),
+        "head_dim": opt_u32(content, "llama.attention.key_length").unwrap_or(hidden / heads),
+        // f32 metadata: round to the decimal value the converter was given (1e-5, not 9.99999974e-6).
+        "rms_norm_eps": format!("{eps:e}").parse::<f64>().unwrap_or(eps as f64),
+        "rope_theta": theta as f64,
+        "max_position_embeddings": u("context_length")?,
+        "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
+        "hidden_act": "silu",
+        "bos_token_id": opt_u32(content, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": opt_u32(content, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }))
+}
+
+/// transformers' name for a GGUF tensor name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let top = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = top {
+        return Some(name.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let module = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{module}.{kind}"))
+}
+
+/// Reads a GGUF file: every weight, dequantizing embeddings and norms and keeping the linear
+/// weights as the file stores them.
+pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
+    let mut file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let content =
+        Content::read(&mut file).map_err(|e| anyhow::anyhow!("{} is not a GGUF file: {e}", path.display()))?;
+    let raw_config = config_json(&content)?;
+    let config = ModelConfig::from_json(raw_config)?;
+    let device = Device::Cpu;
+    let mut dense = HashMap::new();
+    let mut quantized = HashMap::new();
+    let mut counts: HashMap<GgmlDType, usize> = HashMap::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(hf) = hf_name(name) else {
+            if name == "rope_freqs.weight" {
+                continue; // llama3 rope factors, recomputed from the metadata-free default
+            }
+            anyhow::bail!("unexpected tensor {name} in a llama GGUF file");
+        };
+        let tensor = content.tensor(&mut file, name, &device)?;
+        let mut tensor = tensor;
+        if hf.ends_with("q_proj.weight") {
+            tensor = unpermute_rows(&tensor, config.num_heads)?;
+        } else if hf.ends_with("k_proj.weight") {
+            tensor = unpermute_rows(&tensor, config.num_kv_heads)?;
+        }
+        let is_linear = hf.ends_with("_proj.weight") || hf == "lm_head.weight";
+        let dtype = tensor.dtype();
+        if is_linear && super::quantized::Quantization::from_ggml(dtype).is_some() {
+            *counts.entry(dtype).or_default() += 1;
+            quantized.insert(hf, Arc::new(tensor));
+        } else {
+            dense.insert(hf, tensor.dequantize(&device)?);
+        }
+    }
+    let quantization =
+        counts.into_iter().max_by_key(|(_, n)| *n).and_then(|(d, _)| super::quantized::Quantization::from_ggml(d));
+    let tokenizer = tokenizer(&content)?;
+    Ok(GgufModel { config, dense, quantized, tokenizer, quantization })
+}
+
+/// Undoes llama.cpp's `permute` of a query/key projection: GGUF row `h·d + 2j + p` holds
+/// transformers' row `h·d + p·d/2 + j` (`d` = head_dim).
+fn unpermute_rows(tensor: &QTensor, heads: usize) -> Result<QTensor> {
+    let (rows, cols) = tensor.shape().dims2()?;
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let source_row = |hf_row: usize| {
+        let (h, r) = (hf_row / head_dim, hf_row % head_dim);
+        let (p, j) = (r / half, r % half);
+        h * head_dim + 2 * j + p
+    };
+    let dtype = tensor.dtype();
+    if matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+        let dense = tensor.dequantize(&Device::Cpu)?;
+        let index: Vec<u32> = (0..rows).map(|r| source_row(r) as u32).collect();
+        let permuted = dense.index_select(&Tensor::from_vec(index, rows, &Device::Cpu)?, 0)?;
+        return QTensor::quantize(&permuted, dtype);
+    }
+    let data = tensor.data()?;
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    if data.len() != rows * row_bytes {
+        candle_core::bail!("unexpected size of a {dtype:?} tensor");
+    }
+    let mut out = Vec::with_capacity(data.len());
+    for r in 0..rows {
+        let s = source_row(r);
+        out.extend_from_slice(&data[s * row_bytes..(s + 1) * row_bytes]);
+    }
+    QTensor::new(QStorage::from_data(std::borrow::Cow::Owned(out), &Device::Cpu, dtype)?, (rows, cols))
+}
+
+/// The pre-tokenizer of a GGUF byte-level BPE vocabulary, by `tokenizer.ggml.pre` (the names
+/// llama.cpp gives them; the regular expressions are those of the original tokenizer.json files).
+fn pre_tokenizer(pre: &str) -> anyhow::Result<serde_json::Value> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Ok(match pre {
+        "default" | "gpt-2" | "gpt2" => byte_level(true),
+        "smollm" | "starcoder" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "llama3" | "llama-bpe" | "llama-v3" => {
+            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]})
+        }
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]}),
+        other => anyhow::bail!("GGUF pre-tokenizer {other:?} is not supported (smollm, gpt2, llama3, qwen2)"),
+    })
+}
+
+/// The tokenizer (`tokenizer.json` equivalent) and chat template from GGUF metadata.
+pub fn tokenizer(content: &Content) -> anyhow::Result<ChatTokenizer> {
+    let model = meta(content, "tokenizer.ggml.model")?.to_string()?.clone();
+    if model != "gpt2" {
+        anyhow::bail!("GGUF tokenizer model {model:?} is not supported (byte-level BPE, \"gpt2\", only)");
+    }
+    let tokens: Vec<String> = meta(content, "tokenizer.ggml.tokens")?
+        .to_vec()?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<Result<_>>()?;
+    let merges: Vec<String> = meta(content, "tokenizer.ggml.merges")?
+        .to_vec()?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<Result<_>>()?;
+    let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => v.to_vec()?.iter().map(|t| t.to_i32()).collect::<Result<_>>()?,
+        None => vec![1; tokens.len()],
+    };
+    let pre =
+        content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map_or("default", |s| s.as_str());
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    // Control (3) and user-defined (4) tokens are matched whole, before the BPE.
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .filter(|(_, (_, &t))| t == 3 || t == 4)
+        .map(|(i, (content, &t))| {
+            json!({"id": i, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": t == 4, "special": t == 3})
+        })
+        .collect();
+    let document = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer(pre)?,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    let tokenizer: tokenizers::Tokenizer =
+        document.to_string().parse().map_err(|e| anyhow::anyhow!("building the GGUF tokenizer: {e}"))?;
+    let token = |key: &str| opt_u32(content, key).and_then(|id| tokens.get(id as usize).cloned());
+    let mut special = Vec::new();
+    for (name, key) in [
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("unk_token", "tokenizer.ggml.unknown_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+    ] {
+        if let Some(t) = token(key) {
+            special.push((name.to_string(), t));
+        }
+    }
+    let templates = match content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
+        Some(template) => vec![("default".to_string(), template.clone())],
+        None => Vec::new(),
+    };
+    Ok(ChatTokenizer::new(tokenizer, special, templates)?)
+}
