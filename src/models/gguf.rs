@@ -261,3 +261,24 @@ pub fn tokenizer(content: &Content) -> anyhow::Result<ChatTokenizer> {
     };
     Ok(ChatTokenizer::new(tokenizer, special, templates)?)
 }
+
+impl GgufModel {
+    /// Builds the model: linear weights stay quantized when `keep_quantized` (QLoRA, inference),
+    /// else everything is dequantized to f32 (LoRA over a dense base, full fine-tuning).
+    pub fn build(
+        self,
+        keep_quantized: bool,
+        adaptation: super::llama::Adaptation<'_>,
+    ) -> Result<(super::llama::CausalLm, ChatTokenizer)> {
+        let GgufModel { config, mut dense, quantized, tokenizer, .. } = self;
+        let quantized = if keep_quantized {
+            quantized
+        } else {
+            for (name, q) in quantized {
+                dense.insert(name, q.dequantize(&Device::Cpu)?);
+            }
+            HashMap::new()
+        };
+        Ok((super::llama::CausalLm::with_quantized(config, dense, quantized, adaptation)?, tokenizer))
+    }
+}

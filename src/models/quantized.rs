@@ -140,7 +140,7 @@ mod tests {
         let device = Device::Cpu;
         let w = Tensor::randn(0f32, 0.05, (96, 256), &device).unwrap();
         let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 256), &device).unwrap()).unwrap();
-        for quantization in [Quantization::Q8_0, Quantization::Q4_0, Quantization::Q4K] {
+        for quantization in [Quantization::Q8_0, Quantization::Q4_0, Quantization::Q4_1, Quantization::Q4K, Quantization::Q6K] {
             let q = quantize(&w, quantization).unwrap();
             let dense = q.dequantize(&device).unwrap();
             let y = quantized_linear(x.as_tensor(), &q).unwrap();

@@ -6,6 +6,7 @@ mod auth;
 mod bench_cli;
 mod errors;
 mod files;
+mod gguf;
 mod helpers;
 mod inference;
 mod interop;
