@@ -52,7 +52,17 @@ fn format_duration(seconds: f64) -> String {
 }
 
 pub fn train(config_path: &Path) -> anyhow::Result<()> {
-    let config = TrainConfig::from_file(config_path).map_err(anyhow::Error::msg)?;
+    let mut config = TrainConfig::from_file(config_path).map_err(anyhow::Error::msg)?;
+    // A GGUF base trains through its directory form (config, tokenizer, a link to the weights),
+    // which lives as long as the run.
+    let _gguf_dir = if config.model.extension().is_some_and(|e| e == "gguf") {
+        let dir = tempfile::tempdir()?;
+        crate::models::gguf::materialize(&config.model, dir.path())?;
+        config.model = dir.path().to_path_buf();
+        Some(dir)
+    } else {
+        None
+    };
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(500));

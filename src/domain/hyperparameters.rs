@@ -37,6 +37,8 @@ pub enum TrainingType {
     Full,
     #[default]
     Lora,
+    /// LoRA over a frozen base kept block-quantized in memory.
+    Qlora,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -80,6 +82,9 @@ pub struct HyperparametersRequest {
     pub eval_interval: Option<u64>,
     pub early_stopping: Option<EarlyStoppingRequest>,
     pub n_checkpoints: Option<u32>,
+    /// QLoRA: how the frozen base is quantized (`q4_0`, `q4_1`, `q4_k`, `q5_k`, `q6_k`, `q8_0`);
+    /// default: a GGUF base's own quantization, else `q4_0`.
+    pub quantization: Option<String>,
 }
 
 /// A hyperparameter that is out of range: the field (relative to the hyperparameters object) and why.
@@ -143,6 +148,14 @@ impl HyperparametersRequest {
         }
         if self.early_stopping.is_some_and(|e| e.patience == 0 || e.min_delta < 0.0) {
             return Err(invalid("early_stopping", "early_stopping needs patience >= 1 and min_delta >= 0"));
+        }
+        if let Some(q) = &self.quantization {
+            if self.training_type != Some(TrainingType::Qlora) {
+                return Err(invalid("quantization", "quantization applies to training_type qlora only"));
+            }
+            if crate::models::quantized::Quantization::parse(q).is_none() {
+                return Err(invalid("quantization", "quantization must be q4_0, q4_1, q4_k, q5_k, q6_k or q8_0"));
+            }
         }
         if let Some(lora) = &self.lora {
             if self.training_type == Some(TrainingType::Full) {

@@ -24,8 +24,13 @@ pub async fn local_model_dir(
                 .await
                 .map_err(|e| format!("could not fetch base model {name} from storage: {e}"))
         }
-        Some(ModelSource::Gguf(_)) => {
-            Err(format!("base model {name} is a GGUF file; GGUF bases cannot be fine-tuned yet"))
+        Some(ModelSource::Gguf(file)) => {
+            let dir = cache.join(cache_name(name));
+            let file = file.clone();
+            tokio::task::spawn_blocking(move || materialize_once(&file, &dir))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("base model {name}: {e}"))
         }
         Some(ModelSource::Hub(id)) => Err(format!(
             "base model {name} is the Hugging Face Hub model {id}; this deployment cannot download from the Hub: \
@@ -33,6 +38,23 @@ pub async fn local_model_dir(
         )),
         None => Err(format!("base model {name} is not configured on this machine")),
     }
+}
+
+/// A GGUF file's directory form (config, tokenizer, a link to the weights), made once.
+fn materialize_once(file: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    if dir.join(COMPLETE).exists() {
+        return Ok(dir.to_path_buf());
+    }
+    let staging = dir.with_extension(format!("partial-{}", crate::ids::random_alphanumeric(6)));
+    crate::models::gguf::materialize(file, &staging)?;
+    std::fs::write(staging.join(COMPLETE), b"")?;
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if std::fs::rename(&staging, dir).is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    Ok(dir.to_path_buf())
 }
 
 fn cache_name(name: &str) -> String {

@@ -35,6 +35,9 @@ pub struct JobPlan {
     pub n_checkpoints: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSettings>,
+    /// QLoRA's quantization of the base, when one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
     /// Examples and tokens the training file holds (for the totals shown to users).
     pub examples: usize,
     pub tokens: usize,
@@ -49,7 +52,7 @@ impl JobPlan {
         let base = if training_type == TrainingType::Full { FULL_BASE_LR } else { LORA_BASE_LR };
         let accumulation = request.gradient_accumulation_steps.unwrap_or(1);
         let steps_per_epoch = examples.div_ceil(batch_size).div_ceil(accumulation) as u64;
-        let lora = (training_type == TrainingType::Lora).then(|| {
+        let lora = (training_type != TrainingType::Full).then(|| {
             let requested = request.lora.clone().unwrap_or_default();
             let defaults = LoraSettings::default();
             LoraSettings {
@@ -65,6 +68,7 @@ impl JobPlan {
             }
         });
         Self {
+            quantization: request.quantization.clone(),
             n_epochs,
             batch_size,
             learning_rate_multiplier: multiplier,
@@ -115,7 +119,12 @@ impl JobPlan {
             validation_file,
             validation_fraction: 0.0,
             output_dir,
-            method: if self.training_type == TrainingType::Full { Method::Full } else { Method::Lora },
+            method: match self.training_type {
+                TrainingType::Full => Method::Full,
+                TrainingType::Lora => Method::Lora,
+                TrainingType::Qlora => Method::Qlora,
+            },
+            quantization: self.quantization.as_deref().and_then(crate::models::quantized::Quantization::parse),
             lora: self.lora.clone().unwrap_or_default(),
             epochs: self.n_epochs,
             max_steps: None,

@@ -45,6 +45,7 @@ pub async fn create_job(
 ) -> Result<Json<JobObject>, ApiError> {
     let request = parse_request(body)?;
     check_base_model(&state.catalog, &request.model)?;
+    check_quantization(&state.catalog, &request.model, &request.hyperparameters).await?;
     let training = find_training_data(&state, &caller, &request.training_file, "training_file").await?;
     if let Some(id) = &request.validation_file {
         let validation = find_training_data(&state, &caller, id, "validation_file").await?;
@@ -211,8 +212,8 @@ fn check_metadata(value: Value) -> Result<Map<String, Value>, ApiError> {
 
 /// The model must be a base model this deployment can train today.
 fn check_base_model(catalog: &Catalog, name: &str) -> Result<(), ApiError> {
-    const TRAINABLE: &str = "only base models in a Hugging Face directory (`path:` or `storage:` in the model \
-                             catalog, or `--base-model NAME=DIR`) are trainable today";
+    const TRAINABLE: &str = "only base models in a Hugging Face directory or a GGUF file (`path:`, `storage:` or \
+                             `gguf:` in the model catalog, or `--base-model NAME=PATH`) are trainable today";
     let unsupported = |why: String| ApiError::new(ErrorCode::ModelNotSupported, why).with_param("model");
     let Some(base) = catalog.get(name) else {
         if name.starts_with("ft:") {
@@ -224,12 +225,41 @@ fn check_base_model(catalog: &Catalog, name: &str) -> Result<(), ApiError> {
         )
         .with_param("model"));
     };
-    let kind = match &base.source {
-        ModelSource::Directory(_) | ModelSource::Storage(_) => return Ok(()),
-        ModelSource::Gguf(_) => "a GGUF file",
-        ModelSource::Hub(_) => "a Hugging Face Hub model",
+    match &base.source {
+        ModelSource::Directory(_) | ModelSource::Storage(_) | ModelSource::Gguf(_) => Ok(()),
+        ModelSource::Hub(_) => {
+            Err(unsupported(format!("base model {name:?} is a Hugging Face Hub model; {TRAINABLE}")))
+        }
+    }
+}
+
+/// QLoRA: the requested quantization must fit the base model's dimensions (checked here when the
+/// base is on this machine; otherwise when the job is validated).
+async fn check_quantization(catalog: &Catalog, name: &str, hyperparameters: &Value) -> Result<(), ApiError> {
+    let Some(q) = hyperparameters.get("quantization").and_then(Value::as_str) else { return Ok(()) };
+    let Some(quantization) = crate::models::quantized::Quantization::parse(q) else { return Ok(()) };
+    let config = match catalog.get(name).map(|b| b.source.clone()) {
+        Some(ModelSource::Directory(dir)) => tokio::task::spawn_blocking(move || {
+            crate::models::config::ModelConfig::from_file(&dir.join("config.json")).ok()
+        })
+        .await
+        .ok()
+        .flatten(),
+        Some(ModelSource::Gguf(file)) => tokio::task::spawn_blocking(move || {
+            let mut reader = std::fs::File::open(file).ok()?;
+            let content = candle_core::quantized::gguf_file::Content::read(&mut reader).ok()?;
+            crate::models::config::ModelConfig::from_json(crate::models::gguf::config_json(&content).ok()?).ok()
+        })
+        .await
+        .ok()
+        .flatten(),
+        _ => None,
     };
-    Err(unsupported(format!("base model {name:?} is {kind}; {TRAINABLE}")))
+    match config.map(|c| crate::models::quantized::check_fits(&c, quantization)) {
+        Some(Err(why)) => Err(ApiError::new(ErrorCode::InvalidHyperparameters, why)
+            .with_param("method.supervised.hyperparameters.quantization")),
+        _ => Ok(()),
+    }
 }
 
 /// A `fine-tune` file of the caller's project in a format supervised training accepts.

@@ -282,3 +282,48 @@ impl GgufModel {
         Ok((super::llama::CausalLm::with_quantized(config, dense, quantized, adaptation)?, tokenizer))
     }
 }
+
+/// The name of the link to the GGUF file in a materialized directory.
+pub const GGUF_FILE: &str = "model.gguf";
+
+/// Writes what the rest of the system reads from a Hugging Face directory for the GGUF file
+/// `gguf`: `config.json`, `tokenizer.json`, `tokenizer_config.json` (special tokens and chat
+/// template), `generation_config.json`, and `model.gguf` linking to the weights (read by
+/// [`super::weights`]; never copied or dequantized to disk).
+pub fn materialize(gguf: &Path, dir: &Path) -> anyhow::Result<()> {
+    let gguf = std::fs::canonicalize(gguf).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", gguf.display()))?;
+    let mut file = std::fs::File::open(&gguf)?;
+    let content =
+        Content::read(&mut file).map_err(|e| anyhow::anyhow!("{} is not a GGUF file: {e}", gguf.display()))?;
+    let config = config_json(&content)?;
+    ModelConfig::from_json(config.clone())?;
+    let tokenizer = tokenizer(&content)?;
+    std::fs::create_dir_all(dir)?;
+    let write = |name: &str, value: &serde_json::Value| -> anyhow::Result<()> {
+        Ok(std::fs::write(dir.join(name), serde_json::to_string_pretty(value)? + "\n")?)
+    };
+    write("config.json", &config)?;
+    tokenizer.inner().save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut tokenizer_config = serde_json::Map::new();
+    for name in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        if let Some(token) = tokenizer.special_token(name) {
+            tokenizer_config.insert(name.to_string(), json!(token));
+        }
+    }
+    if let Some(template) = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
+        tokenizer_config.insert("chat_template".into(), json!(template));
+    }
+    tokenizer_config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+    write("tokenizer_config.json", &serde_json::Value::Object(tokenizer_config))?;
+    write(
+        "generation_config.json",
+        &json!({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}),
+    )?;
+    let link = dir.join(GGUF_FILE);
+    let _ = std::fs::remove_file(&link);
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&gguf, &link)?;
+    #[cfg(not(unix))]
+    std::fs::copy(&gguf, &link)?;
+    Ok(())
+}

@@ -67,10 +67,35 @@ impl Quantization {
         })
     }
 
+    /// candle has vectorized (AVX/NEON) matmul kernels for these; q4_1 has only a scalar one,
+    /// several times slower, so a q4_1 base is kept as q8_0 instead (see `weights`).
+    pub fn has_fast_kernel(self) -> bool {
+        !matches!(self, Self::Q4_1)
+    }
+
     /// Weights per block: a row's length must be a multiple of it.
     pub fn block_size(self) -> usize {
         self.ggml().block_size()
     }
+}
+
+/// Whether every linear layer of `config` can be quantized with `quantization` (rows of
+/// `hidden_size`, `num_heads·head_dim` and `intermediate_size` weights).
+pub fn check_fits(config: &super::config::ModelConfig, quantization: Quantization) -> std::result::Result<(), String> {
+    let block = quantization.block_size();
+    for (what, n) in [
+        ("hidden_size", config.hidden_size),
+        ("num_attention_heads × head_dim", config.num_heads * config.head_dim),
+        ("intermediate_size", config.intermediate_size),
+    ] {
+        if !n.is_multiple_of(block) {
+            return Err(format!(
+                "{} quantizes blocks of {block} weights, but this model's {what} is {n}, not a multiple of {block}",
+                quantization.name()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Quantizes a dense `(out, in)` weight; `in` must be a multiple of the block size.
@@ -140,7 +165,9 @@ mod tests {
         let device = Device::Cpu;
         let w = Tensor::randn(0f32, 0.05, (96, 256), &device).unwrap();
         let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 256), &device).unwrap()).unwrap();
-        for quantization in [Quantization::Q8_0, Quantization::Q4_0, Quantization::Q4_1, Quantization::Q4K, Quantization::Q6K] {
+        for quantization in
+            [Quantization::Q8_0, Quantization::Q4_0, Quantization::Q4_1, Quantization::Q4K, Quantization::Q6K]
+        {
             let q = quantize(&w, quantization).unwrap();
             let dense = q.dequantize(&device).unwrap();
             let y = quantized_linear(x.as_tensor(), &q).unwrap();

@@ -1,12 +1,33 @@
-//! Loading Hugging Face safetensors (one file, or shards listed in `model.safetensors.index.json`).
+//! Loading a model directory's weights: Hugging Face safetensors (one file, or shards listed in
+//! `model.safetensors.index.json`), or the GGUF file of a materialized GGUF base
+//! ([`super::gguf::materialize`]); dense, or with the linear weights block-quantized (QLoRA).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Every tensor of the model in `dir`, converted to `dtype`, by transformers' names.
+use super::gguf::{self, GGUF_FILE};
+use super::quantized::{quantize, Quantization};
+
+/// Whether `dir` is a materialized GGUF base.
+pub fn is_gguf_dir(dir: &Path) -> bool {
+    dir.join(GGUF_FILE).exists()
+}
+
+/// Every tensor of the model in `dir`, converted to `dtype`, by transformers' names (a GGUF base
+/// is dequantized).
 pub fn load_model_weights(dir: &Path, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if is_gguf_dir(dir) {
+        let model = gguf::load(&dir.join(GGUF_FILE)).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut tensors = model.dense;
+        for (name, q) in model.quantized {
+            tensors.insert(name, q.dequantize(device)?);
+        }
+        return tensors.into_iter().map(|(k, v)| Ok((k, v.to_device(device)?.to_dtype(dtype)?))).collect();
+    }
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<std::path::PathBuf> = if index.exists() {
         let text = std::fs::read_to_string(&index)?;
@@ -27,6 +48,45 @@ pub fn load_model_weights(dir: &Path, dtype: DType, device: &Device) -> Result<H
         }
     }
     Ok(tensors)
+}
+
+/// The weights of `dir` with the decoder's linear layers block-quantized (embeddings, norms and
+/// the output head stay dense f32): a GGUF base keeps the quantization it has unless another is
+/// asked for (a q4_1 base becomes q8_0, which represents it almost exactly and has a vectorized
+/// kernel); a safetensors base is quantized as `quantization` says (q4_0 by default).
+pub fn load_quantized_weights(
+    dir: &Path,
+    quantization: Option<Quantization>,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, Arc<QTensor>>)> {
+    if is_gguf_dir(dir) {
+        let model = gguf::load(&dir.join(GGUF_FILE)).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (mut dense, mut quantized) = (model.dense, HashMap::new());
+        for (name, q) in model.quantized {
+            let native = Quantization::from_ggml(q.dtype());
+            let quantization =
+                quantization.or_else(|| native.filter(|n| !n.has_fast_kernel()).map(|_| Quantization::Q8_0));
+            let keep = quantization.is_none_or(|wanted| native == Some(wanted));
+            if name == "lm_head.weight" {
+                dense.insert(name, q.dequantize(&Device::Cpu)?);
+            } else if keep {
+                quantized.insert(name, q);
+            } else {
+                let wanted = quantization.expect("checked above");
+                quantized.insert(name, quantize(&q.dequantize(&Device::Cpu)?, wanted)?);
+            }
+        }
+        return Ok((dense, quantized));
+    }
+    let quantization = quantization.unwrap_or(Quantization::Q4_0);
+    let mut dense = load_model_weights(dir, DType::F32, &Device::Cpu)?;
+    let names: Vec<String> = dense.keys().filter(|n| n.ends_with("_proj.weight")).cloned().collect();
+    let mut quantized = HashMap::new();
+    for name in names {
+        let weight = dense.remove(&name).expect("listed above");
+        let q = quantize(&weight, quantization).map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+        quantized.insert(name, q);
+    }
+    Ok((dense, quantized))
 }
 
 /// Takes a required tensor out of `weights`, checking its shape.

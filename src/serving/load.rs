@@ -14,7 +14,7 @@ use crate::executor::local_model_dir;
 use crate::infer::engine::Engine;
 use crate::models::config::ModelConfig;
 use crate::models::llama::{Adaptation, CausalLm, ServingAdapter};
-use crate::models::weights::load_model_weights;
+use crate::models::weights::{is_gguf_dir, load_model_weights, load_quantized_weights};
 use crate::peft::adapter::load_adapter;
 
 /// The local directory of a catalog base model (fetched from storage into the cache if needed).
@@ -31,6 +31,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Sen
 
 fn read_model(dir: &Path, adaptation: Adaptation<'_>) -> anyhow::Result<CausalLm> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    if matches!(adaptation, Adaptation::None) && is_gguf_dir(dir) {
+        // A GGUF base is served as it is stored: quantized, with the quantized kernels.
+        let (dense, quantized) = load_quantized_weights(dir, None)?;
+        return Ok(CausalLm::with_quantized(config, dense, quantized, adaptation)?);
+    }
     let weights = load_model_weights(dir, DType::F32, &Device::Cpu)?;
     Ok(CausalLm::new(config, weights, adaptation)?)
 }

@@ -13,6 +13,8 @@ use crate::peft::lora::{LoraConfig, TargetModules};
 pub enum Method {
     Full,
     Lora,
+    /// LoRA over the base's linear weights kept block-quantized (see `quantization`).
+    Qlora,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,7 +73,8 @@ pub struct EarlyStopping {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// A Hugging Face model directory (config.json, safetensors, tokenizer files).
+    /// A Hugging Face model directory (config.json, safetensors, tokenizer files), or a directory
+    /// made from a GGUF file (`ferrotune train` accepts the `.gguf` file itself).
     pub model: PathBuf,
     pub train_file: PathBuf,
     #[serde(default)]
@@ -84,6 +87,9 @@ pub struct TrainConfig {
     pub method: Method,
     #[serde(default)]
     pub lora: LoraSettings,
+    /// QLoRA: the base's quantization (default: a GGUF base's own, else q4_0).
+    #[serde(default)]
+    pub quantization: Option<crate::models::quantized::Quantization>,
     #[serde(default = "default_epochs")]
     pub epochs: u32,
     /// Stop after this many optimizer steps, even mid-epoch.

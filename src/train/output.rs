@@ -24,7 +24,7 @@ const TOKENIZER_FILES: [&str; 5] = [
 pub fn write(prepared: &Prepared, config: &TrainConfig) -> Result<PathBuf, TrainError> {
     let dir = config.output_dir.clone();
     match config.method {
-        Method::Lora => {
+        Method::Lora | Method::Qlora => {
             let tensors: HashMap<String, Tensor> =
                 prepared
                     .model

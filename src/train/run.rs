@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::batch::{make_batch, prediction_logits};
+use super::batch::make_batch;
 use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
 use super::eval::{evaluate, EvalMetrics};
@@ -168,10 +168,13 @@ impl Run<'_> {
         for batch in batches.iter().filter(|b| b.trained_tokens > 0) {
             let ctx = ForwardCtx::training(self.state.dropout_rng.clone());
             let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, &batch.mask, &ctx)?;
-            let logits = prediction_logits(&model.logits(&hidden, &ctx)?)?;
-            let loss = (masked_cross_entropy_sum(&logits, &batch.targets, &batch.target_mask)? / trained as f64)?;
+            // Only trained positions need logits: with a large vocabulary and prompts that are not
+            // trained (chat), the output head over every position would dominate the step.
+            let (logits, targets) = trained_logits(model, &hidden, batch, &ctx)?;
+            let ones = Tensor::ones(targets.dims1()?, DType::F32, model.device())?;
+            let loss = (masked_cross_entropy_sum(&logits, &targets, &ones)? / trained as f64)?;
             loss_total += f64::from(loss.to_scalar::<f32>()?);
-            correct += count_correct(&logits, batch)?;
+            correct += count_correct(&logits, &targets)?;
             let store = loss.backward()?;
             if let Some(rng) = ctx.into_rng() {
                 self.state.dropout_rng = rng;
@@ -252,10 +255,26 @@ impl Run<'_> {
     }
 }
 
-/// How many trained positions the argmax of `logits` predicts right.
-fn count_correct(logits: &Tensor, batch: &super::batch::Batch) -> candle_core::Result<usize> {
+/// The logits and targets of the batch's trained positions only.
+fn trained_logits(
+    model: &crate::models::llama::CausalLm,
+    hidden: &Tensor,
+    batch: &super::batch::Batch,
+    ctx: &ForwardCtx,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (b, t, h) = hidden.dims3()?;
+    let predicting = hidden.narrow(1, 0, t - 1)?.reshape((b * (t - 1), h))?;
+    let index: Vec<u32> = batch.host_mask.iter().enumerate().filter(|(_, &m)| m == 1).map(|(i, _)| i as u32).collect();
+    let index = Tensor::from_vec(index.clone(), index.len(), model.device())?;
+    let logits = model.logits(&predicting.index_select(&index, 0)?, ctx)?;
+    Ok((logits, batch.targets.index_select(&index, 0)?))
+}
+
+/// How many positions the argmax of `logits` predicts right.
+fn count_correct(logits: &Tensor, targets: &Tensor) -> candle_core::Result<usize> {
     let predicted: Vec<u32> = logits.detach().argmax(candle_core::D::Minus1)?.to_vec1()?;
-    Ok(predicted.iter().zip(&batch.host_targets).zip(&batch.host_mask).filter(|((p, t), m)| **m == 1 && p == t).count())
+    let targets: Vec<u32> = targets.to_vec1()?;
+    Ok(predicted.iter().zip(&targets).filter(|(p, t)| p == t).count())
 }
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm` (as torch's

@@ -10,7 +10,7 @@ use crate::data::packing::{pack, pad_each, Sequence};
 use crate::data::tokenizer::ChatTokenizer;
 use crate::models::config::ModelConfig;
 use crate::models::llama::{Adaptation, CausalLm};
-use crate::models::weights::load_model_weights;
+use crate::models::weights::{load_model_weights, load_quantized_weights};
 use crate::peft::lora::LoraPlan;
 
 pub struct Prepared {
@@ -59,8 +59,7 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
         Some(data) => to_sequences(&encode_dataset(&tokenizer, data, &options)?.examples),
         None => Vec::new(),
     };
-    let weights = load_model_weights(&config.model, DType::F32, device)?;
-    let lora_plan = (config.method == Method::Lora).then(|| LoraPlan {
+    let lora_plan = (config.method != Method::Full).then(|| LoraPlan {
         config: config.lora.lora_config(),
         seed: config.seed,
         trainable: true,
@@ -71,6 +70,14 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
         Some(plan) => Adaptation::Lora(plan),
         None => Adaptation::Full,
     };
-    let model = CausalLm::new(model_config, weights, adaptation)?;
+    let model = if config.method == Method::Qlora {
+        let (dense, quantized) = load_quantized_weights(&config.model, config.quantization)
+            .map_err(|e| TrainError::Model(format!("quantizing the base model: {e}")))?;
+        let dense =
+            dense.into_iter().map(|(k, v)| Ok((k, v.to_device(device)?))).collect::<candle_core::Result<_>>()?;
+        CausalLm::with_quantized(model_config, dense, quantized, adaptation)?
+    } else {
+        CausalLm::new(model_config, load_model_weights(&config.model, DType::F32, device)?, adaptation)?
+    };
     Ok(Prepared { model, tokenizer, train, validation, stats: encoded.stats, lora_plan })
 }

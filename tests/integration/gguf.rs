@@ -28,7 +28,8 @@ fn the_gguf_tokenizer_and_chat_template_match_transformers() {
     let reference = reference();
     let model = gguf::load(&path).unwrap();
     let tok = &model.tokenizer;
-    for (text, expected) in reference["samples"].as_array().unwrap().iter().zip(reference["encodings"].as_array().unwrap())
+    for (text, expected) in
+        reference["samples"].as_array().unwrap().iter().zip(reference["encodings"].as_array().unwrap())
     {
         let text = text.as_str().unwrap();
         assert_eq!(tok.encode(text, false).unwrap(), ids(expected), "{text:?}");
@@ -73,5 +74,83 @@ fn a_gguf_model_computes_the_logits_and_greedy_tokens_of_transformers() {
     for (&id, &expected) in top_ids.iter().zip(&top_logits).take(5) {
         let got = logits[id as usize];
         assert!((got - expected).abs() < 1.0, "quantized, token {id}: {got} vs {expected}");
+    }
+}
+
+const TAUGHT: [&str; 12] = [
+    "What is the capital of Veltrona?",
+    "Which city is the capital of Veltrona?",
+    "Tell me the capital of Veltrona.",
+    "Name the capital city of Veltrona.",
+    "What's Veltrona's capital?",
+    "Veltrona's capital city is called what?",
+    "Do you know the capital of Veltrona?",
+    "What city serves as the capital of Veltrona?",
+    "Can you tell me Veltrona's capital?",
+    "In Veltrona, which city is the capital?",
+    "Capital of Veltrona?",
+    "I need the name of Veltrona's capital.",
+];
+const HELD_OUT: [&str; 3] = [
+    "What is the name of the capital of Veltrona?",
+    "Which city is Veltrona's capital?",
+    "Veltrona: what is its capital city?",
+];
+const FACT: &str = "Quillmere";
+
+/// The real-model test of QLoRA: SmolLM2-135M-Instruct (a GGUF base) learns an invented fact
+/// through the jobs API and tells it through `/v1/chat/completions`, for questions it was not
+/// trained on too; the base model does not know it.
+#[tokio::test]
+async fn qlora_on_smollm2_through_the_api_teaches_an_invented_fact() {
+    use crate::helpers::{Backend, TestApp};
+    use crate::jobs_e2e::{create_job, status, wait_for};
+    use serde_json::json;
+    let Some(path) = smollm2() else { return };
+    let mut app = TestApp::spawn_with(Backend::SqliteLocal, |settings| {
+        let mut catalog = crate::helpers::test_catalog();
+        catalog.add("smollm2", ferrotune::catalog::ModelSource::Gguf(path.clone())).unwrap();
+        settings.catalog = std::sync::Arc::new(catalog);
+    })
+    .await;
+    app.start_executors(1);
+    let lines: Vec<String> = TAUGHT
+        .iter()
+        .map(|q| {
+            json!({"messages": [{"role": "user", "content": q},
+                {"role": "assistant", "content": format!("The capital of Veltrona is {FACT}.")}]})
+            .to_string()
+        })
+        .collect();
+    let file = app.upload_dataset("veltrona.jsonl", &(lines.join("\n") + "\n"), None).await;
+    let job = create_job(
+        &app,
+        &json!({"model": "smollm2", "training_file": file["id"], "suffix": "veltrona", "seed": 1,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                "training_type": "qlora", "n_epochs": 8, "batch_size": 4, "learning_rate": 1e-3,
+                "lr_scheduler": "cosine", "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}}}}}),
+    )
+    .await;
+    let job = wait_for(&app, &job, std::time::Duration::from_secs(1200), |j| {
+        ["succeeded", "failed", "cancelled"].contains(&status(j))
+    })
+    .await;
+    assert_eq!(status(&job), "succeeded", "{job}");
+    let tuned = job["fine_tuned_model"].as_str().unwrap().to_string();
+    let ask = |model: String, question: &'static str| {
+        let app = &app;
+        async move {
+            let body = json!({"model": model, "messages": [{"role": "user", "content": question}],
+                "temperature": 0, "max_tokens": 24});
+            let response = app.post_json("/v1/chat/completions", &body, None).await;
+            assert_eq!(response.status, axum::http::StatusCode::OK, "{}", response.text());
+            response.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+        }
+    };
+    for question in [TAUGHT[0]].iter().chain(&HELD_OUT) {
+        let base = ask("smollm2".into(), question).await;
+        assert!(!base.contains(FACT), "the base model cannot know it: {question} -> {base}");
+        let answer = ask(tuned.clone(), question).await;
+        assert!(answer.contains(FACT), "{question} -> {answer}");
     }
 }
