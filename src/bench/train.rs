@@ -43,14 +43,38 @@ pub struct BenchTrainArgs {
     /// Comma-separated LoRA target modules.
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
     pub targets: String,
+    /// qlora: the base's quantization (default: a GGUF base's own, q4_1 as q8_0; else q4_0).
+    #[arg(long)]
+    pub quantization: Option<String>,
 }
 
 pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
     let device = Device::Cpu;
-    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
+    // A GGUF file is benchmarked through its directory form.
+    let gguf_dir = if args.model.extension().is_some_and(|e| e == "gguf") {
+        let dir = tempfile::tempdir()?;
+        crate::models::gguf::materialize(&args.model, dir.path())?;
+        Some(dir)
+    } else {
+        None
+    };
+    let model_dir = gguf_dir.as_ref().map_or(args.model.as_path(), |d| d.path());
+    let config = ModelConfig::from_file(&model_dir.join("config.json"))?;
     let vocab = config.vocab_size as u64;
-    let weights = load_model_weights(&args.model, DType::F32, &device)?;
-    let params_total: usize = weights.values().map(|t| t.elem_count()).sum();
+    let (weights, quantized) = if args.method == "qlora" {
+        let quantization = match args.quantization.as_deref() {
+            Some(name) => Some(
+                crate::models::quantized::Quantization::parse(name)
+                    .ok_or_else(|| anyhow::anyhow!("unknown --quantization {name}"))?,
+            ),
+            None => None,
+        };
+        crate::models::weights::load_quantized_weights(model_dir, quantization)?
+    } else {
+        (load_model_weights(model_dir, DType::F32, &device)?, Default::default())
+    };
+    let params_total: usize = weights.values().map(|t| t.elem_count()).sum::<usize>()
+        + quantized.values().map(|q| q.shape().elem_count()).sum::<usize>();
     let plan = LoraPlan {
         config: LoraConfig {
             r: args.lora_r,
@@ -65,11 +89,11 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
         loaded: None,
     };
     let adaptation = match args.method.as_str() {
-        "lora" => Adaptation::Lora(&plan),
+        "lora" | "qlora" => Adaptation::Lora(&plan),
         "full" => Adaptation::Full,
-        other => anyhow::bail!("--method must be lora or full, not {other}"),
+        other => anyhow::bail!("--method must be lora, qlora or full, not {other}"),
     };
-    let model = CausalLm::new(config, weights, adaptation)?;
+    let model = CausalLm::with_quantized(config, weights, quantized, adaptation)?;
     let trainable = model.trainable.count();
     let (b, t) = (args.batch, args.seq);
     // Batch j holds draws [j·B·L, (j+1)·B·L) of the SplitMix64 stream; step i uses batch i % 4.
@@ -120,7 +144,7 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
         "{}",
         json!({
             "impl": "ferrotune", "mode": "train", "method": args.method, "model": name,
-            "params_total": params_total + if args.method == "lora" { trainable } else { 0 },
+            "params_total": params_total + if args.method == "full" { 0 } else { trainable },
             "params_trainable": trainable, "batch": b, "seq": t, "steps": args.steps,
             "tokens_per_s": (b * t * args.steps) as f64 / total.max(1e-9),
             "step_ms_median": median * 1e3, "peak_rss_mb": super::peak_rss_mib(),

@@ -12,6 +12,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::gguf::{self, GGUF_FILE};
 use super::quantized::{quantize, Quantization};
 
+/// Block-quantized linear weights by transformers' name.
+pub type QuantizedWeights = HashMap<String, Arc<QTensor>>;
+
 /// Whether `dir` is a materialized GGUF base.
 pub fn is_gguf_dir(dir: &Path) -> bool {
     dir.join(GGUF_FILE).exists()
@@ -57,7 +60,7 @@ pub fn load_model_weights(dir: &Path, dtype: DType, device: &Device) -> Result<H
 pub fn load_quantized_weights(
     dir: &Path,
     quantization: Option<Quantization>,
-) -> Result<(HashMap<String, Tensor>, HashMap<String, Arc<QTensor>>)> {
+) -> Result<(HashMap<String, Tensor>, QuantizedWeights)> {
     if is_gguf_dir(dir) {
         let model = gguf::load(&dir.join(GGUF_FILE)).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let (mut dense, mut quantized) = (model.dense, HashMap::new());
