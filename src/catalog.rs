@@ -95,6 +95,9 @@ impl Catalog {
                 dir.display()
             );
         }
+        if let ModelSource::Gguf(file) = &source {
+            anyhow::ensure!(file.is_file(), "base model {name}: {} is not a file", file.display());
+        }
         self.models.insert(name.to_string(), BaseModel { name: name.to_string(), source });
         Ok(())
     }
@@ -117,6 +120,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("tiny")).unwrap();
         std::fs::write(dir.path().join("tiny/config.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("smol.gguf"), "GGUF").unwrap();
         let file = dir.path().join("models.yaml");
         std::fs::write(&file, "models:\n  - {name: tiny, path: tiny}\n  - {name: smol, gguf: smol.gguf}\n  - {name: remote, hub: org/model}\n").unwrap();
         let mut catalog = Catalog::from_file(&file).unwrap();

@@ -4,20 +4,19 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use serde_json::json;
 
 use crate::models::config::ModelConfig;
 use crate::models::llama::{Adaptation, CausalLm, KvCache};
-use crate::models::weights::load_model_weights;
 use crate::peft::adapter::load_adapter;
 use crate::peft::lora::LoraPlan;
 use crate::rng::splitmix64;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchGenerateArgs {
-    /// A Hugging Face model directory.
-    #[arg(long)]
+    /// A Hugging Face model directory, or a GGUF file (served quantized).
+    #[arg(long, visible_alias = "gguf")]
     pub model: PathBuf,
     /// A PEFT adapter directory, applied unmerged.
     #[arg(long)]
@@ -43,9 +42,8 @@ pub fn run(args: &BenchGenerateArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(args.new_tokens >= 2 && args.prompt_tokens >= 1, "need a prompt and at least 2 new tokens");
     let device = Device::Cpu;
-    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
-    let vocab = config.vocab_size as u64;
-    let weights = load_model_weights(&args.model, DType::F32, &device)?;
+    let (dir, _guard) = super::model_dir(&args.model)?;
+    let vocab = ModelConfig::from_file(&dir.join("config.json"))?.vocab_size as u64;
     let plan = match &args.adapter {
         Some(dir) => {
             let (lora, norms, tensors) = load_adapter(dir, &device)?;
@@ -54,7 +52,7 @@ pub fn run(args: &BenchGenerateArgs) -> anyhow::Result<()> {
         None => None,
     };
     let adaptation = plan.as_ref().map_or(Adaptation::None, Adaptation::Lora);
-    let model = CausalLm::new(config, weights, adaptation)?;
+    let model = super::inference_model(&dir, adaptation)?;
     let prompt: Vec<u32> =
         (0..args.prompt_tokens as u64).map(|k| (splitmix64(args.seed + 1, k) % vocab) as u32).collect();
     let mut runs = Vec::new();

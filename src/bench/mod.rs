@@ -5,6 +5,31 @@ pub mod generate;
 pub mod serve;
 pub mod train;
 
+/// A model directory, or a GGUF file in its directory form (kept alive by the returned guard).
+pub fn model_dir(path: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, Option<tempfile::TempDir>)> {
+    if path.extension().is_some_and(|e| e == "gguf") {
+        let dir = tempfile::tempdir()?;
+        crate::models::gguf::materialize(path, dir.path())?;
+        return Ok((dir.path().to_path_buf(), Some(dir)));
+    }
+    Ok((path.to_path_buf(), None))
+}
+
+/// The model for inference: a GGUF base keeps its linear weights quantized (as it is served).
+pub fn inference_model(
+    dir: &std::path::Path,
+    adaptation: crate::models::llama::Adaptation<'_>,
+) -> anyhow::Result<crate::models::llama::CausalLm> {
+    let config = crate::models::config::ModelConfig::from_file(&dir.join("config.json"))?;
+    let (dense, quantized) = if crate::models::weights::is_gguf_dir(dir) {
+        crate::models::weights::load_quantized_weights(dir, None)?
+    } else {
+        let weights = crate::models::weights::load_model_weights(dir, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        (weights, Default::default())
+    };
+    Ok(crate::models::llama::CausalLm::with_quantized(config, dense, quantized, adaptation)?)
+}
+
 /// Peak resident set size of this process in MiB (Linux `VmHWM`; `ru_maxrss` equivalent).
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")

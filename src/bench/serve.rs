@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde_json::json;
 
 use super::generate::BenchGenerateArgs;
@@ -18,17 +18,16 @@ use crate::data::tokenizer::ChatTokenizer;
 use crate::infer::engine::{Engine, EngineSettings, GenEvent, GenerationRequest};
 use crate::infer::sampling::SamplingParams;
 use crate::models::config::ModelConfig;
-use crate::models::llama::{Adaptation, CausalLm, ServingAdapter};
-use crate::models::weights::load_model_weights;
+use crate::models::llama::{Adaptation, ServingAdapter};
 use crate::peft::adapter::load_adapter;
 use crate::rng::splitmix64;
 
 pub fn run(args: &BenchGenerateArgs, concurrency: usize) -> anyhow::Result<()> {
     anyhow::ensure!(concurrency >= 1, "--concurrency must be at least 1");
     let device = Device::Cpu;
-    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
-    let vocab = config.vocab_size as u64;
-    let model = CausalLm::new(config, load_model_weights(&args.model, DType::F32, &device)?, Adaptation::None)?;
+    let (dir, _guard) = super::model_dir(&args.model)?;
+    let vocab = ModelConfig::from_file(&dir.join("config.json"))?.vocab_size as u64;
+    let model = super::inference_model(&dir, Adaptation::None)?;
     let adapter_started = Instant::now();
     let adapter = match &args.adapter {
         Some(dir) => {
@@ -38,7 +37,7 @@ pub fn run(args: &BenchGenerateArgs, concurrency: usize) -> anyhow::Result<()> {
         None => None,
     };
     let adapter_load_ms = adapter.as_ref().map(|_| adapter_started.elapsed().as_secs_f64() * 1e3);
-    let tokenizer = ChatTokenizer::from_dir(&args.model)?;
+    let tokenizer = ChatTokenizer::from_dir(&dir)?;
     let settings = EngineSettings { max_batch: concurrency, max_queue: concurrency * 2 };
     let engine = Engine::start("bench", model, tokenizer, settings)?;
     let prompts: Vec<Vec<u32>> = (0..concurrency as u64)

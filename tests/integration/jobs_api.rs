@@ -111,7 +111,7 @@ async fn invalid_requests_name_their_param_and_create_nothing() {
     for backend in backends() {
         let app = TestApp::spawn_with(backend, |settings| {
             let mut catalog = test_catalog();
-            catalog.add("tiny-gguf", ModelSource::Gguf("/models/tiny.gguf".into())).unwrap();
+            catalog.add("tiny-hub", ModelSource::Hub("org/tiny".into())).unwrap();
             settings.catalog = Arc::new(catalog);
         })
         .await;
@@ -133,7 +133,18 @@ async fn invalid_requests_name_their_param_and_create_nothing() {
             (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
         let cases = [
             (body(json!({"model": "no-such-model"})), "model_not_found", "model"),
-            (body(json!({"model": "tiny-gguf"})), "model_not_supported", "model"),
+            (body(json!({"model": "tiny-hub"})), "model_not_supported", "model"),
+            (
+                // q4_k quantizes blocks of 256 weights; the tiny model's rows have 64.
+                body(hyper(json!({"training_type": "qlora", "quantization": "q4_k"}))),
+                "invalid_hyperparameters",
+                "method.supervised.hyperparameters.quantization",
+            ),
+            (
+                body(hyper(json!({"training_type": "lora", "quantization": "q4_0"}))),
+                "invalid_hyperparameters",
+                "method.supervised.hyperparameters.quantization",
+            ),
             (body(json!({"training_file": foreign})), "file_not_found", "training_file"),
             (body(json!({"training_file": "file-missing"})), "file_not_found", "training_file"),
             (body(json!({"validation_file": foreign})), "file_not_found", "validation_file"),
