@@ -24,7 +24,8 @@ pub fn inference_model(
     let (dense, quantized) = if crate::models::weights::is_gguf_dir(dir) {
         crate::models::weights::load_quantized_weights(dir, None)?
     } else {
-        let weights = crate::models::weights::load_model_weights(dir, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        let weights =
+            crate::models::weights::load_model_weights(dir, candle_core::DType::F32, &candle_core::Device::Cpu)?;
         (weights, Default::default())
     };
     Ok(crate::models::llama::CausalLm::with_quantized(config, dense, quantized, adaptation)?)

@@ -39,6 +39,8 @@ pub enum TrainingType {
     Lora,
     /// LoRA over a frozen base kept block-quantized in memory.
     Qlora,
+    /// Bottleneck (Houlsby) adapters after attention and MLP, base frozen.
+    Bottleneck,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -85,6 +87,8 @@ pub struct HyperparametersRequest {
     /// QLoRA: how the frozen base is quantized (`q4_0`, `q4_1`, `q4_k`, `q5_k`, `q6_k`, `q8_0`);
     /// default: a GGUF base's own quantization, else `q4_0`.
     pub quantization: Option<String>,
+    /// Bottleneck adapters: the width they project down to (default 64).
+    pub adapter_size: Option<usize>,
 }
 
 /// A hyperparameter that is out of range: the field (relative to the hyperparameters object) and why.
@@ -149,6 +153,14 @@ impl HyperparametersRequest {
         if self.early_stopping.is_some_and(|e| e.patience == 0 || e.min_delta < 0.0) {
             return Err(invalid("early_stopping", "early_stopping needs patience >= 1 and min_delta >= 0"));
         }
+        if let Some(size) = self.adapter_size {
+            if self.training_type != Some(TrainingType::Bottleneck) {
+                return Err(invalid("adapter_size", "adapter_size applies to training_type bottleneck only"));
+            }
+            if !(1..=4096).contains(&size) {
+                return Err(invalid("adapter_size", "adapter_size must be between 1 and 4096"));
+            }
+        }
         if let Some(q) = &self.quantization {
             if self.training_type != Some(TrainingType::Qlora) {
                 return Err(invalid("quantization", "quantization applies to training_type qlora only"));
@@ -158,8 +170,8 @@ impl HyperparametersRequest {
             }
         }
         if let Some(lora) = &self.lora {
-            if self.training_type == Some(TrainingType::Full) {
-                return Err(invalid("lora", "lora settings apply to training_type lora only"));
+            if matches!(self.training_type, Some(TrainingType::Full | TrainingType::Bottleneck)) {
+                return Err(invalid("lora", "lora settings apply to training_type lora and qlora only"));
             }
             if lora.r.is_some_and(|r| !(1..=512).contains(&r)) {
                 return Err(invalid("lora", "lora.r must be between 1 and 512"));

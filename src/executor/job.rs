@@ -220,7 +220,11 @@ async fn finish(
     let prefix = format!("models/{}/{}", job.project_id, job.id);
     artifacts::upload_dir(context.storage.as_ref(), output, &prefix).await.map_err(JobFailure::platform)?;
     let result_file = store_results_csv(context, job, &rows).await?;
-    let method = if plan.lora.is_some() { "lora" } else { "full" };
+    let method = match plan.training_type {
+        crate::domain::hyperparameters::TrainingType::Bottleneck => "bottleneck",
+        _ if plan.lora.is_some() => "lora",
+        _ => "full",
+    };
     let message = match summary.stop {
         StopReason::EarlyStopped => "The job has successfully completed (stopped early: the validation loss stopped improving; the model keeps the best weights)",
         _ => "The job has successfully completed",

@@ -38,6 +38,9 @@ pub struct JobPlan {
     /// QLoRA's quantization of the base, when one was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<String>,
+    /// Bottleneck adapters' width, when training them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_size: Option<usize>,
     /// Examples and tokens the training file holds (for the totals shown to users).
     pub examples: usize,
     pub tokens: usize,
@@ -52,7 +55,7 @@ impl JobPlan {
         let base = if training_type == TrainingType::Full { FULL_BASE_LR } else { LORA_BASE_LR };
         let accumulation = request.gradient_accumulation_steps.unwrap_or(1);
         let steps_per_epoch = examples.div_ceil(batch_size).div_ceil(accumulation) as u64;
-        let lora = (training_type != TrainingType::Full).then(|| {
+        let lora = matches!(training_type, TrainingType::Lora | TrainingType::Qlora).then(|| {
             let requested = request.lora.clone().unwrap_or_default();
             let defaults = LoraSettings::default();
             LoraSettings {
@@ -69,6 +72,7 @@ impl JobPlan {
         });
         Self {
             quantization: request.quantization.clone(),
+            adapter_size: (training_type == TrainingType::Bottleneck).then(|| request.adapter_size.unwrap_or(64)),
             n_epochs,
             batch_size,
             learning_rate_multiplier: multiplier,
@@ -123,7 +127,9 @@ impl JobPlan {
                 TrainingType::Full => Method::Full,
                 TrainingType::Lora => Method::Lora,
                 TrainingType::Qlora => Method::Qlora,
+                TrainingType::Bottleneck => Method::Bottleneck,
             },
+            adapter_size: self.adapter_size.unwrap_or(64),
             quantization: self.quantization.as_deref().and_then(crate::models::quantized::Quantization::parse),
             lora: self.lora.clone().unwrap_or_default(),
             epochs: self.n_epochs,

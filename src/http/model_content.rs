@@ -63,6 +63,9 @@ pub async fn download_model(
     let (base, source) = match parsed.checkpoint_step {
         None => {
             let model = state.store.get_model(&caller.project_id, &parsed.model).await?.ok_or_else(not_found)?;
+            if merged && model.method == "bottleneck" {
+                return Err(bottleneck_not_mergeable());
+            }
             (model.base_model, Source::Stored { prefix: model.storage_key, lora: model.method == "lora" })
         }
         Some(step) => {
@@ -70,6 +73,9 @@ pub async fn download_model(
             let checkpoint = state.store.list_checkpoints(&job.id).await?.into_iter().find(|c| c.step_number == step);
             let checkpoint = checkpoint.ok_or_else(not_found)?;
             let plan: JobPlan = serde_json::from_str(&job.hyperparameters).map_err(ApiError::internal)?;
+            if merged && plan.adapter_size.is_some() {
+                return Err(bottleneck_not_mergeable());
+            }
             (job.model, Source::Checkpoint { prefix: checkpoint.storage_key, plan: Box::new(plan) })
         }
     };
@@ -93,6 +99,23 @@ pub async fn download_model(
     archive(dir, work, &name).await
 }
 
+fn bottleneck_not_mergeable() -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidQuery,
+        "bottleneck adapters add layers and cannot be merged into the base; download format=adapter",
+    )
+    .with_param("format")
+}
+
+fn copy_tokenizer(base_dir: &Path, dir: &Path) -> candle_core::Result<()> {
+    for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+        if base_dir.join(file).exists() {
+            std::fs::copy(base_dir.join(file), dir.join(file))?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes the directory to archive and returns it.
 fn package(
     source: &Source,
@@ -107,6 +130,12 @@ fn package(
         Source::Stored { lora: true, .. } => src.to_path_buf(),
         Source::Checkpoint { plan, .. } => {
             let trainable = candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?;
+            if let Some(size) = plan.adapter_size {
+                let dir = out.join("adapter");
+                crate::models::bottleneck::save(&dir, size, base, &trainable)?;
+                copy_tokenizer(base_dir, &dir)?;
+                return Ok(dir);
+            }
             let Some(lora) = &plan.lora else {
                 return write_full_checkpoint(trainable, out, base_dir);
             };

@@ -11,6 +11,7 @@ use candle_core::quantized::QTensor;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::bottleneck::{Bottleneck, BottleneckPlan};
 use super::config::ModelConfig;
 use super::linear::{Linear, LinearWeight, LoraWeights};
 use super::mask::incremental_causal_mask;
@@ -33,6 +34,8 @@ pub enum Adaptation<'a> {
     Full,
     /// LoRA adapters (trained or loaded) over a frozen base.
     Lora(&'a LoraPlan),
+    /// Bottleneck adapters after attention and MLP (trained or loaded) over a frozen base.
+    Bottleneck(&'a BottleneckPlan),
 }
 
 pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -58,6 +61,8 @@ struct Block {
     attention: Attention,
     post_norm: Param,
     mlp: Mlp,
+    /// Bottleneck adapters after the attention and after the MLP.
+    adapters: Option<(Bottleneck, Bottleneck)>,
 }
 
 pub struct CausalLm {
@@ -178,6 +183,7 @@ impl CausalLm {
         let like = embed_probe.narrow(0, 0, 1)?;
         let lora_init = match adaptation {
             Adaptation::Lora(plan) => crate::rng::Rng::derive(plan.seed, "lora-init"),
+            Adaptation::Bottleneck(plan) => crate::rng::Rng::derive(plan.seed, "bottleneck-init"),
             _ => crate::rng::Rng::new(0),
         };
         let mut b = Builder { weights, quantized, like, adaptation, trainable: TrainableParams::default(), lora_init };
@@ -203,6 +209,29 @@ impl CausalLm {
                     gate: b.linear(&format!("{p}.mlp.gate_proj"), h, config.intermediate_size, config.mlp_bias)?,
                     up: b.linear(&format!("{p}.mlp.up_proj"), h, config.intermediate_size, config.mlp_bias)?,
                     down: b.linear(&format!("{p}.mlp.down_proj"), config.intermediate_size, h, config.mlp_bias)?,
+                },
+                adapters: match b.adaptation {
+                    Adaptation::Bottleneck(plan) => {
+                        let like = b.like.clone();
+                        let attn = Bottleneck::build(
+                            plan,
+                            &format!("{p}.attn_adapter"),
+                            h,
+                            &like,
+                            &mut b.lora_init,
+                            &mut b.trainable,
+                        )?;
+                        let mlp = Bottleneck::build(
+                            plan,
+                            &format!("{p}.mlp_adapter"),
+                            h,
+                            &like,
+                            &mut b.lora_init,
+                            &mut b.trainable,
+                        )?;
+                        Some((attn, mlp))
+                    }
+                    _ => None,
                 },
             });
         }
@@ -332,12 +361,19 @@ impl Block {
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let normed = rms_norm(x, self.input_norm.tensor(), eps)?;
-        let attended = self.attention.forward(&normed, cos, sin, mask, cache, ctx)?;
+        let mut attended = self.attention.forward(&normed, cos, sin, mask, cache, ctx)?;
+        if let Some((adapter, _)) = &self.adapters {
+            attended = adapter.forward(&attended, ctx)?;
+        }
         let x = (x + attended)?;
         let normed = rms_norm(&x, self.post_norm.tensor(), eps)?;
         let mlp = &self.mlp;
         let gated = (mlp.gate.forward(&normed, ctx)?.silu()? * mlp.up.forward(&normed, ctx)?)?;
-        x + mlp.down.forward(&gated, ctx)?
+        let mut out = mlp.down.forward(&gated, ctx)?;
+        if let Some((_, adapter)) = &self.adapters {
+            out = adapter.forward(&out, ctx)?;
+        }
+        x + out
     }
 
     fn linears(&self) -> [(&'static str, &Linear); 7] {

@@ -101,6 +101,10 @@ pub async fn adapter(
     source: &WeightsSource,
 ) -> Result<ServingAdapter, ServeError> {
     let started = std::time::Instant::now();
+    enum Kind {
+        Lora(crate::peft::lora::LoraConfig),
+        Bottleneck(usize),
+    }
     let (config, tensors) = match source {
         WeightsSource::Stored { prefix } => {
             let work = tempfile::tempdir().context("a scratch directory for the adapter")?;
@@ -114,10 +118,17 @@ pub async fn adapter(
             .await
             .context("fetching the adapter from storage")?;
             blocking(move || {
+                if crate::models::bottleneck::is_bottleneck_dir(work.path()) {
+                    let (size, tensors) = crate::models::bottleneck::load(work.path(), &Device::Cpu)?;
+                    return Ok((Kind::Bottleneck(size), tensors));
+                }
                 let (config, _norms, tensors) = load_adapter(work.path(), &Device::Cpu)?;
-                Ok((config, tensors))
+                Ok((Kind::Lora(config), tensors))
             })
             .await?
+        }
+        WeightsSource::Checkpoint { prefix, plan } if plan.adapter_size.is_some() => {
+            (Kind::Bottleneck(plan.adapter_size.unwrap_or(64)), fetch_checkpoint(inference, prefix).await?)
         }
         WeightsSource::Checkpoint { prefix, plan } => {
             let lora = plan.lora.as_ref().context("a LoRA checkpoint without LoRA settings")?;
@@ -126,12 +137,16 @@ pub async fn adapter(
                 .into_iter()
                 .map(|(k, v)| if k.starts_with("base_model.") { (k, v) } else { (format!("base_model.model.{k}"), v) })
                 .collect();
-            (lora.lora_config(), tensors)
+            (Kind::Lora(lora.lora_config()), tensors)
         }
     };
     let model = engine.model.clone();
     let adapter = blocking(move || {
-        ServingAdapter::from_peft(&model, &config, &tensors).context("the adapter does not fit its base model")
+        match config {
+            Kind::Lora(config) => ServingAdapter::from_peft(&model, &config, &tensors),
+            Kind::Bottleneck(size) => ServingAdapter::from_bottleneck(&model, size, tensors),
+        }
+        .context("the adapter does not fit its base model")
     })
     .await?;
     tracing::info!(

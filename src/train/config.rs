@@ -15,6 +15,8 @@ pub enum Method {
     Lora,
     /// LoRA over the base's linear weights kept block-quantized (see `quantization`).
     Qlora,
+    /// Bottleneck adapters after attention and MLP (see `adapter_size`).
+    Bottleneck,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +92,9 @@ pub struct TrainConfig {
     /// QLoRA: the base's quantization (default: a GGUF base's own, else q4_0).
     #[serde(default)]
     pub quantization: Option<crate::models::quantized::Quantization>,
+    /// Bottleneck adapters: the width they project down to.
+    #[serde(default = "default_adapter_size")]
+    pub adapter_size: usize,
     #[serde(default = "default_epochs")]
     pub epochs: u32,
     /// Stop after this many optimizer steps, even mid-epoch.
@@ -148,6 +153,10 @@ fn default_targets() -> TargetModules {
 fn default_method() -> Method {
     Method::Lora
 }
+fn default_adapter_size() -> usize {
+    64
+}
+
 fn default_epochs() -> u32 {
     3
 }
@@ -190,6 +199,7 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), String> {
         let check = |ok: bool, message: &str| if ok { Ok(()) } else { Err(message.to_string()) };
         check(self.epochs >= 1, "epochs must be at least 1")?;
+        check(self.adapter_size >= 1, "adapter_size must be at least 1")?;
         check(self.batch_size >= 1, "batch_size must be at least 1")?;
         check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1")?;
         check(self.learning_rate > 0.0 && self.learning_rate.is_finite(), "learning_rate must be positive")?;

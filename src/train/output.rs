@@ -44,6 +44,12 @@ pub fn write(prepared: &Prepared, config: &TrainConfig) -> Result<PathBuf, Train
             save_adapter(&dir, &config.lora.lora_config(), &base, &tensors, config.lora.train_norms)?;
             copy_tokenizer_files(&config.model, &dir)?;
         }
+        Method::Bottleneck => {
+            let tensors: HashMap<String, Tensor> = prepared.model.trainable.snapshot()?.into_iter().collect();
+            let base = config.model.display().to_string();
+            crate::models::bottleneck::save(&dir, config.adapter_size, &base, &tensors)?;
+            copy_tokenizer_files(&config.model, &dir)?;
+        }
         Method::Full => write_model_dir(&dir, &prepared.model, prepared.model.base_tensors()?, &config.model)?,
     }
     Ok(dir)

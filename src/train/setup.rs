@@ -59,16 +59,23 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
         Some(data) => to_sequences(&encode_dataset(&tokenizer, data, &options)?.examples),
         None => Vec::new(),
     };
-    let lora_plan = (config.method != Method::Full).then(|| LoraPlan {
+    let bottleneck_plan = crate::models::bottleneck::BottleneckPlan {
+        adapter_size: config.adapter_size,
+        seed: config.seed,
+        trainable: true,
+        loaded: None,
+    };
+    let lora_plan = matches!(config.method, Method::Lora | Method::Qlora).then(|| LoraPlan {
         config: config.lora.lora_config(),
         seed: config.seed,
         trainable: true,
         train_norms: config.lora.train_norms,
         loaded: None,
     });
-    let adaptation = match &lora_plan {
-        Some(plan) => Adaptation::Lora(plan),
-        None => Adaptation::Full,
+    let adaptation = match (&lora_plan, config.method) {
+        (Some(plan), _) => Adaptation::Lora(plan),
+        (None, Method::Bottleneck) => Adaptation::Bottleneck(&bottleneck_plan),
+        (None, _) => Adaptation::Full,
     };
     let model = if config.method == Method::Qlora {
         let (dense, quantized) = load_quantized_weights(&config.model, config.quantization)

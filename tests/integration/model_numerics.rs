@@ -223,5 +223,20 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         assert_eq!(nonzero_gradients(&lora, &ids), Vec::<String>::new(), "{name}: LoRA with norms");
         let count = lora.trainable.params.len();
         assert_eq!(count, 2 * 7 * 2 + 2 * 2 + 1, "{name}: A and B for 7 modules x 2 layers, plus 5 norms");
+
+        // Bottleneck adapters: `up` starts at zero too, so the same first step.
+        let plan =
+            ferrotune::models::bottleneck::BottleneckPlan { adapter_size: 8, seed: 3, trainable: true, loaded: None };
+        let config = ModelConfig::from_file(&fixture(name).join("config.json")).unwrap();
+        let weights = load_model_weights(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let bottleneck = CausalLm::new(config, weights, Adaptation::Bottleneck(&plan)).unwrap();
+        let grads = lm_loss(&bottleneck, &ids).backward().unwrap();
+        for p in &bottleneck.trainable.params {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                p.var.set(&(p.var.as_tensor() - (g * 0.5).unwrap()).unwrap()).unwrap();
+            }
+        }
+        assert_eq!(nonzero_gradients(&bottleneck, &ids), Vec::<String>::new(), "{name}: bottleneck adapters");
+        assert_eq!(bottleneck.trainable.params.len(), 2 * 2 * 4, "{name}: down/up weight and bias, 2 per layer");
     }
 }

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{Result, Tensor};
 
 use super::{CausalLm, KvCache, LayerCache, Linear};
+use crate::models::bottleneck::{Bottleneck, BottleneckPlan};
 use crate::models::mask::incremental_causal_mask;
 use crate::models::ops::{apply_rope, repeat_kv, rms_norm};
 use crate::models::ForwardCtx;
@@ -35,6 +36,8 @@ struct LayerAdapter {
 /// A PEFT LoRA adapter prepared for serving over a shared base model.
 #[derive(Debug, Clone)]
 pub struct ServingAdapter {
+    /// Bottleneck adapters (after attention, after the MLP) per layer, for bottleneck models.
+    bottlenecks: Vec<(Bottleneck, Bottleneck)>,
     layers: Vec<LayerAdapter>,
     norm: Option<Tensor>,
     lm_head: Option<LoraPair>,
@@ -115,7 +118,37 @@ impl ServingAdapter {
                 &extra[..extra.len().min(3)]
             );
         }
-        Ok(Self { layers, norm, lm_head, bytes })
+        Ok(Self { bottlenecks: Vec::new(), layers, norm, lm_head, bytes })
+    }
+
+    /// Bottleneck adapters (see `models::bottleneck`) prepared for serving over `model`.
+    pub fn from_bottleneck(model: &CausalLm, adapter_size: usize, tensors: HashMap<String, Tensor>) -> Result<Self> {
+        let count = tensors.len();
+        let bytes = tensors.values().map(|t| t.elem_count() * 4).sum();
+        let plan = BottleneckPlan { adapter_size, seed: 0, trainable: false, loaded: Some(tensors) };
+        let (mut rng, mut unused) = (crate::rng::Rng::new(0), crate::models::params::TrainableParams::default());
+        let like = model.embed.tensor();
+        let h = model.config.hidden_size;
+        let mut bottlenecks = Vec::with_capacity(model.layers.len());
+        for i in 0..model.layers.len() {
+            let p = format!("model.layers.{i}");
+            let attn = Bottleneck::build(&plan, &format!("{p}.attn_adapter"), h, like, &mut rng, &mut unused)?;
+            let mlp = Bottleneck::build(&plan, &format!("{p}.mlp_adapter"), h, like, &mut rng, &mut unused)?;
+            bottlenecks.push((attn, mlp));
+        }
+        if count != model.layers.len() * 8 {
+            candle_core::bail!(
+                "the adapter has {count} tensors; a bottleneck adapter for this model has {}",
+                model.layers.len() * 8
+            );
+        }
+        Ok(Self {
+            bottlenecks,
+            layers: vec![LayerAdapter::default(); model.layers.len()],
+            norm: None,
+            lm_head: None,
+            bytes,
+        })
     }
 
     /// Memory held by the adapter's tensors.
@@ -190,7 +223,7 @@ impl CausalLm {
             let q = apply_rope(&all_heads(&q, att.heads)?, &cos, &sin)?;
             let k = apply_rope(&all_heads(&k, att.kv_heads)?, &cos, &sin)?;
             let v = all_heads(&v, att.kv_heads)?;
-            let groups = att.heads / att.kv_heads;
+            let group_size = att.heads / att.kv_heads;
             let scale = 1.0 / (att.head_dim as f64).sqrt();
             let max_positions = self.rope.max_positions();
             let mut outs = Vec::with_capacity(rows.len());
@@ -215,7 +248,7 @@ impl CausalLm {
                 let out = if t == 1 {
                     // One query per head: group the query heads by their key/value head instead of
                     // repeating keys and values (heads h·g..h·g+g share key/value head h).
-                    let q = q.contiguous()?.reshape((1, att.kv_heads, groups, att.head_dim))?;
+                    let q = q.contiguous()?.reshape((1, att.kv_heads, group_size, att.head_dim))?;
                     let mut scores = (q.matmul(&keys.t()?)? * scale)?;
                     if let Some(mask) = &mask {
                         scores = scores.broadcast_add(mask)?;
@@ -223,7 +256,7 @@ impl CausalLm {
                     let probs = crate::models::fused::softmax_last_dim(&scores)?;
                     probs.matmul(&values)?.reshape((1, att.heads * att.head_dim))?
                 } else {
-                    let (keys, values) = (repeat_kv(&keys, groups)?, repeat_kv(&values, groups)?);
+                    let (keys, values) = (repeat_kv(&keys, group_size)?, repeat_kv(&values, group_size)?);
                     let mut scores = (q.contiguous()?.matmul(&keys.t()?)? * scale)?;
                     if let Some(mask) = &mask {
                         scores = scores.broadcast_add(mask)?;
@@ -234,12 +267,16 @@ impl CausalLm {
                 outs.push(out);
             }
             let attended = if outs.len() == 1 { outs.pop().expect("one row") } else { Tensor::cat(&outs, 0)? };
-            x = (x + lin(3, &att.o, &attended)?)?;
+            let attended = lin(3, &att.o, &attended)?;
+            let attended = with_bottlenecks(attended, &groups, &ctx, |a| a.bottlenecks.get(li).map(|b| &b.0))?;
+            x = (x + attended)?;
             let normed =
                 norm_rows(&x, block.post_norm.tensor(), rows, &spans, eps, |a| a.layers[li].post_norm.as_ref())?;
             let mlp = &block.mlp;
             let gated = (lin(4, &mlp.gate, &normed)?.silu()? * lin(5, &mlp.up, &normed)?)?;
-            x = (x + lin(6, &mlp.down, &gated)?)?;
+            let out = lin(6, &mlp.down, &gated)?;
+            let out = with_bottlenecks(out, &groups, &ctx, |a| a.bottlenecks.get(li).map(|b| &b.1))?;
+            x = (x + out)?;
         }
         for row in rows.iter_mut() {
             row.cache.len += row.tokens.len();
@@ -295,6 +332,27 @@ fn with_adapters(
             None => (y + x.matmul(&pair.a_t)?.matmul(&pair.b_t)?)?,
             Some(index) => {
                 let delta = x.index_select(index, 0)?.matmul(&pair.a_t)?.matmul(&pair.b_t)?;
+                y.index_add(index, &delta, 0)?
+            }
+        };
+    }
+    Ok(y)
+}
+
+/// Applies each adapter group's bottleneck (`h + up(swish(down(h)))`) to its tokens of `y`.
+fn with_bottlenecks(
+    mut y: Tensor,
+    groups: &[Group<'_>],
+    ctx: &ForwardCtx,
+    pick: impl Fn(&ServingAdapter) -> Option<&Bottleneck>,
+) -> Result<Tensor> {
+    for group in groups {
+        let Some(bottleneck) = pick(group.adapter) else { continue };
+        y = match &group.index {
+            None => bottleneck.forward(&y, ctx)?,
+            Some(index) => {
+                let part = y.index_select(index, 0)?;
+                let delta = bottleneck.up.forward(&bottleneck.down.forward(&part, ctx)?.silu()?, ctx)?;
                 y.index_add(index, &delta, 0)?
             }
         };
