@@ -41,6 +41,8 @@ pub enum TrainingType {
     Qlora,
     /// Bottleneck (Houlsby) adapters after attention and MLP, base frozen.
     Bottleneck,
+    /// Prefix tuning: trained key/value vectors before every input, base frozen.
+    Prefix,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -89,6 +91,10 @@ pub struct HyperparametersRequest {
     pub quantization: Option<String>,
     /// Bottleneck adapters: the width they project down to (default 64).
     pub adapter_size: Option<usize>,
+    /// Prefix tuning: virtual tokens per layer (default 16).
+    pub prefix_length: Option<usize>,
+    /// Prefix tuning: train through an MLP reparameterisation (PEFT's `prefix_projection`).
+    pub prefix_projection: Option<bool>,
 }
 
 /// A hyperparameter that is out of range: the field (relative to the hyperparameters object) and why.
@@ -161,6 +167,14 @@ impl HyperparametersRequest {
                 return Err(invalid("adapter_size", "adapter_size must be between 1 and 4096"));
             }
         }
+        if self.prefix_length.is_some() || self.prefix_projection.is_some() {
+            if self.training_type != Some(TrainingType::Prefix) {
+                return Err(invalid("prefix_length", "prefix settings apply to training_type prefix only"));
+            }
+            if self.prefix_length.is_some_and(|n| !(1..=512).contains(&n)) {
+                return Err(invalid("prefix_length", "prefix_length must be between 1 and 512"));
+            }
+        }
         if let Some(q) = &self.quantization {
             if self.training_type != Some(TrainingType::Qlora) {
                 return Err(invalid("quantization", "quantization applies to training_type qlora only"));
@@ -170,7 +184,8 @@ impl HyperparametersRequest {
             }
         }
         if let Some(lora) = &self.lora {
-            if matches!(self.training_type, Some(TrainingType::Full | TrainingType::Bottleneck)) {
+            if matches!(self.training_type, Some(TrainingType::Full | TrainingType::Bottleneck | TrainingType::Prefix))
+            {
                 return Err(invalid("lora", "lora settings apply to training_type lora and qlora only"));
             }
             if lora.r.is_some_and(|r| !(1..=512).contains(&r)) {

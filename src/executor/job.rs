@@ -222,6 +222,7 @@ async fn finish(
     let result_file = store_results_csv(context, job, &rows).await?;
     let method = match plan.training_type {
         crate::domain::hyperparameters::TrainingType::Bottleneck => "bottleneck",
+        crate::domain::hyperparameters::TrainingType::Prefix => "prefix",
         _ if plan.lora.is_some() => "lora",
         _ => "full",
     };

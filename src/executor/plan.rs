@@ -41,6 +41,11 @@ pub struct JobPlan {
     /// Bottleneck adapters' width, when training them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_size: Option<usize>,
+    /// Prefix tuning's virtual tokens, when training a prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_length: Option<usize>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prefix_projection: bool,
     /// Examples and tokens the training file holds (for the totals shown to users).
     pub examples: usize,
     pub tokens: usize,
@@ -73,6 +78,8 @@ impl JobPlan {
         Self {
             quantization: request.quantization.clone(),
             adapter_size: (training_type == TrainingType::Bottleneck).then(|| request.adapter_size.unwrap_or(64)),
+            prefix_length: (training_type == TrainingType::Prefix).then(|| request.prefix_length.unwrap_or(16)),
+            prefix_projection: request.prefix_projection.unwrap_or(false),
             n_epochs,
             batch_size,
             learning_rate_multiplier: multiplier,
@@ -128,7 +135,10 @@ impl JobPlan {
                 TrainingType::Lora => Method::Lora,
                 TrainingType::Qlora => Method::Qlora,
                 TrainingType::Bottleneck => Method::Bottleneck,
+                TrainingType::Prefix => Method::Prefix,
             },
+            prefix_length: self.prefix_length.unwrap_or(16),
+            prefix_projection: self.prefix_projection,
             adapter_size: self.adapter_size.unwrap_or(64),
             quantization: self.quantization.as_deref().and_then(crate::models::quantized::Quantization::parse),
             lora: self.lora.clone().unwrap_or_default(),

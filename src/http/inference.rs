@@ -169,7 +169,7 @@ pub async fn resolve(state: &AppState, caller: &Caller, name: &str) -> Result<Ta
             let model = state.store.get_model(&caller.project_id, &parsed.model).await?;
             let model = model.ok_or_else(|| model_not_found(name))?;
             let source = WeightsSource::Stored { prefix: model.storage_key };
-            Ok(if model.method == "lora" || model.method == "bottleneck" {
+            Ok(if ["lora", "bottleneck", "prefix"].contains(&model.method.as_str()) {
                 Target::Adapter { id: model.id, base: model.base_model, source }
             } else {
                 Target::Full { id: model.id, base: model.base_model, source }
@@ -182,7 +182,7 @@ pub async fn resolve(state: &AppState, caller: &Caller, name: &str) -> Result<Ta
             let checkpoint = checkpoints.into_iter().find(|c| c.step_number == step);
             let checkpoint = checkpoint.ok_or_else(|| model_not_found(name))?;
             let plan: JobPlan = serde_json::from_str(&job.hyperparameters).map_err(ApiError::internal)?;
-            let lora = plan.lora.is_some() || plan.adapter_size.is_some();
+            let lora = plan.lora.is_some() || plan.adapter_size.is_some() || plan.prefix_length.is_some();
             let source = WeightsSource::Checkpoint { prefix: checkpoint.storage_key, plan: Box::new(plan) };
             let id = name.to_string();
             Ok(if lora {
@@ -215,7 +215,8 @@ pub fn submit(
     prompt: Vec<u32>,
     prepared: &Prepared,
 ) -> Result<UnboundedReceiver<GenEvent>, ApiError> {
-    let limit = engine.max_positions();
+    // A prefix-tuned model's prefix takes positions before the prompt.
+    let limit = engine.max_positions().saturating_sub(adapter.as_ref().map_or(0, |a| a.prefix_len()));
     let requested = prepared.max_tokens.unwrap_or(0);
     if prompt.len() + requested.max(1) > limit {
         return Err(ApiError::new(

@@ -63,7 +63,7 @@ pub async fn download_model(
     let (base, source) = match parsed.checkpoint_step {
         None => {
             let model = state.store.get_model(&caller.project_id, &parsed.model).await?.ok_or_else(not_found)?;
-            if merged && model.method == "bottleneck" {
+            if merged && (model.method == "bottleneck" || model.method == "prefix") {
                 return Err(bottleneck_not_mergeable());
             }
             (model.base_model, Source::Stored { prefix: model.storage_key, lora: model.method == "lora" })
@@ -73,7 +73,7 @@ pub async fn download_model(
             let checkpoint = state.store.list_checkpoints(&job.id).await?.into_iter().find(|c| c.step_number == step);
             let checkpoint = checkpoint.ok_or_else(not_found)?;
             let plan: JobPlan = serde_json::from_str(&job.hyperparameters).map_err(ApiError::internal)?;
-            if merged && plan.adapter_size.is_some() {
+            if merged && (plan.adapter_size.is_some() || plan.prefix_length.is_some()) {
                 return Err(bottleneck_not_mergeable());
             }
             (job.model, Source::Checkpoint { prefix: checkpoint.storage_key, plan: Box::new(plan) })
@@ -102,7 +102,8 @@ pub async fn download_model(
 fn bottleneck_not_mergeable() -> ApiError {
     ApiError::new(
         ErrorCode::InvalidQuery,
-        "bottleneck adapters add layers and cannot be merged into the base; download format=adapter",
+        "bottleneck and prefix adapters add layers or positions and cannot be merged into the base; download \
+         format=adapter",
     )
     .with_param("format")
 }
@@ -130,6 +131,16 @@ fn package(
         Source::Stored { lora: true, .. } => src.to_path_buf(),
         Source::Checkpoint { plan, .. } => {
             let trainable = candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?;
+            if let Some(length) = plan.prefix_length {
+                let config = ModelConfig::from_file(&base_dir.join("config.json"))
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let table =
+                    crate::models::prefix::table_from_trainables(&config, length, plan.prefix_projection, trainable)?;
+                let dir = out.join("adapter");
+                crate::models::prefix::save(&dir, &config, length, base, &table)?;
+                copy_tokenizer(base_dir, &dir)?;
+                return Ok(dir);
+            }
             if let Some(size) = plan.adapter_size {
                 let dir = out.join("adapter");
                 crate::models::bottleneck::save(&dir, size, base, &trainable)?;

@@ -17,6 +17,7 @@ use super::linear::{Linear, LinearWeight, LoraWeights};
 use super::mask::incremental_causal_mask;
 use super::ops::{apply_rope, repeat_kv, rms_norm};
 use super::params::{Param, TrainableParams};
+use super::prefix::{Prefix, PrefixPlan};
 use super::rope::RopeTables;
 use super::weights::take;
 use super::ForwardCtx;
@@ -36,6 +37,8 @@ pub enum Adaptation<'a> {
     Lora(&'a LoraPlan),
     /// Bottleneck adapters after attention and MLP (trained or loaded) over a frozen base.
     Bottleneck(&'a BottleneckPlan),
+    /// Prefix tuning: trained (or loaded) key/value vectors before every input, base frozen.
+    Prefix(&'a PrefixPlan),
 }
 
 pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -73,6 +76,8 @@ pub struct CausalLm {
     /// `None` when tied to the embeddings.
     lm_head: Option<Linear>,
     rope: RopeTables,
+    /// Prefix-tuning vectors, when the model has them.
+    prefix: Option<Prefix>,
     pub trainable: TrainableParams,
     device: Device,
     dtype: DType,
@@ -184,6 +189,7 @@ impl CausalLm {
         let lora_init = match adaptation {
             Adaptation::Lora(plan) => crate::rng::Rng::derive(plan.seed, "lora-init"),
             Adaptation::Bottleneck(plan) => crate::rng::Rng::derive(plan.seed, "bottleneck-init"),
+            Adaptation::Prefix(plan) => crate::rng::Rng::derive(plan.seed, "prefix-init"),
             _ => crate::rng::Rng::new(0),
         };
         let mut b = Builder { weights, quantized, like, adaptation, trainable: TrainableParams::default(), lora_init };
@@ -243,7 +249,14 @@ impl CausalLm {
             Some(b.linear("lm_head", h, v, false)?)
         };
         let rope = RopeTables::new(&config, config.max_position_embeddings, &device)?;
-        Ok(Self { config, embed, layers, norm, lm_head, rope, trainable: b.trainable, device, dtype })
+        let prefix = match b.adaptation {
+            Adaptation::Prefix(plan) => {
+                let like = b.like.clone();
+                Some(Prefix::build(plan, &config, &like, &mut b.lora_init, &mut b.trainable)?)
+            }
+            _ => None,
+        };
+        Ok(Self { config, embed, layers, norm, lm_head, rope, prefix, trainable: b.trainable, device, dtype })
     }
 
     pub fn device(&self) -> &Device {
@@ -263,10 +276,24 @@ impl CausalLm {
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let x = self.embed(input_ids)?;
-        let (cos, sin) = self.rope.at(positions, self.dtype)?;
+        let Some(prefix) = &self.prefix else {
+            let (cos, sin) = self.rope.at(positions, self.dtype)?;
+            let mut x = x;
+            for layer in &self.layers {
+                x = layer.forward(&x, &cos, &sin, mask, None, None, self.config.rms_norm_eps, ctx)?;
+            }
+            return rms_norm(&x, self.norm.tensor(), self.config.rms_norm_eps);
+        };
+        // Every token also sees the prefix, which comes before position 0.
+        let kv = prefix.layers(&self.config, ctx)?;
+        let n = kv.first().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
+        let (b, _, t, _) = mask.dims4()?;
+        let mask = Tensor::cat(&[&Tensor::zeros((b, 1, t, n), mask.dtype(), mask.device())?, mask], 3)?;
+        let positions = (positions + n as f64)?;
+        let (cos, sin) = self.rope.at(&positions, self.dtype)?;
         let mut x = x;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, mask, None, self.config.rms_norm_eps, ctx)?;
+        for (layer, kv) in self.layers.iter().zip(&kv) {
+            x = layer.forward(&x, &cos, &sin, &mask, None, Some(kv), self.config.rms_norm_eps, ctx)?;
         }
         rms_norm(&x, self.norm.tensor(), self.config.rms_norm_eps)
     }
@@ -297,15 +324,42 @@ impl CausalLm {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
         let ctx = ForwardCtx::inference();
+        if let (Some(prefix), 0) = (&self.prefix, past) {
+            return self.forward_cached_after(&prefix.layers(&self.config, &ctx)?, input_ids, cache);
+        }
         let mut x = self.embed(input_ids)?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let max = self.rope.max_positions();
-            x = layer.forward(&x, &cos, &sin, &mask, Some((slot, max)), self.config.rms_norm_eps, &ctx)?;
+            x = layer.forward(&x, &cos, &sin, &mask, Some((slot, max)), None, self.config.rms_norm_eps, &ctx)?;
         }
         cache.len += t;
         let last = x.narrow(1, t - 1, 1)?;
         let hidden = rms_norm(&last, self.norm.tensor(), self.config.rms_norm_eps)?;
         self.logits(&hidden, &ctx)?.squeeze(1)
+    }
+
+    /// Puts per-layer prefix keys and values `(1, kv, n, hd)` into an empty cache, then feeds
+    /// `input_ids` after them.
+    pub fn forward_cached_after(
+        &self,
+        prefix: &[(Tensor, Tensor)],
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        if cache.layers.is_empty() {
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
+        }
+        let max = self.rope.max_positions();
+        for ((k, v), slot) in prefix.iter().zip(cache.layers.iter_mut()) {
+            LayerCache::append(slot, k, v, max)?;
+        }
+        cache.len = prefix.first().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
+        self.forward_cached(input_ids, cache)
+    }
+
+    /// The prefix's key/value table (for saving a prefix-tuned model), if it has one.
+    pub fn prefix_table(&self) -> Result<Option<Tensor>> {
+        self.prefix.as_ref().map(|p| p.table(&ForwardCtx::inference())).transpose()
     }
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
@@ -357,11 +411,12 @@ impl Block {
         sin: &Tensor,
         mask: &Tensor,
         cache: Option<(&mut Option<LayerCache>, usize)>,
+        prefix: Option<&(Tensor, Tensor)>,
         eps: f64,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let normed = rms_norm(x, self.input_norm.tensor(), eps)?;
-        let mut attended = self.attention.forward(&normed, cos, sin, mask, cache, ctx)?;
+        let mut attended = self.attention.forward(&normed, cos, sin, mask, cache, prefix, ctx)?;
         if let Some((adapter, _)) = &self.adapters {
             attended = adapter.forward(&attended, ctx)?;
         }
@@ -391,6 +446,7 @@ impl Block {
 }
 
 impl Attention {
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -398,6 +454,7 @@ impl Attention {
         sin: &Tensor,
         mask: &Tensor,
         cache: Option<(&mut Option<LayerCache>, usize)>,
+        prefix: Option<&(Tensor, Tensor)>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -409,6 +466,11 @@ impl Attention {
         let mut v = heads(self.v.forward(x, ctx)?, self.kv_heads)?;
         if let Some((slot, max)) = cache {
             (k, v) = LayerCache::append(slot, &k, &v, max)?;
+        }
+        if let Some((prefix_k, prefix_v)) = prefix {
+            let (_, kv, n, d) = prefix_k.dims4()?;
+            k = Tensor::cat(&[&prefix_k.broadcast_as((b, kv, n, d))?.contiguous()?, &k], 2)?;
+            v = Tensor::cat(&[&prefix_v.broadcast_as((b, kv, n, d))?.contiguous()?, &v], 2)?;
         }
         let groups = self.heads / self.kv_heads;
         let k = repeat_kv(&k, groups)?;

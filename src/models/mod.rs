@@ -11,6 +11,7 @@ pub mod llama;
 pub mod mask;
 pub mod ops;
 pub mod params;
+pub mod prefix;
 pub mod quantized;
 pub mod rope;
 pub mod weights;

@@ -104,6 +104,9 @@ pub async fn adapter(
     enum Kind {
         Lora(crate::peft::lora::LoraConfig),
         Bottleneck(usize),
+        Prefix,
+        /// A prefix checkpoint: the trainable tensors, projected through its MLP if it has one.
+        PrefixCheckpoint(usize, bool),
     }
     let (config, tensors) = match source {
         WeightsSource::Stored { prefix } => {
@@ -118,6 +121,10 @@ pub async fn adapter(
             .await
             .context("fetching the adapter from storage")?;
             blocking(move || {
+                if crate::models::prefix::is_prefix_dir(work.path()) {
+                    let table = crate::models::prefix::load(work.path(), &Device::Cpu)?;
+                    return Ok((Kind::Prefix, HashMap::from([("prompt_embeddings".to_string(), table)])));
+                }
                 if crate::models::bottleneck::is_bottleneck_dir(work.path()) {
                     let (size, tensors) = crate::models::bottleneck::load(work.path(), &Device::Cpu)?;
                     return Ok((Kind::Bottleneck(size), tensors));
@@ -127,6 +134,10 @@ pub async fn adapter(
             })
             .await?
         }
+        WeightsSource::Checkpoint { prefix, plan } if plan.prefix_length.is_some() => (
+            Kind::PrefixCheckpoint(plan.prefix_length.unwrap_or(16), plan.prefix_projection),
+            fetch_checkpoint(inference, prefix).await?,
+        ),
         WeightsSource::Checkpoint { prefix, plan } if plan.adapter_size.is_some() => {
             (Kind::Bottleneck(plan.adapter_size.unwrap_or(64)), fetch_checkpoint(inference, prefix).await?)
         }
@@ -145,6 +156,11 @@ pub async fn adapter(
         match config {
             Kind::Lora(config) => ServingAdapter::from_peft(&model, &config, &tensors),
             Kind::Bottleneck(size) => ServingAdapter::from_bottleneck(&model, size, tensors),
+            Kind::Prefix => ServingAdapter::from_prefix(&model, &tensors["prompt_embeddings"]),
+            Kind::PrefixCheckpoint(length, projected) => {
+                let table = crate::models::prefix::table_from_trainables(&model.config, length, projected, tensors)?;
+                ServingAdapter::from_prefix(&model, &table)
+            }
         }
         .context("the adapter does not fit its base model")
     })

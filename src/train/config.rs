@@ -17,6 +17,8 @@ pub enum Method {
     Qlora,
     /// Bottleneck adapters after attention and MLP (see `adapter_size`).
     Bottleneck,
+    /// Prefix tuning (see `prefix_length`, `prefix_projection`).
+    Prefix,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,6 +97,12 @@ pub struct TrainConfig {
     /// Bottleneck adapters: the width they project down to.
     #[serde(default = "default_adapter_size")]
     pub adapter_size: usize,
+    /// Prefix tuning: virtual tokens per layer.
+    #[serde(default = "default_prefix_length")]
+    pub prefix_length: usize,
+    /// Prefix tuning: train through PEFT's reparameterisation (embedding → Linear → tanh → Linear).
+    #[serde(default)]
+    pub prefix_projection: bool,
     #[serde(default = "default_epochs")]
     pub epochs: u32,
     /// Stop after this many optimizer steps, even mid-epoch.
@@ -153,6 +161,10 @@ fn default_targets() -> TargetModules {
 fn default_method() -> Method {
     Method::Lora
 }
+fn default_prefix_length() -> usize {
+    16
+}
+
 fn default_adapter_size() -> usize {
     64
 }
@@ -200,6 +212,7 @@ impl TrainConfig {
         let check = |ok: bool, message: &str| if ok { Ok(()) } else { Err(message.to_string()) };
         check(self.epochs >= 1, "epochs must be at least 1")?;
         check(self.adapter_size >= 1, "adapter_size must be at least 1")?;
+        check(self.prefix_length >= 1, "prefix_length must be at least 1")?;
         check(self.batch_size >= 1, "batch_size must be at least 1")?;
         check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1")?;
         check(self.learning_rate > 0.0 && self.learning_rate.is_finite(), "learning_rate must be positive")?;

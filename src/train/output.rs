@@ -50,6 +50,12 @@ pub fn write(prepared: &Prepared, config: &TrainConfig) -> Result<PathBuf, Train
             crate::models::bottleneck::save(&dir, config.adapter_size, &base, &tensors)?;
             copy_tokenizer_files(&config.model, &dir)?;
         }
+        Method::Prefix => {
+            let table = prepared.model.prefix_table()?.ok_or_else(|| TrainError::Model("no prefix to save".into()))?;
+            let base = config.model.display().to_string();
+            crate::models::prefix::save(&dir, &prepared.model.config, config.prefix_length, &base, &table)?;
+            copy_tokenizer_files(&config.model, &dir)?;
+        }
         Method::Full => write_model_dir(&dir, &prepared.model, prepared.model.base_tensors()?, &config.model)?,
     }
     Ok(dir)

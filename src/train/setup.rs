@@ -39,7 +39,10 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
         }
     };
     let options = EncodeOptions {
-        max_seq_len: config.max_seq_len.min(model_config.max_position_embeddings),
+        max_seq_len: config.max_seq_len.min(
+            model_config.max_position_embeddings
+                - if config.method == Method::Prefix { config.prefix_length } else { 0 },
+        ),
         train_on_inputs: config.train_on_inputs,
     };
     let pad = tokenizer.pad_token_id().unwrap_or(0);
@@ -65,6 +68,13 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
         trainable: true,
         loaded: None,
     };
+    let prefix_plan = crate::models::prefix::PrefixPlan {
+        length: config.prefix_length,
+        projection: config.prefix_projection.then_some(model_config.hidden_size),
+        seed: config.seed,
+        trainable: true,
+        loaded: None,
+    };
     let lora_plan = matches!(config.method, Method::Lora | Method::Qlora).then(|| LoraPlan {
         config: config.lora.lora_config(),
         seed: config.seed,
@@ -75,6 +85,7 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
     let adaptation = match (&lora_plan, config.method) {
         (Some(plan), _) => Adaptation::Lora(plan),
         (None, Method::Bottleneck) => Adaptation::Bottleneck(&bottleneck_plan),
+        (None, Method::Prefix) => Adaptation::Prefix(&prefix_plan),
         (None, _) => Adaptation::Full,
     };
     let model = if config.method == Method::Qlora {

@@ -466,8 +466,15 @@ async fn checkpoints_and_fully_fine_tuned_models_are_served_as_soon_as_their_job
         hyper["training_type"] = json!("bottleneck");
         hyper["adapter_size"] = json!(16);
         let bottleneck_job = create_job(&app, &bottleneck_request).await;
+        let mut prefix_request = job_request(&file, 2, 4, 2);
+        let hyper = &mut prefix_request["method"]["supervised"]["hyperparameters"];
+        hyper.as_object_mut().unwrap().remove("lora");
+        hyper["training_type"] = json!("prefix");
+        hyper["prefix_length"] = json!(8);
+        hyper["prefix_projection"] = json!(true);
+        let prefix_job = create_job(&app, &prefix_request).await;
         let mut served = Vec::new();
-        for (id, checkpoint_step) in [(lora_job, 4), (full_job, 2), (bottleneck_job, 2)] {
+        for (id, checkpoint_step) in [(lora_job, 4), (full_job, 2), (bottleneck_job, 2), (prefix_job, 2)] {
             let job =
                 wait_for(&app, &id, Duration::from_secs(120), |j| ["succeeded", "failed"].contains(&status(j))).await;
             assert_eq!(status(&job), "succeeded", "{backend:?}: {job}");
@@ -491,10 +498,13 @@ async fn checkpoints_and_fully_fine_tuned_models_are_served_as_soon_as_their_job
         chat(&app, json!({"model": missing, "messages": messages}), None)
             .await
             .assert_error(StatusCode::NOT_FOUND, "model_not_found");
-        // The fully fine-tuned model and its checkpoint are engines of their own; the LoRA and
-        // bottleneck models and checkpoints are adapters on the base's engine.
-        assert_eq!(app.state.inference.loaded_adapters(), 4, "{answers:?}");
+        // The fully fine-tuned model and its checkpoint are engines of their own; the LoRA,
+        // bottleneck and prefix models and checkpoints are adapters on the base's engine.
+        assert_eq!(app.state.inference.loaded_adapters(), 6, "{answers:?}");
         let merged = app.get(&format!("/v1/models/{}/content?format=merged", served[4]), None).await;
         merged.assert_error(StatusCode::BAD_REQUEST, "invalid_query");
+        // The prefix checkpoint downloads in PEFT's prefix-tuning format.
+        let response = app.get(&format!("/v1/models/{}/content", served[7]), None).await;
+        assert_eq!(response.status, StatusCode::OK);
     }
 }

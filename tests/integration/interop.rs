@@ -94,3 +94,35 @@ fn a_fully_fine_tuned_model_loads_in_transformers_with_the_same_logits() {
     write_expected(&load(&output, Adaptation::None), &expected);
     check(&python, &["--model", output.to_str().unwrap(), "--expect", expected.to_str().unwrap()]);
 }
+
+#[test]
+fn a_trained_prefix_loads_in_peft_with_the_same_logits() {
+    let Some(python) = torch_python() else { return };
+    // llama (GQA: 4 query heads over 2 key/value heads) and qwen2; trained with PEFT's MLP
+    // reparameterisation, saved in PEFT's inference form.
+    for name in ["llama", "qwen2"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::training::config_for(dir.path(), Method::Prefix, name);
+        config.method = Method::Prefix;
+        config.prefix_length = 5;
+        config.prefix_projection = true;
+        config.epochs = 2;
+        config.learning_rate = 1e-2;
+        let output = train(&config, &mut Silent).unwrap().output.unwrap();
+        let table = ferrotune::models::prefix::load(&output, &Device::Cpu).unwrap();
+        let plan = ferrotune::models::prefix::PrefixPlan {
+            length: 5,
+            projection: None,
+            seed: 0,
+            trainable: false,
+            loaded: Some(table),
+        };
+        let expected = dir.path().join("expected.safetensors");
+        write_expected(&load(&fixture(name), Adaptation::Prefix(&plan)), &expected);
+        let base = fixture(name).display().to_string();
+        check(
+            &python,
+            &["--model", &base, "--adapter", output.to_str().unwrap(), "--expect", expected.to_str().unwrap()],
+        );
+    }
+}

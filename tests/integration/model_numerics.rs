@@ -238,5 +238,16 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         }
         assert_eq!(nonzero_gradients(&bottleneck, &ids), Vec::<String>::new(), "{name}: bottleneck adapters");
         assert_eq!(bottleneck.trainable.params.len(), 2 * 2 * 4, "{name}: down/up weight and bias, 2 per layer");
+
+        // Prefix tuning, direct and reparameterised: every vector is used from the first step.
+        for projection in [None, Some(16)] {
+            let plan =
+                ferrotune::models::prefix::PrefixPlan { length: 3, projection, seed: 3, trainable: true, loaded: None };
+            let config = ModelConfig::from_file(&fixture(name).join("config.json")).unwrap();
+            let weights = load_model_weights(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+            let prefixed = CausalLm::new(config, weights, Adaptation::Prefix(&plan)).unwrap();
+            assert_eq!(nonzero_gradients(&prefixed, &ids), Vec::<String>::new(), "{name}: prefix {projection:?}");
+            assert_eq!(prefixed.trainable.params.len(), if projection.is_some() { 5 } else { 1 });
+        }
     }
 }

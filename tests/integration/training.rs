@@ -173,6 +173,48 @@ fn bottleneck_adapters_learn_the_question_answer_set_and_serve_the_same_logits()
     assert!(diff < 1e-4, "served logits differ by {diff}");
 }
 
+#[test]
+fn prefix_tuning_learns_the_question_answer_set_and_serves_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Method::Prefix);
+    config.method = Method::Prefix;
+    config.prefix_length = 64;
+    // A direct table learns this set faster than PEFT's reparameterisation (checked elsewhere).
+    config.prefix_projection = false;
+    config.epochs = 200;
+    config.learning_rate = 1e-1;
+    config.lr_scheduler = ferrotune::train::schedule::SchedulerKind::Cosine;
+    let summary = train(&config, &mut Silent).unwrap();
+    let loss = summary.final_train_loss.unwrap();
+    assert!(loss < 0.2, "final training loss {loss}");
+    let output = summary.output.unwrap();
+    let table = ferrotune::models::prefix::load(&output, &Device::Cpu).unwrap();
+    let plan = ferrotune::models::prefix::PrefixPlan {
+        length: 64,
+        projection: None,
+        seed: 0,
+        trainable: false,
+        loaded: Some(table.clone()),
+    };
+    let model = load_base(Adaptation::Prefix(&plan), &fixture("llama"));
+    let tokenizer = ChatTokenizer::from_dir(&output).unwrap();
+    let correct = exact_answers(&model, &tokenizer);
+    assert!(correct * 10 >= qa_pairs().len() * 8, "{correct} of {} answered exactly", qa_pairs().len());
+
+    let base = load_base(Adaptation::None, &fixture("llama"));
+    let serving = ferrotune::models::llama::ServingAdapter::from_prefix(&base, &table).unwrap();
+    let prompt = tokenizer.encode("What is code number 3?", true).unwrap();
+    let mut cache = ferrotune::models::llama::KvCache::default();
+    let direct = model
+        .forward_cached(&Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache)
+        .unwrap();
+    let mut cache = ferrotune::models::llama::KvCache::default();
+    let mut rows = [ferrotune::models::llama::Row { tokens: &prompt, cache: &mut cache, adapter: Some(&serving) }];
+    let served = base.forward_rows(&mut rows).unwrap();
+    let diff: f32 = (direct - served).unwrap().abs().unwrap().max(1).unwrap().max(0).unwrap().to_scalar().unwrap();
+    assert!(diff < 1e-4, "served logits differ by {diff}");
+}
+
 fn adapter_tensors(dir: &Path) -> HashMap<String, Vec<f32>> {
     let (_, _, tensors) = load_adapter(dir, &Device::Cpu).unwrap();
     tensors.into_iter().map(|(k, v): (String, Tensor)| (k, v.flatten_all().unwrap().to_vec1().unwrap())).collect()

@@ -36,6 +36,8 @@ struct LayerAdapter {
 /// A PEFT LoRA adapter prepared for serving over a shared base model.
 #[derive(Debug, Clone)]
 pub struct ServingAdapter {
+    /// Prefix-tuning keys and values per layer `(1, kv, n, hd)`, put in a new sequence's cache.
+    prefix: Vec<(Tensor, Tensor)>,
     /// Bottleneck adapters (after attention, after the MLP) per layer, for bottleneck models.
     bottlenecks: Vec<(Bottleneck, Bottleneck)>,
     layers: Vec<LayerAdapter>,
@@ -118,7 +120,28 @@ impl ServingAdapter {
                 &extra[..extra.len().min(3)]
             );
         }
-        Ok(Self { bottlenecks: Vec::new(), layers, norm, lm_head, bytes })
+        Ok(Self { prefix: Vec::new(), bottlenecks: Vec::new(), layers, norm, lm_head, bytes })
+    }
+
+    /// A prefix-tuning adapter (its key/value table, as PEFT saves it) for serving over `model`.
+    pub fn from_prefix(model: &CausalLm, table: &Tensor) -> Result<Self> {
+        let c = &model.config;
+        let width = c.num_layers * 2 * c.num_kv_heads * c.head_dim;
+        if table.rank() != 2 || table.dim(1)? != width {
+            candle_core::bail!("prompt_embeddings has shape {:?}; this model needs (n, {width})", table.dims());
+        }
+        let like = model.embed.tensor();
+        let table = table.to_device(like.device())?.to_dtype(like.dtype())?;
+        let prefix = crate::models::prefix::split_table(&table, c)?;
+        let bytes = table.elem_count() * 4;
+        Ok(Self {
+            prefix,
+            bottlenecks: Vec::new(),
+            layers: vec![LayerAdapter::default(); c.num_layers],
+            norm: None,
+            lm_head: None,
+            bytes,
+        })
     }
 
     /// Bottleneck adapters (see `models::bottleneck`) prepared for serving over `model`.
@@ -143,12 +166,18 @@ impl ServingAdapter {
             );
         }
         Ok(Self {
+            prefix: Vec::new(),
             bottlenecks,
             layers: vec![LayerAdapter::default(); model.layers.len()],
             norm: None,
             lm_head: None,
             bytes,
         })
+    }
+
+    /// Positions the adapter's prefix takes before the prompt (prefix tuning), else 0.
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.first().map_or(0, |(k, _)| k.dims().get(2).copied().unwrap_or(0))
     }
 
     /// Memory held by the adapter's tensors.
@@ -182,6 +211,16 @@ impl CausalLm {
         let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(rows.len());
         for row in rows.iter_mut() {
+            if row.cache.len == 0 {
+                if let Some(adapter) = row.adapter.filter(|a| !a.prefix.is_empty()) {
+                    // A new sequence of a prefix-tuned model starts after its prefix.
+                    row.cache.layers = (0..self.layers.len()).map(|_| None).collect();
+                    for ((k, v), slot) in adapter.prefix.iter().zip(row.cache.layers.iter_mut()) {
+                        LayerCache::append(slot, k, v, self.rope.max_positions())?;
+                    }
+                    row.cache.len = adapter.prefix[0].0.dim(2)?;
+                }
+            }
             let past = row.cache.len;
             let t = row.tokens.len();
             if past + t > self.rope.max_positions() {
