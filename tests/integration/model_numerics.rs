@@ -224,6 +224,35 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         let count = lora.trainable.params.len();
         assert_eq!(count, 2 * 7 * 2 + 2 * 2 + 1, "{name}: A and B for 7 modules x 2 layers, plus 5 norms");
 
+        // QLoRA: the same adapters over the projections quantized to q8_0.
+        let plan = LoraPlan {
+            config: LoraConfig {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                target_modules: TargetModules::Keyword("all-linear".into()),
+                use_rslora: false,
+            },
+            seed: 3,
+            trainable: true,
+            train_norms: false,
+            loaded: None,
+        };
+        let (dense, quantized) = ferrotune::models::weights::load_quantized_weights(
+            &fixture(name),
+            Some(ferrotune::models::quantized::Quantization::Q8_0),
+        )
+        .unwrap();
+        let config = ModelConfig::from_file(&fixture(name).join("config.json")).unwrap();
+        let qlora = CausalLm::with_quantized(config, dense, quantized, Adaptation::Lora(&plan)).unwrap();
+        let grads = lm_loss(&qlora, &ids).backward().unwrap();
+        for p in &qlora.trainable.params {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                p.var.set(&(p.var.as_tensor() - (g * 0.5).unwrap()).unwrap()).unwrap();
+            }
+        }
+        assert_eq!(nonzero_gradients(&qlora, &ids), Vec::<String>::new(), "{name}: QLoRA");
+
         // Bottleneck adapters: `up` starts at zero too, so the same first step.
         let plan =
             ferrotune::models::bottleneck::BottleneckPlan { adapter_size: 8, seed: 3, trainable: true, loaded: None };

@@ -132,6 +132,41 @@ fn lora_learns_the_question_answer_set_and_merges() {
 }
 
 #[test]
+fn qlora_learns_the_question_answer_set_over_a_quantized_base() {
+    use ferrotune::models::quantized::Quantization;
+    for quantization in [Quantization::Q8_0, Quantization::Q4_0] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), Method::Qlora);
+        config.method = Method::Qlora;
+        config.quantization = Some(quantization);
+        config.epochs = 80;
+        config.lr_scheduler = ferrotune::train::schedule::SchedulerKind::Cosine;
+        config.learning_rate = 1e-2;
+        config.lora = LoraSettings {
+            r: 16,
+            alpha: 32.0,
+            target_modules: TargetModules::Keyword("all-linear".into()),
+            ..Default::default()
+        };
+        let summary = train(&config, &mut Silent).unwrap();
+        let loss = summary.final_train_loss.unwrap();
+        assert!(loss < 0.1, "{quantization:?}: final training loss {loss}");
+        let output = summary.output.unwrap();
+        // The adapter is a plain PEFT LoRA adapter, used over the same quantized base.
+        let (lora, norms, tensors) = load_adapter(&output, &Device::Cpu).unwrap();
+        let plan = LoraPlan { config: lora, seed: 0, trainable: false, train_norms: norms, loaded: Some(tensors) };
+        let (dense, quantized) =
+            ferrotune::models::weights::load_quantized_weights(&fixture("llama"), Some(quantization)).unwrap();
+        assert_eq!(quantized.len(), 14, "every projection of both layers is quantized");
+        let model_config = ModelConfig::from_file(&fixture("llama").join("config.json")).unwrap();
+        let model = CausalLm::with_quantized(model_config, dense, quantized, Adaptation::Lora(&plan)).unwrap();
+        let tokenizer = ChatTokenizer::from_dir(&output).unwrap();
+        let correct = exact_answers(&model, &tokenizer);
+        assert!(correct * 10 >= qa_pairs().len() * 9, "{quantization:?}: {correct} of {} answered", qa_pairs().len());
+    }
+}
+
+#[test]
 fn bottleneck_adapters_learn_the_question_answer_set_and_serve_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), Method::Bottleneck);
