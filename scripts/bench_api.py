@@ -9,7 +9,7 @@ jobs stay put, no executors (`ferrotune serve --executors 0`). Setup: one small 
 --jobs jobs. Each scenario runs --requests requests (--uploads for uploads) from --concurrency
 concurrent clients (asyncio + httpx, one connection each) after a warm-up, and prints one JSON
 line: scenario, concurrency, requests, requests_per_s, p50_ms, p99_ms, max_ms, MB/s for uploads.
-Needs httpx (installed with the `openai` package).
+Needs httpx (or httpx2, which the `openai` package installs).
 """
 
 import argparse
@@ -18,7 +18,10 @@ import json
 import statistics
 import time
 
-import httpx
+try:
+    import httpx
+except ImportError:  # the `openai` package ships its HTTP client as httpx2
+    import httpx2 as httpx
 
 
 def chat_dataset(n: int) -> bytes:
