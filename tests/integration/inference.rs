@@ -508,3 +508,27 @@ async fn checkpoints_and_fully_fine_tuned_models_are_served_as_soon_as_their_job
         assert_eq!(response.status, StatusCode::OK);
     }
 }
+
+#[tokio::test]
+async fn adapters_beyond_the_memory_budget_are_unloaded_least_recently_used_first() {
+    // The fixture adapter holds 2 layers x 7 modules of rank-4 A and B: 32 KiB. A 48 KiB budget
+    // keeps one loaded.
+    let app = TestApp::spawn_with(Backend::SqliteLocal, |s| s.inference.adapter_cache_bytes = 48 << 10).await;
+    let first = register_fixture_adapter(&app, ferrotune::db::DEFAULT_PROJECT_ID, "one").await;
+    let second = register_fixture_adapter(&app, ferrotune::db::DEFAULT_PROJECT_ID, "two").await;
+    let ask = |model: String| {
+        let app = &app;
+        async move {
+            let body = json!({"model": model, "prompt": "hello", "max_tokens": 3, "temperature": 0});
+            let response = app.post_json("/v1/completions", &body, None).await;
+            assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+            response.json()["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    let a = ask(first.clone()).await;
+    assert_eq!(app.state.inference.loaded_adapters(), 1);
+    let b = ask(second.clone()).await;
+    assert_eq!(app.state.inference.loaded_adapters(), 1, "the first adapter made room for the second");
+    assert_eq!(a, b, "the same weights under two names answer the same");
+    assert_eq!(ask(first).await, a, "an unloaded adapter loads again on its next use");
+}
