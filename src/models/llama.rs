@@ -78,6 +78,8 @@ pub struct CausalLm {
     rope: RopeTables,
     /// Prefix-tuning vectors, when the model has them.
     prefix: Option<Prefix>,
+    /// The tied output head kept quantized (a GGUF base), used when no gradient is wanted.
+    tied_head: Option<Arc<QTensor>>,
     pub trainable: TrainableParams,
     device: Device,
     dtype: DType,
@@ -242,6 +244,7 @@ impl CausalLm {
             });
         }
         let norm = b.param("model.norm.weight", &[h], false)?;
+        let tied_head = if config.tie_word_embeddings { b.quantized.remove("lm_head.weight") } else { None };
         let lm_head = if config.tie_word_embeddings {
             b.weights.remove("lm_head.weight");
             None
@@ -256,7 +259,7 @@ impl CausalLm {
             }
             _ => None,
         };
-        Ok(Self { config, embed, layers, norm, lm_head, rope, prefix, trainable: b.trainable, device, dtype })
+        Ok(Self { config, embed, layers, norm, lm_head, rope, prefix, tied_head, trainable: b.trainable, device, dtype })
     }
 
     pub fn device(&self) -> &Device {
@@ -300,9 +303,12 @@ impl CausalLm {
 
     /// Vocabulary logits for hidden states `(..., hidden)`.
     pub fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        match &self.lm_head {
-            Some(head) => head.forward(hidden, ctx),
-            None => hidden.broadcast_matmul(&self.embed.tensor().t()?),
+        match (&self.lm_head, &self.tied_head) {
+            (Some(head), _) => head.forward(hidden, ctx),
+            (None, Some(q)) if !hidden.track_op() && !self.embed.is_trainable() => {
+                super::quantized::quantized_linear(hidden, q)
+            }
+            (None, _) => hidden.broadcast_matmul(&self.embed.tensor().t()?),
         }
     }
 

@@ -12,6 +12,10 @@ pub enum Param {
 }
 
 impl Param {
+    pub fn is_trainable(&self) -> bool {
+        matches!(self, Self::Trainable(_))
+    }
+
     pub fn tensor(&self) -> &Tensor {
         match self {
             Self::Frozen(t) => t,

@@ -63,15 +63,13 @@ pub fn load_quantized_weights(
 ) -> Result<(HashMap<String, Tensor>, QuantizedWeights)> {
     if is_gguf_dir(dir) {
         let model = gguf::load(&dir.join(GGUF_FILE)).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let (mut dense, mut quantized) = (model.dense, HashMap::new());
+        let (dense, mut quantized) = (model.dense, HashMap::new());
         for (name, q) in model.quantized {
             let native = Quantization::from_ggml(q.dtype());
             let quantization =
                 quantization.or_else(|| native.filter(|n| !n.has_fast_kernel()).map(|_| Quantization::Q8_0));
             let keep = quantization.is_none_or(|wanted| native == Some(wanted));
-            if name == "lm_head.weight" {
-                dense.insert(name, q.dequantize(&Device::Cpu)?);
-            } else if keep {
+            if keep {
                 quantized.insert(name, q);
             } else {
                 let wanted = quantization.expect("checked above");
