@@ -259,7 +259,19 @@ impl CausalLm {
             }
             _ => None,
         };
-        Ok(Self { config, embed, layers, norm, lm_head, rope, prefix, tied_head, trainable: b.trainable, device, dtype })
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            prefix,
+            tied_head,
+            trainable: b.trainable,
+            device,
+            dtype,
+        })
     }
 
     pub fn device(&self) -> &Device {

@@ -12,6 +12,7 @@ pub mod mask;
 pub mod ops;
 pub mod params;
 pub mod prefix;
+pub mod q4_1;
 pub mod quantized;
 pub mod rope;
 pub mod weights;

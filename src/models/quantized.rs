@@ -67,10 +67,10 @@ impl Quantization {
         })
     }
 
-    /// candle has vectorized (AVX/NEON) matmul kernels for these; q4_1 has only a scalar one,
-    /// several times slower, so a q4_1 base is kept as q8_0 instead (see `weights`).
+    /// Every quantization has a vectorized matmul kernel: candle's (AVX/NEON), or for q4_1, whose
+    /// candle kernel is scalar, ours (`models::q4_1`).
     pub fn has_fast_kernel(self) -> bool {
-        !matches!(self, Self::Q4_1)
+        true
     }
 
     /// Weights per block: a row's length must be a multiple of it.
@@ -124,8 +124,11 @@ pub fn quantized_linear(x: &Tensor, weight: &Arc<QTensor>) -> Result<Tensor> {
     }
     let rows: usize = dims.iter().product();
     let flat = x.reshape((rows, in_features))?.contiguous()?;
+    let op = FrozenQMatmul { weight: weight.clone() };
     let out = if x.track_op() {
-        flat.apply_op1(FrozenQMatmul { weight: weight.clone() })?
+        flat.apply_op1(op)?
+    } else if weight.dtype() == GgmlDType::Q4_1 {
+        flat.apply_op1_no_bwd(&op)?
     } else {
         flat.apply_op1_no_bwd(weight.as_ref())?
     };
@@ -143,7 +146,18 @@ impl CustomOp1 for FrozenQMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.weight.cpu_fwd(storage, layout)
+        let (n, k) = self.weight.shape().dims2()?;
+        if self.weight.dtype() != GgmlDType::Q4_1 || !super::q4_1::fits(k) {
+            return self.weight.cpu_fwd(storage, layout);
+        }
+        // candle's q4_1 kernel is scalar: ours (f32 activations, AVX2).
+        let (m, _) = layout.shape().dims2()?;
+        let CpuStorage::F32(values) = storage else { candle_core::bail!("q4_1 matmul: input is not f32") };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("q4_1 matmul: input is not contiguous")
+        };
+        let out = super::q4_1::matmul(&values[start..end], m, k, &self.weight.data()?, n);
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
