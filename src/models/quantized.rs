@@ -67,12 +67,6 @@ impl Quantization {
         })
     }
 
-    /// Every quantization has a vectorized matmul kernel: candle's (AVX/NEON), or for q4_1, whose
-    /// candle kernel is scalar, ours (`models::q4_1`).
-    pub fn has_fast_kernel(self) -> bool {
-        true
-    }
-
     /// Weights per block: a row's length must be a multiple of it.
     pub fn block_size(self) -> usize {
         self.ggml().block_size()

@@ -55,8 +55,7 @@ pub fn load_model_weights(dir: &Path, dtype: DType, device: &Device) -> Result<H
 
 /// The weights of `dir` with the decoder's linear layers block-quantized (embeddings, norms and
 /// the output head stay dense f32): a GGUF base keeps the quantization it has unless another is
-/// asked for (a q4_1 base becomes q8_0, which represents it almost exactly and has a vectorized
-/// kernel); a safetensors base is quantized as `quantization` says (q4_0 by default).
+/// asked for; a safetensors base is quantized as `quantization` says (q4_0 by default).
 pub fn load_quantized_weights(
     dir: &Path,
     quantization: Option<Quantization>,
@@ -65,15 +64,13 @@ pub fn load_quantized_weights(
         let model = gguf::load(&dir.join(GGUF_FILE)).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let (dense, mut quantized) = (model.dense, HashMap::new());
         for (name, q) in model.quantized {
-            let native = Quantization::from_ggml(q.dtype());
-            let quantization =
-                quantization.or_else(|| native.filter(|n| !n.has_fast_kernel()).map(|_| Quantization::Q8_0));
-            let keep = quantization.is_none_or(|wanted| native == Some(wanted));
-            if keep {
-                quantized.insert(name, q);
-            } else {
-                let wanted = quantization.expect("checked above");
-                quantized.insert(name, quantize(&q.dequantize(&Device::Cpu)?, wanted)?);
+            match quantization {
+                Some(wanted) if Quantization::from_ggml(q.dtype()) != Some(wanted) => {
+                    quantized.insert(name, quantize(&q.dequantize(&Device::Cpu)?, wanted)?);
+                }
+                _ => {
+                    quantized.insert(name, q);
+                }
             }
         }
         return Ok((dense, quantized));

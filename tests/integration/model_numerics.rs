@@ -179,6 +179,17 @@ fn greedy_decoding_equals_transformers_generate() {
     }
 }
 
+/// One plain gradient step on every trainable parameter: adapters whose output starts at zero
+/// (LoRA's B, a bottleneck's up-projection) give the other half a gradient only after it.
+fn one_plain_step(model: &CausalLm, ids: &Tensor) {
+    let grads = lm_loss(model, ids).backward().unwrap();
+    for p in &model.trainable.params {
+        if let Some(g) = grads.get(p.var.as_tensor()) {
+            p.var.set(&(p.var.as_tensor() - (g * 0.5).unwrap()).unwrap()).unwrap();
+        }
+    }
+}
+
 fn nonzero_gradients(model: &CausalLm, ids: &Tensor) -> Vec<String> {
     let grads = lm_loss(model, ids).backward().unwrap();
     model
@@ -214,12 +225,7 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
             loaded: None,
         };
         let lora = load(name, |_| AdaptationSpec::Lora(plan));
-        let grads = lm_loss(&lora, &ids).backward().unwrap();
-        for p in &lora.trainable.params {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                p.var.set(&(p.var.as_tensor() - (g * 0.5).unwrap()).unwrap()).unwrap();
-            }
-        }
+        one_plain_step(&lora, &ids);
         assert_eq!(nonzero_gradients(&lora, &ids), Vec::<String>::new(), "{name}: LoRA with norms");
         let count = lora.trainable.params.len();
         assert_eq!(count, 2 * 7 * 2 + 2 * 2 + 1, "{name}: A and B for 7 modules x 2 layers, plus 5 norms");
@@ -245,12 +251,7 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         .unwrap();
         let config = ModelConfig::from_file(&fixture(name).join("config.json")).unwrap();
         let qlora = CausalLm::with_quantized(config, dense, quantized, Adaptation::Lora(&plan)).unwrap();
-        let grads = lm_loss(&qlora, &ids).backward().unwrap();
-        for p in &qlora.trainable.params {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                p.var.set(&(p.var.as_tensor() - (g * 0.5).unwrap()).unwrap()).unwrap();
-            }
-        }
+        one_plain_step(&qlora, &ids);
         assert_eq!(nonzero_gradients(&qlora, &ids), Vec::<String>::new(), "{name}: QLoRA");
 
         // Bottleneck adapters: `up` starts at zero too, so the same first step.
@@ -259,12 +260,7 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         let config = ModelConfig::from_file(&fixture(name).join("config.json")).unwrap();
         let weights = load_model_weights(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         let bottleneck = CausalLm::new(config, weights, Adaptation::Bottleneck(&plan)).unwrap();
-        let grads = lm_loss(&bottleneck, &ids).backward().unwrap();
-        for p in &bottleneck.trainable.params {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                p.var.set(&(p.var.as_tensor() - (g * 0.5).unwrap()).unwrap()).unwrap();
-            }
-        }
+        one_plain_step(&bottleneck, &ids);
         assert_eq!(nonzero_gradients(&bottleneck, &ids), Vec::<String>::new(), "{name}: bottleneck adapters");
         assert_eq!(bottleneck.trainable.params.len(), 2 * 2 * 4, "{name}: down/up weight and bias, 2 per layer");
 
