@@ -114,7 +114,8 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let ctx = ForwardCtx::inference();
         let hidden = model.forward_hidden(ids, &positions, &mask, &ctx)?;
-        let logits = model.logits(&hidden, &ctx)?.narrow(1, 0, t - 1)?.reshape((b * (t - 1), ()))?;
+        // The last position predicts nothing: no logits for it (as in training, `train::run`).
+        let logits = model.logits(&hidden.narrow(1, 0, t - 1)?, &ctx)?.reshape((b * (t - 1), ()))?;
         let labels = ids.narrow(1, 1, t - 1)?.flatten_all()?;
         let loss = (masked_cross_entropy_sum(&logits, &labels, &target_mask)? / (b * (t - 1)) as f64)?;
         let grads = loss.backward()?;

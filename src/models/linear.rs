@@ -57,17 +57,26 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let mut y = match &self.weight {
             LinearWeight::Dense(Param::Frozen(w)) => frozen_linear(x, w)?,
-            LinearWeight::Dense(Param::Trainable(w)) => x.broadcast_matmul(&w.as_tensor().t()?)?,
+            LinearWeight::Dense(Param::Trainable(w)) => {
+                let (out_features, in_features) = w.as_tensor().dims2()?;
+                let mut dims = x.dims().to_vec();
+                dims.pop();
+                dims.push(out_features);
+                x.reshape(((), in_features))?.matmul(&w.as_tensor().t()?)?.reshape(dims)?
+            }
             LinearWeight::Quantized(q) => quantized_linear(x, q)?,
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias.tensor())?;
         }
         if let Some(lora) = &self.lora {
+            // As 2-D matmuls: a broadcast batched matmul would also sum the adapter's gradient
+            // over a broadcast batch dimension in backward.
             let input = ctx.dropout(x, lora.dropout)?;
-            let down = input.broadcast_matmul(&lora.a.tensor().t()?)?;
-            let up = down.broadcast_matmul(&lora.b.tensor().t()?)?;
-            y = (y + (up * lora.scale)?)?;
+            let input = input.reshape(((), input.dim(candle_core::D::Minus1)?))?;
+            let down = input.matmul(&lora.a.tensor().t()?)?;
+            let up = (down.matmul(&(lora.b.tensor() * lora.scale)?.t()?)?).reshape(y.shape())?;
+            y = (y + up)?;
         }
         Ok(y)
     }

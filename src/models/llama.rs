@@ -418,7 +418,7 @@ impl Block {
         let x = (x + attended)?;
         let normed = rms_norm(&x, self.post_norm.tensor(), eps)?;
         let mlp = &self.mlp;
-        let gated = (mlp.gate.forward(&normed, ctx)?.silu()? * mlp.up.forward(&normed, ctx)?)?;
+        let gated = super::fused::swiglu(&mlp.gate.forward(&normed, ctx)?, &mlp.up.forward(&normed, ctx)?)?;
         let mut out = mlp.down.forward(&gated, ctx)?;
         if let Some((_, adapter)) = &self.adapters {
             out = adapter.forward(&out, ctx)?;
@@ -453,6 +453,15 @@ impl Attention {
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        if cache.is_none() && prefix.is_none() && super::attention::supported(x) {
+            // Training and evaluation: one fused node over the projections' own layout.
+            let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim));
+            let q = split(self.q.forward(x, ctx)?, self.heads)?;
+            let k = split(self.k.forward(x, ctx)?, self.kv_heads)?;
+            let v = split(self.v.forward(x, ctx)?, self.kv_heads)?;
+            let out = super::attention::attention(&q, &k, &v, cos, sin, mask)?;
+            return self.o.forward(&out, ctx);
+        }
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
         };

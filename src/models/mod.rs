@@ -1,6 +1,7 @@
 //! Trainable decoder-only language models (the Llama family), written on candle-core with
 //! differentiable ops, loading Hugging Face configs and safetensors. No HTTP, no SQL.
 
+pub mod attention;
 pub mod bottleneck;
 pub mod config;
 pub mod fused;
