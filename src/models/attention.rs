@@ -101,7 +101,7 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 fn rope(x: &[f32], cos: &[f32], sin: &[f32], dims: &Dims, n: usize, inverse: bool) -> Vec<f32> {
     let d = dims.d;
     let half = d / 2;
-    let mut out = vec![0f32; x.len()];
+    let mut out = super::fastmath::for_overwrite(x.len());
     out.par_chunks_mut(n * d).zip(x.par_chunks(n * d)).enumerate().for_each(|(row, (out, x))| {
         let (c, s) = (&cos[row * d..(row + 1) * d], &sin[row * d..(row + 1) * d]);
         for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
@@ -180,18 +180,8 @@ impl Attention {
         };
         let mask = if self.dims.mask_batched { &mask[batch * t * t..(batch + 1) * t * t] } else { &mask[..t * t] };
         for (row, mask) in p.chunks_exact_mut(t).zip(mask.chunks_exact(t)) {
-            let mut max = f32::NEG_INFINITY;
-            for (s, m) in row.iter_mut().zip(mask) {
-                *s += m;
-                max = max.max(*s);
-            }
-            let mut sum = 0.0;
-            for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|s| *s *= inv);
+            row.iter_mut().zip(mask).for_each(|(s, m)| *s += m);
+            super::fastmath::softmax_in_place(row);
         }
     }
 
@@ -220,7 +210,8 @@ impl CustomOp3 for Attention {
         let (qr, kr) = self.rotated(q, k)?;
         let mask = values(&self.mask)?;
         let Dims { b, t, heads, kv_heads, d, .. } = self.dims;
-        let mut out = vec![0f32; b * t * heads * d];
+        // Every head's columns of every row are written by one task's gemm.
+        let mut out = super::fastmath::for_overwrite(b * t * heads * d);
         let dst = Shared(out.as_mut_ptr());
         (0..b * heads).into_par_iter().for_each_init(
             || vec![0f32; t * t],
@@ -255,7 +246,9 @@ impl CustomOp3 for Attention {
         let Dims { b, t, heads, kv_heads, d, .. } = self.dims;
         let per_group = heads / kv_heads;
         let scale = self.dims.scale();
-        let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+        // dQ is written head by head; dK and dV accumulate over a group's heads.
+        let (mut dq, mut dk, mut dv) =
+            (super::fastmath::for_overwrite(q.len()), vec![0f32; k.len()], vec![0f32; v.len()]);
         let (dq_p, dk_p, dv_p) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
         // One task per (batch, key/value head): it owns that head's dK and dV and its query heads' dQ.
         (0..b * kv_heads).into_par_iter().for_each_init(

@@ -73,16 +73,10 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout)?;
         let dim = layout.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
+        let mut out = super::fastmath::for_overwrite(x.len());
         out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(y, x)| {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = (x - max).exp();
-                sum += *y;
-            }
-            let inv = 1.0 / sum;
-            y.iter_mut().for_each(|y| *y *= inv);
+            y.copy_from_slice(x);
+            super::fastmath::softmax_in_place(y);
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -140,11 +134,6 @@ impl CustomOp2 for RmsNorm {
 
 struct SwiGlu;
 
-fn silu_and_sigmoid(x: f32) -> (f32, f32) {
-    let s = 1.0 / (1.0 + (-x).exp());
-    (x * s, s)
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "fused-swiglu"
@@ -152,10 +141,11 @@ impl CustomOp2 for SwiGlu {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (gate, up) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
-        let mut out = vec![0f32; gate.len()];
+        let mut out = super::fastmath::for_overwrite(gate.len());
         out.par_chunks_mut(4096).zip(gate.par_chunks(4096).zip(up.par_chunks(4096))).for_each(|(y, (g, u))| {
+            super::fastmath::sigmoid(g, y);
             for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                *y = silu_and_sigmoid(g).0 * u;
+                *y *= g * u;
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -165,13 +155,15 @@ impl CustomOp2 for SwiGlu {
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (gate_v, up_v): (Vec<f32>, Vec<f32>) = (gate.flatten_all()?.to_vec1()?, up.flatten_all()?.to_vec1()?);
         let g: Vec<f32> = g.contiguous()?.flatten_all()?.to_vec1()?;
-        let (mut d_gate, mut d_up) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+        let (mut d_gate, mut d_up) = (super::fastmath::for_overwrite(g.len()), super::fastmath::for_overwrite(g.len()));
         d_gate.par_chunks_mut(4096).zip(d_up.par_chunks_mut(4096)).enumerate().for_each(|(chunk, (dg, du))| {
             let at = chunk * 4096;
-            for (i, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
-                let (x, u, g) = (gate_v[at + i], up_v[at + i], g[at + i]);
-                let (silu, s) = silu_and_sigmoid(x);
-                *du = g * silu;
+            let (x, u, g) = (&gate_v[at..at + dg.len()], &up_v[at..at + dg.len()], &g[at..at + dg.len()]);
+            // σ(gate) into d_up first, then both gradients from it.
+            super::fastmath::sigmoid(x, du);
+            for ((((dg, du), &x), &u), &g) in dg.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
+                let s = *du;
+                *du = g * x * s;
                 *dg = g * u * s * (1.0 + x * (1.0 - s));
             }
         });
@@ -186,12 +178,6 @@ struct CrossEntropy {
     weights: Vec<f32>,
 }
 
-/// The maximum and `log Σ exp(x − max)` of a row.
-fn max_and_log_sum(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    (max, row.iter().map(|x| (x - max).exp()).sum::<f32>().ln())
-}
-
 impl CustomOp1 for CrossEntropy {
     fn name(&self) -> &'static str {
         "fused-cross-entropy"
@@ -202,12 +188,15 @@ impl CustomOp1 for CrossEntropy {
         let n = self.labels.len();
         let vocab = logits.len() / n.max(1);
         let mut out = vec![0f32; n];
-        out.par_iter_mut().zip(logits.par_chunks(vocab)).enumerate().for_each(|(i, (y, row))| {
-            if self.weights[i] != 0.0 {
-                let (max, log_sum) = max_and_log_sum(row);
-                *y = self.weights[i] * (max + log_sum - row[self.labels[i] as usize]);
-            }
-        });
+        out.par_iter_mut().zip(logits.par_chunks(vocab)).enumerate().for_each_init(
+            || vec![0f32; vocab],
+            |scratch, (i, (y, row))| {
+                if self.weights[i] != 0.0 {
+                    let (max, log_sum) = super::fastmath::max_and_log_sum(row, scratch);
+                    *y = self.weights[i] * (max + log_sum - row[self.labels[i] as usize]);
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
@@ -215,16 +204,17 @@ impl CustomOp1 for CrossEntropy {
         let (n, vocab) = logits.dims2()?;
         let values: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
-        let mut grad = vec![0f32; n * vocab];
+        let mut grad = super::fastmath::for_overwrite(n * vocab);
         grad.par_chunks_mut(vocab).zip(values.par_chunks(vocab)).enumerate().for_each(|(i, (dx, row))| {
             let w = g[i] * self.weights[i];
             if w != 0.0 {
-                let (max, log_sum) = max_and_log_sum(row);
-                let shift = max + log_sum;
-                for (dx, &x) in dx.iter_mut().zip(row) {
-                    *dx = w * (x - shift).exp();
-                }
+                // dx ← softmax(row) · w, then − w at the label.
+                let max = super::fastmath::max(row);
+                let sum = super::fastmath::exp_shifted_into(row, dx, max);
+                super::fastmath::scale(dx, w / sum);
                 dx[self.labels[i] as usize] -= w;
+            } else {
+                dx.fill(0.0);
             }
         });
         Ok(Some(Tensor::from_vec(grad, (n, vocab), logits.device())?))

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod bottleneck;
 pub mod config;
+pub mod fastmath;
 pub mod fused;
 pub mod gguf;
 pub mod kv_cache;

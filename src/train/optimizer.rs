@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
 
 use crate::models::params::NamedParam;
 
@@ -25,8 +26,8 @@ pub struct AdamW {
     config: AdamWConfig,
     /// Optimizer steps taken so far.
     step: u64,
-    /// First and second moments by parameter name (created at the first step).
-    moments: HashMap<String, (Tensor, Tensor)>,
+    /// First and second moments by parameter name (created at the first step), flat f32.
+    moments: HashMap<String, (Vec<f32>, Vec<f32>)>,
 }
 
 impl AdamW {
@@ -38,53 +39,75 @@ impl AdamW {
         self.step
     }
 
-    /// Applies one update with learning rate `lr` from `grads` (by parameter name).
+    /// One update of every parameter that has a gradient in `grads` (by name), at rate `lr`.
+    ///
+    /// One pass over each parameter's values, gradient and moments (in parallel chunks), instead
+    /// of a dozen tensor operations that each allocate a parameter-sized result.
     pub fn step(&mut self, params: &[NamedParam], grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
+        // 1 − β in f64 first: 1 − 0.999f32 is 0.0010000467, not 0.001.
+        let (b1, b2, rest1, rest2) = (c.beta1 as f32, c.beta2 as f32, (1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+        let (step_size, inv_bias2_sqrt, eps) = ((lr / bias1) as f32, (1.0 / bias2_sqrt) as f32, c.eps as f32);
         for p in params {
             let Some(grad) = grads.get(&p.name) else { continue };
-            // Detached, so that the moments never hold on to an autograd graph.
-            let grad = grad.detach().to_dtype(DType::F32)?;
-            let (m, v) = match self.moments.remove(&p.name) {
-                Some(state) => state,
-                None => (grad.zeros_like()?, grad.zeros_like()?),
-            };
-            let m = ((m * c.beta1)? + (&grad * (1.0 - c.beta1))?)?;
-            let v = ((v * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
-            let mut value = p.var.as_tensor().detach().to_dtype(DType::F32)?;
-            if p.decay && c.weight_decay > 0.0 {
-                value = (value * (1.0 - lr * c.weight_decay))?;
+            let grad: Vec<f32> = grad.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let value = p.var.as_tensor();
+            let mut values: Vec<f32> = value.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            if grad.len() != values.len() {
+                candle_core::bail!("{}: gradient of {} values for {} weights", p.name, grad.len(), values.len());
             }
-            let denom = ((v.sqrt()? / bias2_sqrt)? + c.eps)?;
-            let update = (m.div(&denom)? * (lr / bias1))?;
-            p.var.set(&(value - update)?.to_dtype(p.var.dtype())?)?;
-            self.moments.insert(p.name.clone(), (m, v));
+            let n = values.len();
+            let (m, v) = self.moments.entry(p.name.clone()).or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
+            if m.len() != n || v.len() != n {
+                candle_core::bail!("{}: optimizer state of {} values for {n} weights", p.name, m.len());
+            }
+            let decay = if p.decay && c.weight_decay > 0.0 { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
+            const CHUNK: usize = 1 << 14;
+            values
+                .par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(grad.par_chunks(CHUNK))
+                .for_each(|(((w, m), v), g)| {
+                    for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                        *m = b1 * *m + rest1 * g;
+                        *v = b2 * *v + rest2 * g * g;
+                        *w = *w * decay - step_size * *m / (v.sqrt() * inv_bias2_sqrt + eps);
+                    }
+                });
+            let updated = Tensor::from_vec(values, value.shape(), value.device())?.to_dtype(value.dtype())?;
+            p.var.set(&updated)?;
         }
         Ok(())
     }
 
-    /// Moments as tensors named `m.<param>` / `v.<param>`, and the step count.
+    /// Step count and moments (`m.<name>`, `v.<name>`, flat f32) for a checkpoint.
     pub fn state(&self) -> (u64, HashMap<String, Tensor>) {
         let mut tensors = HashMap::new();
         for (name, (m, v)) in &self.moments {
-            tensors.insert(format!("m.{name}"), m.clone());
-            tensors.insert(format!("v.{name}"), v.clone());
+            let flat = |x: &Vec<f32>| Tensor::from_slice(x, x.len(), &candle_core::Device::Cpu);
+            if let (Ok(m), Ok(v)) = (flat(m), flat(v)) {
+                tensors.insert(format!("m.{name}"), m);
+                tensors.insert(format!("v.{name}"), v);
+            }
         }
         (self.step, tensors)
     }
 
+    /// Restores what [`AdamW::state`] returned.
     pub fn restore(&mut self, step: u64, tensors: &HashMap<String, Tensor>) -> Result<()> {
         self.step = step;
         self.moments.clear();
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
         for (key, m) in tensors {
             if let Some(name) = key.strip_prefix("m.") {
                 let v = tensors
                     .get(&format!("v.{name}"))
                     .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks v.{name}")))?;
-                self.moments.insert(name.to_string(), (m.clone(), v.clone()));
+                self.moments.insert(name.to_string(), (flat(m)?, flat(v)?));
             }
         }
         Ok(())
