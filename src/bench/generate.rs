@@ -58,7 +58,8 @@ pub fn run(args: &BenchGenerateArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     let mut first_tokens = Vec::new();
     for _ in 0..=args.repeats {
-        let (tokens, prefill, decode) = decode(&model, &prompt, args.new_tokens)?;
+        // On a rayon worker, as the serving engine runs its steps (see `infer::engine`).
+        let (tokens, prefill, decode) = rayon::scope(|_| decode(&model, &prompt, args.new_tokens))?;
         first_tokens = tokens.into_iter().take(8).collect();
         runs.push((prefill, decode));
     }
