@@ -83,6 +83,13 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not the raw field).
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 fn slice_of<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else { candle_core::bail!("fused attention: expected f32") };
     match layout.contiguous_offsets() {
@@ -220,10 +227,9 @@ impl CustomOp3 for Attention {
                 self.probabilities(&qr, &kr, &mask, batch, head, p);
                 let group = head / (heads / kv_heads);
                 let v = &v[self.dims.at(batch, kv_heads, group)..];
-                let dst = dst;
                 // O = P · V, written into this head's columns of the output rows.
                 unsafe {
-                    let o = dst.0.add(self.dims.at(batch, heads, head));
+                    let o = dst.at(self.dims.at(batch, heads, head));
                     mm((t, d, t), o, heads * d, false, p.as_ptr(), (t, 1), v.as_ptr(), (kv_heads * d, 1), 1.0);
                 }
             },
@@ -255,7 +261,6 @@ impl CustomOp3 for Attention {
             || (vec![0f32; t * t], vec![0f32; t * t]),
             |(p, dp), task| {
                 let (batch, group) = (task / kv_heads, task % kv_heads);
-                let (dq_p, dk_p, dv_p) = (dq_p, dk_p, dv_p);
                 let kv_at = self.dims.at(batch, kv_heads, group);
                 for head in group * per_group..(group + 1) * per_group {
                     self.probabilities(&qr, &kr, &mask, batch, head, p);
@@ -263,17 +268,7 @@ impl CustomOp3 for Attention {
                     let go = g[q_at..].as_ptr();
                     unsafe {
                         // dV += Pᵀ · dO
-                        mm(
-                            (t, d, t),
-                            dv_p.0.add(kv_at),
-                            kv_heads * d,
-                            true,
-                            p.as_ptr(),
-                            (1, t),
-                            go,
-                            (heads * d, 1),
-                            1.0,
-                        );
+                        mm((t, d, t), dv_p.at(kv_at), kv_heads * d, true, p.as_ptr(), (1, t), go, (heads * d, 1), 1.0);
                         // dP = dO · Vᵀ
                         mm(
                             (t, t, d),
@@ -296,7 +291,7 @@ impl CustomOp3 for Attention {
                         let (k, qh) = (kr[kv_at..].as_ptr(), qr[q_at..].as_ptr());
                         mm(
                             (t, d, t),
-                            dq_p.0.add(q_at),
+                            dq_p.at(q_at),
                             heads * d,
                             false,
                             dp.as_ptr(),
@@ -307,7 +302,7 @@ impl CustomOp3 for Attention {
                         );
                         mm(
                             (t, d, t),
-                            dk_p.0.add(kv_at),
+                            dk_p.at(kv_at),
                             kv_heads * d,
                             true,
                             dp.as_ptr(),
