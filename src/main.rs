@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    ferrotune::train::init_pool();
     let cli = ferrotune::config::Cli::parse();
     match ferrotune::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

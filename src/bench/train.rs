@@ -112,22 +112,23 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
     for step in 0..args.warmup + args.steps {
         let ids = &batches[step % 4];
         let started = Instant::now();
-        let ctx = ForwardCtx::inference();
-        let hidden = model.forward_hidden(ids, &positions, &mask, &ctx)?;
-        // The last position predicts nothing: no logits for it (as in training, `train::run`).
-        let logits = model.logits(&hidden.narrow(1, 0, t - 1)?, &ctx)?.reshape((b * (t - 1), ()))?;
-        let labels = ids.narrow(1, 1, t - 1)?.flatten_all()?;
-        let loss = (masked_cross_entropy_sum(&logits, &labels, &target_mask)? / (b * (t - 1)) as f64)?;
-        let grads = loss.backward()?;
-        let named = model
-            .trainable
-            .params
-            .iter()
-            .filter_map(|p| grads.get(p.var.as_tensor()).map(|g| (p.name.clone(), g.clone())))
-            .collect();
-        optimizer.step(&model.trainable.params, &named, 1e-4)?;
-        drop(named);
-        let value = loss.to_scalar::<f32>()?;
+        let value = crate::train::on_pool(|| -> anyhow::Result<f32> {
+            let ctx = ForwardCtx::inference();
+            let hidden = model.forward_hidden(ids, &positions, &mask, &ctx)?;
+            // The last position predicts nothing: no logits for it (as in training, `train::run`).
+            let logits = model.logits(&hidden.narrow(1, 0, t - 1)?, &ctx)?.reshape((b * (t - 1), ()))?;
+            let labels = ids.narrow(1, 1, t - 1)?.flatten_all()?;
+            let loss = (masked_cross_entropy_sum(&logits, &labels, &target_mask)? / (b * (t - 1)) as f64)?;
+            let grads = loss.backward()?;
+            let named = model
+                .trainable
+                .params
+                .iter()
+                .filter_map(|p| grads.get(p.var.as_tensor()).map(|g| (p.name.clone(), g.clone())))
+                .collect();
+            optimizer.step(&model.trainable.params, &named, 1e-4)?;
+            Ok(loss.to_scalar::<f32>()?)
+        })?;
         let elapsed = started.elapsed().as_secs_f64();
         if step == 0 {
             loss_first = value;

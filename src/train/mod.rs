@@ -8,6 +8,7 @@ pub mod config;
 pub mod eval;
 pub mod optimizer;
 pub mod output;
+mod pool;
 mod run;
 pub mod schedule;
 mod setup;
@@ -16,6 +17,7 @@ use std::path::PathBuf;
 
 pub use config::{Method, TrainConfig};
 pub use eval::EvalMetrics;
+pub use pool::{init_pool, on_pool};
 pub use run::train;
 use serde::Serialize;
 

@@ -151,6 +151,11 @@ impl Run<'_> {
     /// One optimizer step over a group of micro-batches; returns (mean loss, token accuracy,
     /// tokens seen).
     fn step(&mut self, group: &[&[usize]]) -> Result<(f64, f64, usize), TrainError> {
+        // On a pool thread: see `train::pool`.
+        super::on_pool(|| self.step_here(group))
+    }
+
+    fn step_here(&mut self, group: &[&[usize]]) -> Result<(f64, f64, usize), TrainError> {
         let model = &self.prepared.model;
         let batches = group
             .iter()
