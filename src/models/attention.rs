@@ -192,10 +192,9 @@ impl Attention {
         }
     }
 
-    fn rotated(&self, q: &[f32], k: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (cos, sin) = (values(&self.cos)?, values(&self.sin)?);
-        let dims = &self.dims;
-        Ok((rope(q, &cos, &sin, dims, dims.heads, false), rope(k, &cos, &sin, dims, dims.kv_heads, false)))
+    /// The RoPE tables as flat `(b·t, d)` values.
+    fn tables(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((values(&self.cos)?, values(&self.sin)?))
     }
 }
 
@@ -214,7 +213,11 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (slice_of(s1, l1)?, slice_of(s2, l2)?, slice_of(s3, l3)?);
-        let (qr, kr) = self.rotated(q, k)?;
+        let (cos, sin) = self.tables()?;
+        let (qr, kr) = (
+            rope(q, &cos, &sin, &self.dims, self.dims.heads, false),
+            rope(k, &cos, &sin, &self.dims, self.dims.kv_heads, false),
+        );
         let mask = values(&self.mask)?;
         let Dims { b, t, heads, kv_heads, d, .. } = self.dims;
         // Every head's columns of every row are written by one task's gemm.
@@ -247,7 +250,11 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q_t, k_t) = (q, k);
         let (q, k, v, g) = (values(q)?, values(k)?, values(v)?, values(grad)?);
-        let (qr, kr) = self.rotated(&q, &k)?;
+        let (cos, sin) = self.tables()?;
+        let (qr, kr) = (
+            rope(&q, &cos, &sin, &self.dims, self.dims.heads, false),
+            rope(&k, &cos, &sin, &self.dims, self.dims.kv_heads, false),
+        );
         let mask = values(&self.mask)?;
         let Dims { b, t, heads, kv_heads, d, .. } = self.dims;
         let per_group = heads / kv_heads;
@@ -315,7 +322,6 @@ impl CustomOp3 for Attention {
                 }
             },
         );
-        let (cos, sin) = (values(&self.cos)?, values(&self.sin)?);
         let dq = rope(&dq, &cos, &sin, &self.dims, heads, true);
         let dk = rope(&dk, &cos, &sin, &self.dims, kv_heads, true);
         let device = q_t.device();

@@ -223,7 +223,8 @@ pub fn scale(x: &mut [f32], by: f32) {
     x.iter_mut().for_each(|v| *v *= by);
 }
 
-fn avx2() -> bool {
+/// Whether the CPU has AVX2 and FMA (the kernels here and in `q4_1` are compiled for them).
+pub fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")

@@ -107,10 +107,11 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w_bytes: &[u8], n: usize) -> Vec<f3
     result
 }
 
+/// AVX2 and FMA, plus F16C for the blocks' f16 scales.
 fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        super::fastmath::avx2() && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -103,7 +103,6 @@ fn a_trained_prefix_loads_in_peft_with_the_same_logits() {
     for name in ["llama", "qwen2"] {
         let dir = tempfile::tempdir().unwrap();
         let mut config = crate::training::config_for(dir.path(), Method::Prefix, name);
-        config.method = Method::Prefix;
         config.prefix_length = 5;
         config.prefix_projection = true;
         config.epochs = 2;

@@ -53,6 +53,7 @@ pub fn config_for(dir: &Path, method: Method, model: &str) -> TrainConfig {
         if method == Method::Full { "full" } else { "lora" },
     );
     let mut config: TrainConfig = serde_yaml::from_str(&yaml).unwrap();
+    config.method = method;
     config.batch_size = 4;
     config.max_seq_len = 64;
     config.lr_scheduler = ferrotune::train::schedule::SchedulerKind::Constant;
@@ -74,6 +75,21 @@ fn exact_answers(model: &CausalLm, tokenizer: &ChatTokenizer) -> usize {
             text.trim() == a.as_str()
         })
         .count()
+}
+
+/// The LoRA and QLoRA runs: 80 epochs, r 16 on every linear layer, cosine from 1e-2 (decaying to
+/// zero settles the adapter; a constant 1e-2 keeps it oscillating near the end).
+fn adapter_run(mut config: TrainConfig) -> TrainConfig {
+    config.epochs = 80;
+    config.lr_scheduler = ferrotune::train::schedule::SchedulerKind::Cosine;
+    config.learning_rate = 1e-2;
+    config.lora = LoraSettings {
+        r: 16,
+        alpha: 32.0,
+        target_modules: TargetModules::Keyword("all-linear".into()),
+        ..Default::default()
+    };
+    config
 }
 
 fn load_base(adaptation: Adaptation<'_>, dir: &Path) -> CausalLm {
@@ -101,17 +117,7 @@ fn full_fine_tuning_learns_the_question_answer_set() {
 #[test]
 fn lora_learns_the_question_answer_set_and_merges() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path(), Method::Lora);
-    config.epochs = 80;
-    // Decaying to zero settles the adapter; a constant 1e-2 keeps it oscillating near the end.
-    config.lr_scheduler = ferrotune::train::schedule::SchedulerKind::Cosine;
-    config.learning_rate = 1e-2;
-    config.lora = LoraSettings {
-        r: 16,
-        alpha: 32.0,
-        target_modules: TargetModules::Keyword("all-linear".into()),
-        ..Default::default()
-    };
+    let config = adapter_run(config(dir.path(), Method::Lora));
     let summary = train(&config, &mut Silent).unwrap();
     let loss = summary.final_train_loss.unwrap();
     assert!(loss < 0.1, "final training loss {loss}");
@@ -136,18 +142,8 @@ fn qlora_learns_the_question_answer_set_over_a_quantized_base() {
     use ferrotune::models::quantized::Quantization;
     for quantization in [Quantization::Q8_0, Quantization::Q4_0] {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = config(dir.path(), Method::Qlora);
-        config.method = Method::Qlora;
+        let mut config = adapter_run(config(dir.path(), Method::Qlora));
         config.quantization = Some(quantization);
-        config.epochs = 80;
-        config.lr_scheduler = ferrotune::train::schedule::SchedulerKind::Cosine;
-        config.learning_rate = 1e-2;
-        config.lora = LoraSettings {
-            r: 16,
-            alpha: 32.0,
-            target_modules: TargetModules::Keyword("all-linear".into()),
-            ..Default::default()
-        };
         let summary = train(&config, &mut Silent).unwrap();
         let loss = summary.final_train_loss.unwrap();
         assert!(loss < 0.1, "{quantization:?}: final training loss {loss}");
@@ -170,7 +166,6 @@ fn qlora_learns_the_question_answer_set_over_a_quantized_base() {
 fn bottleneck_adapters_learn_the_question_answer_set_and_serve_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), Method::Bottleneck);
-    config.method = Method::Bottleneck;
     config.epochs = 60;
     config.adapter_size = 32;
     config.learning_rate = 1e-2;
@@ -212,7 +207,6 @@ fn bottleneck_adapters_learn_the_question_answer_set_and_serve_the_same_logits()
 fn prefix_tuning_learns_the_question_answer_set_and_serves_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), Method::Prefix);
-    config.method = Method::Prefix;
     config.prefix_length = 64;
     // A direct table learns this set faster than PEFT's reparameterisation (checked elsewhere).
     config.prefix_projection = false;
