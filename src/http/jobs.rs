@@ -236,20 +236,35 @@ pub async fn resume_job(state: State<AppState>, caller: Caller, id: Path<String>
 
 /// Applies a client action. A job an executor holds is only asked (it acts within a step);
 /// any other moves at once. Every update is conditional on the status read here, so a job that
-/// changed in between answers 409 rather than being overwritten.
+/// changed in between is not overwritten: the action is tried again on the new status (a job
+/// that moved from validating to queued can still be cancelled), and answers 409 only when the
+/// new status does not allow it.
 async fn act(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     action: JobAction,
 ) -> Result<Json<JobObject>, ApiError> {
-    use JobStatus::*;
+    // A status changes a handful of times in a job's life; three reads cover any race.
+    for _ in 0..3 {
+        let job = find_job(&state, &caller, &id).await?;
+        if apply(&state, &job, action).await? {
+            let job = find_job(&state, &caller, &id).await?;
+            return Ok(Json(render_job(&state, job).await?));
+        }
+    }
     let job = find_job(&state, &caller, &id).await?;
+    Err(invalid_state(action, &job.status))
+}
+
+/// One conditional attempt at `action` on `job` as read; false when its status changed meanwhile.
+async fn apply(state: &AppState, job: &JobRecord, action: JobAction) -> Result<bool, ApiError> {
+    use JobStatus::*;
     let current = job.status();
     let target = current.after(action).ok_or_else(|| invalid_state(action, current.as_str()))?;
     let cancel_pending = job.requested_action.as_deref() == Some("cancel");
     let store = &state.store;
-    let changed = match (action, current) {
+    Ok(match (action, current) {
         (JobAction::Cancel, Running | Pausing) if cancel_pending => true,
         (JobAction::Cancel, Running | Pausing) => {
             store.request_action(&job.id, "cancel", current, NewEvent::message("Cancellation requested")).await?
@@ -269,12 +284,7 @@ async fn act(
             };
             store.transition(&job.id, &[current], target, NewEvent::message(event)).await?
         }
-    };
-    let job = find_job(&state, &caller, &id).await?;
-    if !changed {
-        return Err(invalid_state(action, &job.status));
-    }
-    Ok(Json(render_job(&state, job).await?))
+    })
 }
 
 fn invalid_state(action: JobAction, status: &str) -> ApiError {

@@ -14,9 +14,13 @@ const WORDS: [&str; 8] = ["apple", "river", "stone", "cloud", "green", "tiger", 
 
 /// A chat dataset that teaches code words, uploaded as a fine-tune file; returns its id.
 pub async fn upload_qa(app: &TestApp) -> String {
-    let lines: Vec<String> = WORDS
-        .iter()
-        .enumerate()
+    upload_qa_times(app, 1).await
+}
+
+/// The question-answer set, `times` times over (8·times examples).
+async fn upload_qa_times(app: &TestApp, times: usize) -> String {
+    let lines: Vec<String> = (0..times)
+        .flat_map(|_| WORDS.iter().enumerate())
         .map(|(i, w)| {
             json!({"messages": [{"role": "user", "content": format!("What is code number {i}?")},
                                 {"role": "assistant", "content": format!("The code is {w}.")}]})
@@ -188,8 +192,11 @@ async fn a_paused_job_checkpoints_and_resumes_where_it_stopped() {
 async fn pause_and_resume(backend: Backend) {
     let mut app = TestApp::spawn(backend).await;
     app.start_executors(1);
-    let file = upload_qa(&app).await;
-    let id = create_job(&app, &job_request(&file, 40, 1, 0)).await;
+    // 40 epochs over the set 8 times (64 examples), batch 1: 2,560 steps, so the job is still
+    // running when the pause lands (320 steps took about a second once training got faster).
+    let file = upload_qa_times(&app, 8).await;
+    let (epochs, steps) = (40, 2560);
+    let id = create_job(&app, &job_request(&file, epochs, 1, 0)).await;
     wait_for(&app, &id, Duration::from_secs(60), |j| {
         status(j) == "running" && j["progress"]["step"].as_i64() >= Some(3)
     })
@@ -212,8 +219,11 @@ async fn pause_and_resume(backend: Backend) {
     let job =
         wait_for(&app, &id, Duration::from_secs(180), |j| status(j) == "succeeded" || status(j) == "failed").await;
     assert_eq!(status(&job), "succeeded", "{job}");
-    let steps = metric_steps(&all_events(&app, &id).await);
-    assert_eq!(steps, (1..=320).collect::<Vec<_>>(), "no step is repeated or skipped around the pause");
+    assert_eq!(
+        metric_steps(&all_events(&app, &id).await),
+        (1..=steps).collect::<Vec<_>>(),
+        "no step is repeated or skipped around the pause"
+    );
 }
 
 #[tokio::test]
