@@ -5,15 +5,56 @@
 
 FILE is a safetensors file with `input_ids` (int64 [b, t]) and `logits` (float32 [b, t, vocab])
 computed by ferrotune. Prints the max absolute difference; exits 1 above --tolerance.
+An adapter must load without a warning from PEFT (a Python UserWarning, e.g. an unknown key in
+adapter_config.json, or a logged warning such as missing or unexpected weights): any is an error,
+exit 2. The libraries' deprecation notices about each other's APIs are let through.
 Needs torch, transformers and peft (scripts/requirements-fixtures.txt).
 """
 
 import argparse
+import logging
 import sys
+import warnings
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+def load_adapter_strictly(model, adapter_dir):
+    from peft import PeftModel
+
+    collected = _Collect()
+    loggers = [logging.getLogger("peft"), logging.getLogger("transformers")]
+    for logger in loggers:
+        logger.addHandler(collected)
+    try:
+        with warnings.catch_warnings():
+            # What PEFT says about the files is a UserWarning; the libraries' deprecation notices
+            # about each other's APIs are not about our adapter.
+            warnings.simplefilter("error")
+            for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+                warnings.simplefilter("default", category)
+            model = PeftModel.from_pretrained(model, adapter_dir)
+    except Warning as warning:
+        print(f"loading the adapter warned: {warning}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(collected)
+    if collected.messages:
+        print("loading the adapter logged warnings:\n  " + "\n  ".join(collected.messages), file=sys.stderr)
+        sys.exit(2)
+    return model
 
 
 def main() -> int:
@@ -27,9 +68,7 @@ def main() -> int:
     expected = load_file(args.expect)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager")
     if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model = load_adapter_strictly(model, args.adapter)
     model.eval()
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits

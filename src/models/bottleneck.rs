@@ -4,8 +4,8 @@
 //! The base stays frozen.
 //!
 //! Saved as `adapter_config.json` (`{"adapter_type": "bottleneck", "adapter_size",
-//! "non_linearity": "swish", "placement": ["self_attn", "mlp"], "base_model_name_or_path",
-//! "library": "ferrotune"}`) and `adapter_model.safetensors` with tensors named
+//! "non_linearity": "swish", "placement": ["self_attn", "mlp"], "base_model_name_or_path"}`),
+//! `ferrotune.json` (what wrote it) and `adapter_model.safetensors` with tensors named
 //! `model.layers.{i}.{attn,mlp}_adapter.{down,up}.{weight,bias}` (weights `(out, in)` as in torch).
 
 use std::collections::HashMap;
@@ -96,10 +96,8 @@ pub fn save(dir: &Path, adapter_size: usize, base_model: &str, tensors: &HashMap
         "non_linearity": "swish",
         "placement": ["self_attn", "mlp"],
         "base_model_name_or_path": base_model,
-        "library": "ferrotune",
     });
-    let text = serde_json::to_string_pretty(&config).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    std::fs::write(dir.join(crate::peft::adapter::CONFIG_FILE), text + "\n")?;
+    crate::peft::adapter::write_config(dir, &config, ADAPTER_TYPE, base_model)?;
     let cpu: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))

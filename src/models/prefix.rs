@@ -178,10 +178,8 @@ pub fn save(dir: &Path, config: &ModelConfig, length: usize, base_model: &str, t
         "prefix_projection": false,
         "inference_mode": true,
         "revision": null,
-        "library": "ferrotune",
     });
-    let text = serde_json::to_string_pretty(&document).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    std::fs::write(dir.join(crate::peft::adapter::CONFIG_FILE), text + "\n")?;
+    crate::peft::adapter::write_config(dir, &document, "prefix", base_model)?;
     let tensors = HashMap::from([("prompt_embeddings".to_string(), table.to_device(&Device::Cpu)?.contiguous()?)]);
     candle_core::safetensors::save(&tensors, dir.join(crate::peft::adapter::WEIGHTS_FILE))
 }

@@ -11,6 +11,10 @@ use crate::models::llama::LINEAR_MODULES;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Where ferrotune records what wrote an adapter. PEFT's config classes take only their own keys
+/// (an unknown one makes PEFT warn that the file came from a newer PEFT), so provenance stays out
+/// of `adapter_config.json`.
+pub const PROVENANCE_FILE: &str = "ferrotune.json";
 /// Module names saved whole (PEFT `modules_to_save`) when norms are trained with LoRA.
 pub const NORM_MODULES: [&str; 3] = ["input_layernorm", "post_attention_layernorm", "norm"];
 
@@ -49,15 +53,30 @@ pub fn save_adapter(
         "alpha_pattern": {},
         "use_dora": false,
         "revision": null,
-        "library": "ferrotune",
     });
-    let text = serde_json::to_string_pretty(&document).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    std::fs::write(dir.join(CONFIG_FILE), text + "\n")?;
+    write_config(dir, &document, "lora", base_model)?;
     let cpu: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     candle_core::safetensors::save(&cpu, dir.join(WEIGHTS_FILE))
+}
+
+/// Writes `adapter_config.json` (exactly `document`) and, beside it, `ferrotune.json`: the
+/// library, its version, the adapter kind and the base model.
+pub fn write_config(dir: &Path, document: &serde_json::Value, kind: &str, base_model: &str) -> Result<()> {
+    let pretty = |value: &serde_json::Value| {
+        serde_json::to_string_pretty(value).map(|t| t + "\n").map_err(|e| candle_core::Error::Msg(e.to_string()))
+    };
+    std::fs::write(dir.join(CONFIG_FILE), pretty(document)?)?;
+    let provenance = json!({
+        "library": "ferrotune",
+        "version": env!("CARGO_PKG_VERSION"),
+        "adapter": kind,
+        "base_model": base_model,
+    });
+    std::fs::write(dir.join(PROVENANCE_FILE), pretty(&provenance)?)?;
+    Ok(())
 }
 
 /// Reads an adapter: its LoRA settings, whether it carries norms, and its tensors by PEFT name.
