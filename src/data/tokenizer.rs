@@ -4,6 +4,8 @@
 //! the tokenizers library's encoding; it owns loading and the special-token conventions.
 
 mod config;
+mod token_bytes;
+pub use token_bytes::token_text;
 
 #[cfg(test)]
 mod tests;
@@ -23,6 +25,7 @@ pub struct ChatTokenizer {
     tokenizer: Tokenizer,
     special_tokens: Vec<(String, String)>,
     template: Option<ChatTemplate>,
+    bytes: token_bytes::TokenBytes,
 }
 
 impl ChatTokenizer {
@@ -58,7 +61,8 @@ impl ChatTokenizer {
         } else {
             Some(ChatTemplate::from_named(templates)?.with_special_tokens(special_tokens.clone()))
         };
-        Ok(Self { tokenizer, special_tokens, template })
+        let bytes = token_bytes::TokenBytes::new(&tokenizer);
+        Ok(Self { tokenizer, special_tokens, template, bytes })
     }
 
     /// Token ids of `text`; `add_special_tokens` runs the post-processor (BOS for Llama-style models).
@@ -77,6 +81,15 @@ impl ChatTokenizer {
     /// The text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, DataError> {
         self.tokenizer.decode(ids, skip_special_tokens).map_err(DataError::Tokenizer)
+    }
+
+    /// The raw bytes token `id` stands for, as its vocabulary spells them: a token may hold part
+    /// of a UTF-8 character, which decoding it alone turns into U+FFFD. Empty for an unknown id.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match self.tokenizer.id_to_token(id) {
+            Some(token) => self.bytes.bytes(id, &token),
+            None => Vec::new(),
+        }
     }
 
     /// The id of a token string (added tokens included).

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, ErrorCode};
 use super::extract::{ApiJson, Caller};
-use super::inference::{self, token_bytes, unsupported, CommonParams, StreamItem};
+use super::inference::{self, unsupported, CommonParams, StreamItem};
 use super::state::AppState;
 use crate::data::DataError;
 use crate::infer::engine::TokenInfo;
@@ -101,7 +101,7 @@ pub async fn create_chat_completion(
     let messages = template_messages(&request.messages)?;
     let model_name = request.common.model.clone();
     let target = inference::resolve(&state, &caller, &model_name).await?;
-    let (engine, adapter) = inference::load(&state, &target).await?;
+    let (engine, adapter) = inference::load(&state, &caller, &model_name, &target).await?;
     let tokenizer = engine.tokenizer.clone();
     let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, DataError> {
         let text = tokenizer.apply_chat_template(&messages, None, true)?;
@@ -188,12 +188,9 @@ fn content_logprobs(tokens: &[TokenInfo]) -> Vec<Value> {
     tokens
         .iter()
         .map(|t| {
-            let top: Vec<Value> = t
-                .top
-                .iter()
-                .map(|(text, lp)| json!({"token": text, "logprob": lp, "bytes": token_bytes(text)}))
-                .collect();
-            json!({"token": t.text, "logprob": t.logprob, "bytes": token_bytes(&t.text), "top_logprobs": top})
+            let top: Vec<Value> =
+                t.top.iter().map(|(p, lp)| json!({"token": p.text, "logprob": lp, "bytes": p.bytes})).collect();
+            json!({"token": t.piece.text, "logprob": t.logprob, "bytes": t.piece.bytes, "top_logprobs": top})
         })
         .collect()
 }

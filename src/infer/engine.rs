@@ -46,12 +46,27 @@ impl FinishReason {
     }
 }
 
+/// A token as the API shows it: its raw bytes (a token may be part of a UTF-8 character) and
+/// its text (`bytes:\xHH` for such a part, as OpenAI spells it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenPiece {
+    pub text: String,
+    pub bytes: Vec<u8>,
+}
+
+impl TokenPiece {
+    pub fn of(tokenizer: &ChatTokenizer, id: u32) -> Self {
+        let bytes = tokenizer.token_bytes(id);
+        Self { text: crate::data::tokenizer::token_text(&bytes), bytes }
+    }
+}
+
 /// A generated token as the API reports it.
 #[derive(Debug, Clone)]
 pub struct TokenInfo {
-    pub text: String,
+    pub piece: TokenPiece,
     pub logprob: Option<f32>,
-    pub top: Vec<(String, f32)>,
+    pub top: Vec<(TokenPiece, f32)>,
 }
 
 #[derive(Debug)]
@@ -316,12 +331,11 @@ impl Worker {
         let seq = &mut self.active[i];
         seq.generated += 1;
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        let token_info = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
         let tokens = if seq.want_logprobs {
             vec![TokenInfo {
-                text: token_info(sampled.token),
+                piece: TokenPiece::of(&tokenizer, sampled.token),
                 logprob: sampled.logprob,
-                top: sampled.top.iter().map(|&(id, lp)| (token_info(id), lp)).collect(),
+                top: sampled.top.iter().map(|&(id, lp)| (TokenPiece::of(&tokenizer, id), lp)).collect(),
             }]
         } else {
             Vec::new()

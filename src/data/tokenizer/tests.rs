@@ -165,3 +165,55 @@ fn a_missing_tokenizer_json_is_an_io_error_naming_the_file() {
 
     assert!(matches!(&err, DataError::Io { path, .. } if path.ends_with("tokenizer.json")), "{err:?}");
 }
+
+#[test]
+fn byte_level_token_bytes_add_up_to_the_text_even_inside_a_character() {
+    let text = "naïve café: 世界 🙂 ok";
+    for model in MODELS {
+        let tok = fixtures::tokenizer(model);
+        let ids = tok.encode(text, false).unwrap();
+        let pieces: Vec<Vec<u8>> = ids.iter().map(|&id| tok.token_bytes(id)).collect();
+        // The tiny fixture vocabularies split most non-ASCII characters into single bytes.
+        assert!(pieces.iter().any(|p| std::str::from_utf8(p).is_err()), "{model}: no partial character to check");
+        assert_eq!(pieces.concat(), tok.decode(&ids, false).unwrap().as_bytes(), "{model}");
+    }
+}
+
+#[test]
+fn added_tokens_are_their_own_text() {
+    let tok = fixtures::tokenizer("qwen2");
+    let id = tok.token_to_id("<|im_start|>").unwrap();
+    assert_eq!(tok.token_bytes(id), b"<|im_start|>");
+}
+
+/// A SentencePiece-style BPE as Llama 2's and Mistral's tokenizer.json have it: `▁` for spaces,
+/// `<0xHH>` byte pieces, and a decoder that replaces, falls back to bytes, fuses and strips.
+fn sentencepiece_style() -> ChatTokenizer {
+    let json = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [
+            {"id": 0, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false,
+             "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": {"<s>": 0, "<0xE2>": 1, "<0x82>": 2, "<0xAC>": 3, "\u{2581}Hello": 4, "\u{2581}": 5},
+            "merges": []}
+    });
+    let tokenizer = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).unwrap();
+    ChatTokenizer::new(tokenizer, Vec::new(), Vec::new()).unwrap()
+}
+
+#[test]
+fn sentencepiece_byte_pieces_are_their_byte_and_spaces_are_spaces() {
+    let tok = sentencepiece_style();
+    assert_eq!(tok.token_bytes(1), vec![0xE2]);
+    assert_eq!(tok.token_bytes(2), vec![0x82]);
+    assert_eq!(tok.token_bytes(4), b" Hello");
+    assert_eq!(tok.token_bytes(0), b"<s>");
+    assert_eq!([tok.token_bytes(1), tok.token_bytes(2), tok.token_bytes(3)].concat(), "€".as_bytes());
+    assert_eq!(tok.decode(&[1, 2, 3], false).unwrap(), "€");
+}
