@@ -84,12 +84,22 @@ pub async fn create_completion(
         return Err(unsupported("best_of", format!("best_of must equal n (no server-side ranking), not {best_of}")));
     }
     let prompts = prompts(&request.prompt)?;
+    // Each prompt is one request in the model's queue: more than the queue holds could never be
+    // accepted, however long the client waited, so this is the request's fault, not a 429.
+    let max_queue = state.inference.settings().engine.max_queue;
+    if prompts.len() > max_queue {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("this server takes at most {max_queue} prompts per request, not {}", prompts.len()),
+        )
+        .with_param("prompt"));
+    }
     if prepared.stream && prompts.len() > 1 {
         return Err(unsupported("prompt", "streaming takes one prompt per request"));
     }
     let model_name = request.common.model.clone();
     let target = inference::resolve(&state, &caller, &model_name).await?;
-    let (engine, adapter) = inference::load(&state, &target).await?;
+    let (engine, adapter) = inference::load(&state, &caller, &model_name, &target).await?;
     let tokenizer = engine.tokenizer.clone();
     let vocab = engine.model.config.vocab_size as u32;
     let encoded = tokio::task::spawn_blocking(move || -> Result<Vec<(Vec<u32>, String)>, ApiError> {
@@ -188,14 +198,14 @@ fn legacy_logprobs(tokens: &[TokenInfo], start_offset: usize) -> Value {
     let mut text_offset = Vec::with_capacity(tokens.len());
     for t in tokens {
         text_offset.push(offset);
-        offset += t.text.len();
+        offset += t.piece.bytes.len();
     }
     let top: Vec<Value> = tokens
         .iter()
-        .map(|t| Value::Object(t.top.iter().map(|(text, lp)| (text.clone(), json!(lp))).collect::<Map<_, _>>()))
+        .map(|t| Value::Object(t.top.iter().map(|(p, lp)| (p.text.clone(), json!(lp))).collect::<Map<_, _>>()))
         .collect();
     json!({
-        "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
+        "tokens": tokens.iter().map(|t| t.piece.text.clone()).collect::<Vec<_>>(),
         "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
         "top_logprobs": top,
         "text_offset": text_offset,

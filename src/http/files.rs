@@ -13,6 +13,7 @@ use super::extract::{ApiQuery, Caller};
 use super::state::AppState;
 use crate::db::{FileListQuery, FileRecord, ListOrder};
 use crate::domain::file::FilePurpose;
+use crate::storage::StorageError;
 
 /// Files listed per page unless `limit` says otherwise (OpenAI's default and maximum).
 const MAX_LIST_LIMIT: u32 = 10_000;
@@ -132,7 +133,16 @@ pub async fn download_file(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let file = find_file(&state, &caller, &id).await?;
-    let download = state.storage.get(&file.storage_key).await?;
+    let download = match state.storage.get(&file.storage_key).await {
+        Ok(download) => download,
+        // `DELETE /v1/files/{id}` removes the row, then the bytes: bytes gone under this request
+        // mean the file was deleted meanwhile. Bytes missing behind a row that is still there are
+        // a fault of ours.
+        Err(StorageError::NotFound(_)) if state.store.get_file(&caller.project_id, &id).await?.is_none() => {
+            return Err(file_not_found(&id))
+        }
+        Err(err) => return Err(err.into()),
+    };
     let disposition = format!("attachment; filename=\"{}\"", file.filename.replace(['"', '\\', '\r', '\n'], "_"));
     Ok((
         [

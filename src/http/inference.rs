@@ -175,12 +175,9 @@ pub async fn resolve(state: &AppState, caller: &Caller, name: &str) -> Result<Ta
                 Target::Full { id: model.id, base: model.base_model, source }
             })
         }
-        Some(step) => {
-            let job = state.store.get_job(&caller.project_id, &parsed.job_id).await?;
-            let job = job.ok_or_else(|| model_not_found(name))?;
-            let checkpoints = state.store.list_checkpoints(&job.id).await?;
-            let checkpoint = checkpoints.into_iter().find(|c| c.step_number == step);
-            let checkpoint = checkpoint.ok_or_else(|| model_not_found(name))?;
+        Some(_) => {
+            let found = super::models::find_checkpoint(state, &caller.project_id, name).await?;
+            let (job, checkpoint) = found.ok_or_else(|| model_not_found(name))?;
             let plan: JobPlan = serde_json::from_str(&job.hyperparameters).map_err(ApiError::internal)?;
             let lora = plan.lora.is_some() || plan.adapter_size.is_some() || plan.prefix_length.is_some();
             let source = WeightsSource::Checkpoint { prefix: checkpoint.storage_key, plan: Box::new(plan) };
@@ -201,11 +198,28 @@ fn serve_error(err: ServeError) -> ApiError {
     }
 }
 
-/// The engine and adapter that serve `target`, loading them on first use.
-pub async fn load(state: &AppState, target: &Target) -> Result<(Arc<Engine>, Option<Arc<ServingAdapter>>), ApiError> {
-    let engine = state.inference.engine(target).await.map_err(serve_error)?;
-    let adapter = state.inference.adapter(target, &engine).await.map_err(serve_error)?;
-    Ok((engine, adapter))
+/// The engine and adapter that serve `target` (what `name` resolved to), loading them on first
+/// use. A model deleted while it loads (its files vanish under the load) is a 404, as it would
+/// have been a moment later.
+pub async fn load(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    target: &Target,
+) -> Result<(Arc<Engine>, Option<Arc<ServingAdapter>>), ApiError> {
+    let loaded = async {
+        let engine = state.inference.engine(target).await?;
+        let adapter = state.inference.adapter(target, &engine).await?;
+        Ok::<_, ServeError>((engine, adapter))
+    };
+    match loaded.await {
+        Ok(loaded) => Ok(loaded),
+        Err(err @ ServeError::Internal(_)) => match resolve(state, caller, name).await {
+            Err(gone) if gone.code() == ErrorCode::ModelNotFound => Err(gone),
+            _ => Err(serve_error(err)),
+        },
+        Err(err) => Err(serve_error(err)),
+    }
 }
 
 /// Checks the prompt against the context and submits it; the receiver yields the engine's events.
@@ -383,11 +397,6 @@ pub fn sse(
 
 fn sse_response(stream: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
-}
-
-/// A token's text as UTF-8 bytes, for `logprobs.content[].bytes`.
-pub fn token_bytes(text: &str) -> Vec<u8> {
-    text.as_bytes().to_vec()
 }
 
 /// A fresh response id with OpenAI's prefix.

@@ -18,7 +18,7 @@ use super::extract::{ApiQuery, Caller};
 use super::jobs::{find_job, invalid_cursor, page_limit};
 use super::state::AppState;
 use crate::db::{DbError, EventRecord, JobRecord};
-use crate::domain::model_name::{checkpoint_model_name, fine_tuned_model_name};
+use crate::domain::model_name::checkpoint_model_name;
 
 /// How often a stream looks for new events.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -185,13 +185,7 @@ pub async fn list_job_checkpoints(
             checkpoints.iter().position(|c| &c.id == after).ok_or_else(|| invalid_cursor("checkpoint of this job"))? + 1
         }
     };
-    let model = match &job.fine_tuned_model {
-        Some(model) => model.clone(),
-        None => {
-            let project = state.store.project_name(&job.project_id).await?.unwrap_or_else(|| job.project_id.clone());
-            fine_tuned_model_name(&job.model, &project, job.suffix.as_deref(), &job.id)
-        }
-    };
+    let model = super::models::job_model_name(&state, &job).await?;
     let page: Vec<CheckpointObject> = checkpoints
         .into_iter()
         .skip(start)

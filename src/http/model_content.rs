@@ -24,6 +24,7 @@ use crate::peft::adapter::{load_adapter, save_adapter};
 use crate::peft::lora::LoraPlan;
 use crate::peft::merge::merged_tensors;
 use crate::storage::tar::{tar_stream, TarEntry};
+use crate::storage::StorageError;
 use crate::train::output::write_model_dir;
 
 #[derive(Debug, Deserialize)]
@@ -68,10 +69,9 @@ pub async fn download_model(
             }
             (model.base_model, Source::Stored { prefix: model.storage_key, lora: model.method == "lora" })
         }
-        Some(step) => {
-            let job = state.store.get_job(&caller.project_id, &parsed.job_id).await?.ok_or_else(not_found)?;
-            let checkpoint = state.store.list_checkpoints(&job.id).await?.into_iter().find(|c| c.step_number == step);
-            let checkpoint = checkpoint.ok_or_else(not_found)?;
+        Some(_) => {
+            let found = super::models::find_checkpoint(&state, &caller.project_id, &name).await?;
+            let (job, checkpoint) = found.ok_or_else(not_found)?;
             let plan: JobPlan = serde_json::from_str(&job.hyperparameters).map_err(ApiError::internal)?;
             if merged && (plan.adapter_size.is_some() || plan.prefix_length.is_some()) {
                 return Err(bottleneck_not_mergeable());
@@ -88,8 +88,14 @@ pub async fn download_model(
         Source::Stored { prefix, .. } | Source::Checkpoint { prefix, .. } => prefix.clone(),
     };
     let src = work.path().join("source");
-    let names = state.storage.list(&prefix).await?;
-    crate::executor::download_files(state.storage.as_ref(), &prefix, &names, &src).await?;
+    match fetch_stored(&state, &prefix, &src).await {
+        Ok(()) => {}
+        // A concurrent `DELETE /v1/models/{model}` removes the row, then the files: what vanished
+        // under this request is a model that no longer exists. Files missing behind a row that is
+        // still there are a fault of ours.
+        Err(StorageError::NotFound(_)) if !still_exists(&state, &caller, &name).await? => return Err(not_found()),
+        Err(err) => return Err(err.into()),
+    }
     let out = work.path().join("out");
     let base_name = base.clone();
     let dir = tokio::task::spawn_blocking(move || package(&source, &src, &out, &base_dir, &base_name, merged))
@@ -97,6 +103,24 @@ pub async fn download_model(
         .map_err(ApiError::internal)?
         .map_err(|e| ApiError::internal(anyhow::anyhow!("packaging the model failed: {e}")))?;
     archive(dir, work, &name).await
+}
+
+/// Downloads every object under `prefix` into `dir`; nothing there at all counts as not found.
+async fn fetch_stored(state: &AppState, prefix: &str, dir: &Path) -> Result<(), StorageError> {
+    let names = state.storage.list(prefix).await?;
+    if names.is_empty() {
+        return Err(StorageError::NotFound(format!("{prefix}/*")));
+    }
+    crate::executor::download_files(state.storage.as_ref(), prefix, &names, dir).await
+}
+
+/// Whether the fine-tuned model or checkpoint `name` is still recorded for the caller.
+async fn still_exists(state: &AppState, caller: &Caller, name: &str) -> Result<bool, ApiError> {
+    let Some(parsed) = parse_fine_tuned_name(name) else { return Ok(false) };
+    Ok(match parsed.checkpoint_step {
+        None => state.store.get_model(&caller.project_id, &parsed.model).await?.is_some(),
+        Some(_) => super::models::find_checkpoint(state, &caller.project_id, name).await?.is_some(),
+    })
 }
 
 fn bottleneck_not_mergeable() -> ApiError {

@@ -10,7 +10,8 @@ use super::error::{ApiError, ErrorCode};
 use super::extract::Caller;
 use super::state::AppState;
 use crate::catalog::BaseModel;
-use crate::db::ModelRecord;
+use crate::db::{CheckpointRecord, JobRecord, ModelRecord};
+use crate::domain::model_name::{fine_tuned_model_name, parse_fine_tuned_name};
 
 /// OpenAI's `model`, plus `root` and `parent` (the base a fine-tuned model came from).
 #[derive(Debug, Serialize)]
@@ -57,7 +58,8 @@ pub async fn list_models(State(state): State<AppState>, caller: Caller) -> Resul
     Ok(Json(json!({ "object": "list", "data": data })))
 }
 
-/// `GET /v1/models/{model}` (a name with `/` must be sent as `%2F`).
+/// `GET /v1/models/{model}` (a name with `/` must be sent as `%2F`): a base model, a fine-tuned
+/// model, or a checkpoint (`…:ckpt-step-N`, whose `parent` is its job's model), as chat takes them.
 pub async fn retrieve_model(
     State(state): State<AppState>,
     caller: Caller,
@@ -66,8 +68,46 @@ pub async fn retrieve_model(
     if let Some(base) = state.catalog.get(&name) {
         return Ok(Json(base.into()));
     }
+    if parse_fine_tuned_name(&name).is_some_and(|p| p.checkpoint_step.is_some()) {
+        let (job, checkpoint) =
+            find_checkpoint(&state, &caller.project_id, &name).await?.ok_or_else(|| model_not_found(&name))?;
+        return Ok(Json(ModelObject {
+            id: name,
+            object: "model",
+            created: checkpoint.created_at,
+            owned_by: job.project_id.clone(),
+            root: job.model.clone(),
+            parent: Some(job_model_name(&state, &job).await?),
+        }));
+    }
     let model = state.store.get_model(&caller.project_id, &name).await?.ok_or_else(|| model_not_found(&name))?;
     Ok(Json(model.into()))
+}
+
+/// The fine-tuned model a job makes (or made): its name is fixed when the job is created.
+pub(super) async fn job_model_name(state: &AppState, job: &JobRecord) -> Result<String, ApiError> {
+    if let Some(model) = &job.fine_tuned_model {
+        return Ok(model.clone());
+    }
+    let project = state.store.project_name(&job.project_id).await?.unwrap_or_else(|| job.project_id.clone());
+    Ok(fine_tuned_model_name(&job.model, &project, job.suffix.as_deref(), &job.id))
+}
+
+/// The job and checkpoint a `…:ckpt-step-N` name of the project refers to. The whole name must
+/// be the job's model name plus the step: a name that only ends in a job's id is no checkpoint.
+pub(super) async fn find_checkpoint(
+    state: &AppState,
+    project_id: &str,
+    name: &str,
+) -> Result<Option<(JobRecord, CheckpointRecord)>, ApiError> {
+    let Some(parsed) = parse_fine_tuned_name(name) else { return Ok(None) };
+    let Some(step) = parsed.checkpoint_step else { return Ok(None) };
+    let Some(job) = state.store.get_job(project_id, &parsed.job_id).await? else { return Ok(None) };
+    if job_model_name(state, &job).await? != parsed.model {
+        return Ok(None);
+    }
+    let checkpoints = state.store.list_checkpoints(&job.id).await?;
+    Ok(checkpoints.into_iter().find(|c| c.step_number == step).map(|checkpoint| (job, checkpoint)))
 }
 
 /// `DELETE /v1/models/{model}`: a fine-tuned model of the caller's project, and its weights.

@@ -164,8 +164,11 @@ async fn a_registered_adapter_completes_like_peft_greedy_over_http() {
         let choice = &out["choices"][0];
         assert_eq!(choice["text"], tok.decode(&until_eos, true).unwrap(), "{backend:?}: {out}");
         let tokens: Vec<String> = serde_json::from_value(choice["logprobs"]["tokens"].clone()).unwrap();
-        let expected_tokens: Vec<String> =
-            expected.iter().take(tokens.len()).map(|&t| tok.decode(&[t], false).unwrap()).collect();
+        let expected_tokens: Vec<String> = expected
+            .iter()
+            .take(tokens.len())
+            .map(|&t| ferrotune::data::tokenizer::token_text(&tok.token_bytes(t)))
+            .collect();
         assert_eq!(tokens, expected_tokens, "{backend:?}: token for token");
         let reason = if until_eos.len() < expected.len() { "stop" } else { "length" };
         assert_eq!(choice["finish_reason"], reason);
@@ -372,6 +375,82 @@ async fn a_full_queue_answers_429_and_a_client_that_leaves_stops_its_generation(
     let generated = engine.stats.generated_tokens.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(engine.stats.generated_tokens.load(Ordering::Relaxed), generated, "nothing generates any more");
+}
+
+#[tokio::test]
+async fn more_prompts_than_the_queue_holds_is_a_bad_request_not_a_retry_later() {
+    let app = TestApp::spawn_with(Backend::SqliteLocal, |s| s.inference.engine.max_queue = 3).await;
+    let body = json!({"model": "tiny-llama", "prompt": ["a", "b", "c", "d"], "max_tokens": 2});
+    let error =
+        app.post_json("/v1/completions", &body, None).await.assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    assert_eq!(error["param"], "prompt");
+    assert!(error["message"].as_str().unwrap().contains("at most 3 prompts"), "{error}");
+    let fits = json!({"model": "tiny-llama", "prompt": ["a", "b", "c"], "max_tokens": 2});
+    let response = app.post_json("/v1/completions", &fits, None).await;
+    assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+    assert_eq!(response.json()["choices"].as_array().unwrap().len(), 3);
+}
+
+/// `logprobs` give each token's own bytes, also for a token that is one byte of a multi-byte
+/// character (decoded alone, U+FFFD): joined, the bytes are the generated text's, and the token
+/// text of such a piece is OpenAI's `bytes:\xHH` spelling. The tiny fixture vocabulary mostly
+/// spells non-ASCII text byte by byte, and sampling at temperature 2 from its random model
+/// produces such bytes; the seed makes the run repeatable.
+#[tokio::test]
+async fn logprob_bytes_are_each_token_s_own_bytes_in_chat_and_completions_streamed_or_not() {
+    let app = TestApp::spawn(Backend::SqliteLocal).await;
+    let mut partial_seen = 0;
+    for stream in [false, true] {
+        let chat_body = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "café 世界"}],
+            "max_tokens": 48, "temperature": 2, "seed": 7, "logprobs": true, "top_logprobs": 3, "stream": stream});
+        let response = chat(&app, chat_body, None).await;
+        assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+        let (content, entries) = if stream {
+            let chunks: Vec<Value> = sse_data(&response.text())
+                .iter()
+                .filter(|d| *d != "[DONE]")
+                .map(|d| serde_json::from_str(d).unwrap())
+                .collect();
+            let choices: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].get(0)).collect();
+            let content: String = choices.iter().filter_map(|c| c["delta"]["content"].as_str()).collect();
+            let entries: Vec<Value> =
+                choices.iter().filter_map(|c| c["logprobs"]["content"].as_array()).flatten().cloned().collect();
+            (content, entries)
+        } else {
+            let out = response.json();
+            let choice = &out["choices"][0];
+            (
+                choice["message"]["content"].as_str().unwrap().to_string(),
+                choice["logprobs"]["content"].as_array().unwrap().clone(),
+            )
+        };
+        // The content is what the tokens decode to, special tokens skipped.
+        const SPECIAL: [&str; 7] = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"];
+        let bytes: Vec<u8> = entries
+            .iter()
+            .filter(|e| !SPECIAL.contains(&e["token"].as_str().unwrap()))
+            .flat_map(|e| e["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8))
+            .collect();
+        assert_eq!(String::from_utf8_lossy(&bytes), content, "stream={stream}");
+        for entry in &entries {
+            let own: Vec<u8> = entry["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+            assert_eq!(entry["token"], ferrotune::data::tokenizer::token_text(&own), "{entry}");
+            if std::str::from_utf8(&own).is_err() {
+                partial_seen += 1;
+                assert!(entry["token"].as_str().unwrap().starts_with("bytes:"), "{entry}");
+            }
+        }
+    }
+    assert!(partial_seen > 0, "no token held part of a character: the case was not exercised");
+
+    let body = json!({"model": "tiny-llama", "prompt": "café 世界", "max_tokens": 48, "temperature": 2, "seed": 7,
+        "logprobs": 2});
+    let out = app.post_json("/v1/completions", &body, None).await.json();
+    let tokens: Vec<String> = serde_json::from_value(out["choices"][0]["logprobs"]["tokens"].clone()).unwrap();
+    assert!(
+        tokens.iter().all(|t| !t.contains('\u{FFFD}')),
+        "legacy tokens spell partial characters as bytes: {tokens:?}"
+    );
 }
 
 const SECRETS: [&str; 4] = ["apple", "river", "stone", "cloud"];
