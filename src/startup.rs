@@ -61,6 +61,7 @@ pub async fn build_state(
         store,
         storage,
         inference,
+        job_signals: crate::executor::JobSignals::default(),
         catalog: settings.catalog.clone(),
         config: Arc::new(HttpConfig {
             max_upload_bytes: settings.max_upload_bytes,
@@ -135,6 +136,7 @@ pub fn executor_context(settings: &Settings, state: &AppState) -> ExecutorContex
         storage: state.storage.clone(),
         catalog: state.catalog.clone(),
         settings: settings.executor.clone(),
+        signals: state.job_signals.clone(),
     }
 }
 

@@ -77,6 +77,8 @@ async fn worker(global: &GlobalArgs, executors: usize) -> anyhow::Result<()> {
         storage,
         catalog: std::sync::Arc::new(global.catalog()?),
         settings: executor_settings(global, executors),
+        // No API in this process: requests arrive through the database (`CONTROL_POLL`).
+        signals: Default::default(),
     };
     let pool = ExecutorPool::start(context);
     tracing::info!(executors, "worker running");

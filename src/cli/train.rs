@@ -13,7 +13,7 @@ use crate::peft::adapter::load_adapter;
 use crate::peft::lora::LoraPlan;
 use crate::peft::merge::merged_tensors;
 use crate::train::output::write_model_dir;
-use crate::train::{spawn_training, EvalMetrics, Observer, Progress, StopReason, TrainConfig};
+use crate::train::{spawn_training, Observer, Progress, StopReason, TrainConfig};
 
 /// Shows a progress bar with loss, learning rate and ETA, and prints evaluations.
 struct ProgressBarObserver {
@@ -32,13 +32,12 @@ impl Observer for ProgressBarObserver {
             p.tokens_per_second,
             format_duration(p.eta_seconds)
         ));
-    }
-
-    fn evaluated(&mut self, step: u64, m: &EvalMetrics) {
-        self.bar.println(format!(
-            "step {step}: validation loss {:.4}, token accuracy {:.3}, perplexity {:.2}",
-            m.loss, m.mean_token_accuracy, m.perplexity
-        ));
+        if let Some(m) = &p.eval {
+            self.bar.println(format!(
+                "step {}: validation loss {:.4}, token accuracy {:.3}, perplexity {:.2}",
+                p.step, m.loss, m.mean_token_accuracy, m.perplexity
+            ));
+        }
     }
 
     fn checkpointed(&mut self, step: u64, dir: &Path) {
@@ -70,7 +69,8 @@ pub fn train(config_path: &Path) -> anyhow::Result<()> {
     let summary = handle.join().map_err(|_| anyhow::anyhow!("the training thread panicked"))??;
     bar.finish_and_clear();
     println!("steps:            {} of {}", summary.steps, summary.total_steps);
-    println!("trained tokens:   {}", summary.trained_tokens);
+    println!("tokens processed: {}", summary.processed_tokens);
+    println!("tokens trained on: {}", summary.trained_tokens);
     println!(
         "examples:         {} ({} truncated, {} dropped with nothing to learn)",
         summary.examples, summary.truncated, summary.dropped

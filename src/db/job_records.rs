@@ -90,10 +90,21 @@ pub struct CheckpointRecord {
     pub created_at: i64,
 }
 
+/// A running job's progress after a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JobProgress {
+    pub step: i64,
+    pub total_steps: i64,
+    pub epoch: f64,
+    pub estimated_finish: Option<i64>,
+}
+
 /// How a job ends (or pauses).
 #[derive(Debug, Clone)]
 pub struct JobOutcome {
     pub status: JobStatus,
+    /// OpenAI's `trained_tokens` (billable tokens processed), set when the job succeeds.
+    pub trained_tokens: Option<i64>,
     /// The fine-tuned model to register (on success).
     pub model: Option<super::ModelRecord>,
     pub result_file: Option<super::FileRecord>,

@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use serde_json::Value;
 
-pub use super::job_records::{CheckpointRecord, EventRecord, JobOutcome, JobRecord, Lease, NewEvent};
+pub use super::job_records::{CheckpointRecord, EventRecord, JobOutcome, JobProgress, JobRecord, Lease, NewEvent};
 use super::{DbError, Dialect, SqlStore, Store};
 use crate::domain::job::JobStatus;
 use crate::ids::{new_id, unix_now};
@@ -36,18 +36,20 @@ pub trait JobStore {
     /// Atomically takes the oldest job in `status` (`queued` or `validating_files`) for `owner`.
     async fn claim_job(&self, status: JobStatus, owner: &str, lease_secs: i64) -> Result<Option<JobRecord>, DbError>;
     async fn renew_lease(&self, id: &str, owner: &str, lease_secs: i64) -> Result<Lease, DbError>;
+    /// What `renew_lease` tells, read without renewing: whether `owner` still holds the job and
+    /// what the client asked for.
+    async fn job_control(&self, id: &str, owner: &str) -> Result<Lease, DbError>;
     /// Requeues running or validating jobs whose lease has lapsed; returns their ids.
     async fn requeue_expired(&self) -> Result<Vec<String>, DbError>;
-    #[allow(clippy::too_many_arguments)]
+    /// Records a running job's progress and the step's metrics event in one transaction, only
+    /// while `owner` holds the job: an executor that lost its lease writes neither, so the
+    /// metrics events are those of the attempts that own the job's history.
     async fn record_progress(
         &self,
         id: &str,
         owner: &str,
-        step: i64,
-        total_steps: i64,
-        epoch: f64,
-        trained_tokens: i64,
-        estimated_finish: Option<i64>,
+        progress: JobProgress,
+        event: NewEvent,
     ) -> Result<bool, DbError>;
     /// Ends a job held by `owner`: its status, fine-tuned model, results file, error and event,
     /// all in one transaction. False when the job is no longer held by `owner`.
@@ -251,9 +253,11 @@ impl JobStore for SqlStore {
         };
         // Validation keeps its status while claimed; a queued job becomes running.
         let next_status = if status == JobStatus::Queued { JobStatus::Running } else { status };
+        // `attempts` counts training runs (validation is not one).
         let sql = format!(
             "UPDATE fine_tuning_jobs SET status = $1, lease_owner = $2, lease_expires_at = $3, \
-             attempts = attempts + 1, started_at = COALESCE(started_at, $4) \
+             attempts = attempts + CASE WHEN $5 = 'queued' THEN 1 ELSE 0 END, \
+             started_at = COALESCE(started_at, $4) \
              WHERE id = (SELECT id FROM fine_tuning_jobs WHERE status = $5 AND lease_owner IS NULL \
                          ORDER BY seq LIMIT 1 {lock}) \
                AND status = $5 AND lease_owner IS NULL \
@@ -285,16 +289,38 @@ impl JobStore for SqlStore {
         })
     }
 
+    async fn job_control(&self, id: &str, owner: &str) -> Result<Lease, DbError> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT requested_action FROM fine_tuning_jobs WHERE id = $1 AND lease_owner = $2")
+                .bind(id)
+                .bind(owner)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(match row {
+            Some((requested_action,)) => Lease::Held { requested_action },
+            None => Lease::Lost,
+        })
+    }
+
     async fn requeue_expired(&self) -> Result<Vec<String>, DbError> {
         let mut tx = self.pool.begin().await?;
-        let expired: Vec<(String, String)> = sqlx::query_as(
+        // A job that will run again shows the progress of the checkpoint it resumes from: what
+        // the lapsed attempt did after it is lost. (Right-hand sides read the old row, and the
+        // epoch is step / steps per epoch, so it scales with the step.)
+        let checkpoint =
+            "COALESCE((SELECT MAX(c.step_number) FROM checkpoints c WHERE c.job_id = fine_tuning_jobs.id), 0)";
+        let expired: Vec<(String, String)> = sqlx::query_as(&format!(
             "UPDATE fine_tuning_jobs SET \
                status = CASE WHEN requested_action = 'cancel' THEN 'cancelled' \
                              WHEN status = 'validating_files' THEN 'validating_files' \
                              WHEN status = 'pausing' THEN 'paused' ELSE 'queued' END, \
-               lease_owner = NULL, lease_expires_at = NULL, requested_action = NULL \
-             WHERE lease_owner IS NOT NULL AND lease_expires_at < $1 RETURNING id, status",
-        )
+               step = CASE WHEN requested_action = 'cancel' OR status = 'validating_files' THEN step \
+                           ELSE {checkpoint} END, \
+               epoch = CASE WHEN requested_action = 'cancel' OR status = 'validating_files' OR step = 0 THEN epoch \
+                            ELSE epoch * {checkpoint} / step END, \
+               estimated_finish = NULL, lease_owner = NULL, lease_expires_at = NULL, requested_action = NULL \
+             WHERE lease_owner IS NOT NULL AND lease_expires_at < $1 RETURNING id, status"
+        ))
         .bind(unix_now())
         .fetch_all(&mut *tx)
         .await?;
@@ -315,27 +341,20 @@ impl JobStore for SqlStore {
         &self,
         id: &str,
         owner: &str,
-        step: i64,
-        total_steps: i64,
-        epoch: f64,
-        trained_tokens: i64,
-        estimated_finish: Option<i64>,
+        progress: JobProgress,
+        event: NewEvent,
     ) -> Result<bool, DbError> {
-        Ok(sqlx::query(
-            "UPDATE fine_tuning_jobs SET step = $1, total_steps = $2, epoch = $3, trained_tokens = $4, \
-             estimated_finish = $5 WHERE id = $6 AND lease_owner = $7",
+        let update = sqlx::query(
+            "UPDATE fine_tuning_jobs SET step = $1, total_steps = $2, epoch = $3, estimated_finish = $4 \
+             WHERE id = $5 AND lease_owner = $6",
         )
-        .bind(step)
-        .bind(total_steps)
-        .bind(epoch)
-        .bind(trained_tokens)
-        .bind(estimated_finish)
+        .bind(progress.step)
+        .bind(progress.total_steps)
+        .bind(progress.epoch)
+        .bind(progress.estimated_finish)
         .bind(id)
-        .bind(owner)
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
-            == 1)
+        .bind(owner);
+        self.update_with_event(update, id, &event).await
     }
 
     #[tracing::instrument(skip(self, outcome), fields(status = outcome.status.as_str()))]
@@ -345,13 +364,15 @@ impl JobStore for SqlStore {
         let changed = sqlx::query(
             "UPDATE fine_tuning_jobs SET status = $1, fine_tuned_model = COALESCE($2, fine_tuned_model), \
              result_files = $3, error = $4, finished_at = $5, lease_owner = NULL, lease_expires_at = NULL, \
-             requested_action = NULL, estimated_finish = NULL WHERE id = $6 AND lease_owner = $7",
+             requested_action = NULL, estimated_finish = NULL, trained_tokens = COALESCE($6, trained_tokens) \
+             WHERE id = $7 AND lease_owner = $8",
         )
         .bind(outcome.status.as_str())
         .bind(outcome.model.as_ref().map(|m| m.id.clone()))
         .bind(serde_json::to_string(&result_files).unwrap_or_else(|_| "[]".into()))
         .bind(outcome.error.as_ref().map(Value::to_string))
         .bind(outcome.status.is_terminal().then(unix_now))
+        .bind(outcome.trained_tokens)
         .bind(id)
         .bind(owner)
         .execute(&mut *tx)

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 
 pub use files::{FileListQuery, FileRecord, FileStore, ListOrder};
 pub use job_queries::JobQueryStore;
-pub use jobs::{CheckpointRecord, EventRecord, JobOutcome, JobRecord, JobStore, Lease, NewEvent};
+pub use jobs::{CheckpointRecord, EventRecord, JobOutcome, JobProgress, JobRecord, JobStore, Lease, NewEvent};
 pub use keys::{ApiKeyRecord, KeyStore, NewApiKey, DEFAULT_PROJECT_ID};
 pub use model_queries::{ModelRecord, ModelStore};
 pub use sql::{Dialect, SqlStore};

@@ -1,16 +1,17 @@
 //! Running a queued job: stage its data (and its last checkpoint, when resuming), train on a
 //! dedicated thread while heartbeats and reports flow, then store the result and end the job.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::bridge::{start_heartbeat, JobObserver, Report, SharedSignal, Signal};
 use super::plan::JobPlan;
 use super::validate::{job_dir, stage_file};
 use super::{artifacts, ExecutorContext, JobFailure, CHECKPOINT_FILES};
-use crate::db::{FileRecord, JobOutcome, JobRecord, ModelRecord, NewEvent};
+use crate::db::{FileRecord, JobOutcome, JobProgress, JobRecord, ModelRecord, NewEvent};
 use crate::domain::file::{FilePurpose, FileStatus};
 use crate::domain::job::JobStatus;
 use crate::domain::model_name::fine_tuned_model_name;
@@ -19,6 +20,7 @@ use crate::train::{spawn_training, StopReason, Summary, TrainError};
 
 pub async fn run(context: &ExecutorContext, owner: &str, job: JobRecord, mut shutdown: watch::Receiver<bool>) {
     let signal = SharedSignal::default();
+    let _registered = context.signals.register(&job.id, signal.clone());
     let heartbeat = start_heartbeat(context, &job.id, owner, signal.clone());
     let watcher = {
         let signal = signal.clone();
@@ -69,11 +71,12 @@ async fn train_job(
     };
     let output_dir = dir.join("output");
     let mut config = plan.train_config(&model_dir, train_file, validation_file, output_dir.clone(), job.seed as u64);
-    config.resume_from = stage_latest_checkpoint(context, job, &output_dir).await?;
-    let start_message = match &config.resume_from {
-        Some(_) => format!("Fine-tuning resumed from the checkpoint at step {} (attempt {})", job.step, job.attempts),
+    let resume = stage_latest_checkpoint(context, job, &output_dir).await?;
+    let start_message = match &resume {
+        Some((_, step)) => format!("Fine-tuning resumed from the checkpoint at step {step} (attempt {})", job.attempts),
         None => "Fine-tuning job started".to_string(),
     };
+    config.resume_from = resume.map(|(dir, _)| dir);
     let _ = context.store.add_event(&job.id, NewEvent::message(start_message)).await;
 
     let (reports, received) = mpsc::unbounded_channel();
@@ -84,12 +87,10 @@ async fn train_job(
         .await
         .map_err(JobFailure::platform)?
         .map_err(|_| JobFailure::platform("the training thread panicked"))?;
-    let rows = reporter.await.map_err(JobFailure::platform)?;
+    reporter.await.map_err(JobFailure::platform)?;
     let summary = result.map_err(train_failure)?;
     match summary.stop {
-        StopReason::Completed | StopReason::EarlyStopped => {
-            Ok(Some(finish(context, job, &plan, &summary, rows).await?))
-        }
+        StopReason::Completed | StopReason::EarlyStopped => Ok(Some(finish(context, job, &plan, &summary).await?)),
         StopReason::Cancelled if signal.get() == Signal::Lost => Ok(None),
         StopReason::Cancelled => Ok(Some(simple_outcome(JobStatus::Cancelled, "Job cancelled"))),
         StopReason::Paused if signal.get() == Signal::Shutdown => Ok(Some(simple_outcome(
@@ -103,7 +104,14 @@ async fn train_job(
 }
 
 fn simple_outcome(status: JobStatus, message: &str) -> JobOutcome {
-    JobOutcome { status, model: None, result_file: None, error: None, event: NewEvent::message(message) }
+    JobOutcome {
+        status,
+        trained_tokens: None,
+        model: None,
+        result_file: None,
+        error: None,
+        event: NewEvent::message(message),
+    }
 }
 
 /// Data and settings problems are the user's; anything else is ours.
@@ -115,12 +123,13 @@ fn train_failure(err: TrainError) -> JobFailure {
     }
 }
 
-/// Downloads the job's newest checkpoint into the output directory, for the trainer to resume.
+/// Downloads the job's newest checkpoint into the output directory, for the trainer to resume;
+/// returns its directory and step.
 async fn stage_latest_checkpoint(
     context: &ExecutorContext,
     job: &JobRecord,
     output_dir: &Path,
-) -> Result<Option<std::path::PathBuf>, JobFailure> {
+) -> Result<Option<(std::path::PathBuf, i64)>, JobFailure> {
     let checkpoints = context.store.list_checkpoints(&job.id).await.map_err(JobFailure::platform)?;
     let Some(latest) = checkpoints.first() else { return Ok(None) };
     let dir = output_dir.join("checkpoints").join(format!("step-{}", latest.step_number));
@@ -128,11 +137,31 @@ async fn stage_latest_checkpoint(
     artifacts::download_files(context.storage.as_ref(), &latest.storage_key, &names, &dir)
         .await
         .map_err(JobFailure::platform)?;
-    Ok(Some(dir))
+    Ok(Some((dir, latest.step_number)))
 }
 
-/// Rows of the results CSV: step, train loss and accuracy, validation loss and accuracy.
-type ResultRows = Vec<(u64, f64, f64, Option<(f64, f64)>)>;
+/// The `data` of a step's metrics event: OpenAI's names, with the validation metrics at the steps
+/// where the model was evaluated (evaluation covers the whole validation file, so `valid_*` and
+/// OpenAI's `full_valid_*` are the same numbers).
+fn metrics_data(p: &crate::train::Progress) -> Value {
+    let mut data = json!({
+        "step": p.step, "total_steps": p.total_steps, "epoch": p.epoch, "train_loss": p.loss,
+        "train_mean_token_accuracy": p.accuracy, "learning_rate": p.learning_rate,
+        "tokens_per_second": p.tokens_per_second,
+    });
+    if let Some(m) = &p.eval {
+        for (key, value) in [
+            ("valid_loss", m.loss),
+            ("valid_mean_token_accuracy", m.mean_token_accuracy),
+            ("full_valid_loss", m.loss),
+            ("full_valid_mean_token_accuracy", m.mean_token_accuracy),
+            ("valid_perplexity", m.perplexity),
+        ] {
+            data[key] = json!(value);
+        }
+    }
+    data
+}
 
 /// Records progress, metrics and checkpoints as the trainer reports them.
 async fn report_loop(
@@ -140,49 +169,34 @@ async fn report_loop(
     job_id: String,
     owner: String,
     mut reports: mpsc::UnboundedReceiver<Report>,
-) -> ResultRows {
-    let mut rows: ResultRows = Vec::new();
+) {
+    // The last step's metrics: a checkpoint is made right after the step it saves.
+    let mut last: Option<(u64, Value)> = None;
     while let Some(report) = reports.recv().await {
         match report {
             Report::Progress(p) => {
-                let finish = unix_now() + p.eta_seconds.round() as i64;
-                let _ = context
-                    .store
-                    .record_progress(
-                        &job_id,
-                        &owner,
-                        p.step as i64,
-                        p.total_steps as i64,
-                        p.epoch,
-                        p.trained_tokens as i64,
-                        Some(finish),
-                    )
-                    .await;
-                let data = json!({
-                    "step": p.step, "total_steps": p.total_steps, "train_loss": p.loss,
-                    "train_mean_token_accuracy": p.accuracy, "learning_rate": p.learning_rate,
-                    "tokens_per_second": p.tokens_per_second, "epoch": p.epoch,
-                });
-                let message = format!("Step {}/{}: training loss={:.4}", p.step, p.total_steps, p.loss);
-                let _ = context.store.add_event(&job_id, crate::db::NewEvent::metrics(message, data)).await;
-                rows.push((p.step, p.loss, p.accuracy, None));
-            }
-            Report::Evaluated(step, m) => {
-                if let Some(row) = rows.iter_mut().rev().find(|r| r.0 == step) {
-                    row.3 = Some((m.loss, m.mean_token_accuracy));
+                let progress = JobProgress {
+                    step: p.step as i64,
+                    total_steps: p.total_steps as i64,
+                    epoch: p.epoch,
+                    estimated_finish: Some(unix_now() + p.eta_seconds.round() as i64),
+                };
+                let mut message = format!("Step {}/{}: training loss={:.4}", p.step, p.total_steps, p.loss);
+                if let Some(m) = &p.eval {
+                    message.push_str(&format!(", validation loss={:.4}", m.loss));
                 }
-                let data = json!({ "step": step, "valid_loss": m.loss, "valid_mean_token_accuracy": m.mean_token_accuracy, "perplexity": m.perplexity });
-                let message = format!("Step {step}: validation loss={:.4}", m.loss);
-                let _ = context.store.add_event(&job_id, crate::db::NewEvent::metrics(message, data)).await;
+                let data = metrics_data(&p);
+                let event = NewEvent::metrics(message, data.clone());
+                if let Err(err) = context.store.record_progress(&job_id, &owner, progress, event).await {
+                    tracing::warn!(error = %err, step = p.step, "could not record a step's progress");
+                }
+                last = Some((p.step, data));
             }
             Report::Checkpoint { step, dir, done } => {
                 let prefix = format!("checkpoints/{job_id}/step-{step}");
-                let metrics = match rows.iter().rev().find(|r| r.0 == step) {
-                    Some((_, loss, accuracy, valid)) => json!({
-                        "step": step, "train_loss": loss, "train_mean_token_accuracy": accuracy,
-                        "valid_loss": valid.map(|v| v.0), "valid_mean_token_accuracy": valid.map(|v| v.1),
-                    }),
-                    None => json!({ "step": step }),
+                let metrics = match &last {
+                    Some((at, data)) if *at == step => checkpoint_metrics(data),
+                    _ => json!({ "step": step }),
                 };
                 match artifacts::upload_dir(context.storage.as_ref(), &dir, &prefix).await {
                     Ok(_) => {
@@ -198,7 +212,21 @@ async fn report_loop(
             }
         }
     }
-    rows
+}
+
+/// A checkpoint's `metrics`: the fields of OpenAI's checkpoint metrics, from the step's metrics.
+fn checkpoint_metrics(data: &Value) -> Value {
+    const FIELDS: [&str; 7] = [
+        "step",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+        "full_valid_loss",
+        "full_valid_mean_token_accuracy",
+    ];
+    let metrics = FIELDS.iter().map(|key| (key.to_string(), data.get(*key).cloned().unwrap_or(Value::Null)));
+    Value::Object(metrics.collect())
 }
 
 /// Uploads the adapter or model and the results CSV; returns the success outcome.
@@ -207,7 +235,6 @@ async fn finish(
     job: &JobRecord,
     plan: &JobPlan,
     summary: &Summary,
-    rows: ResultRows,
 ) -> Result<JobOutcome, JobFailure> {
     let output = summary.output.as_ref().ok_or_else(|| JobFailure::platform("the trainer wrote no output"))?;
     let project = context
@@ -219,19 +246,26 @@ async fn finish(
     let name = fine_tuned_model_name(&job.model, &project, job.suffix.as_deref(), &job.id);
     let prefix = format!("models/{}/{}", job.project_id, job.id);
     artifacts::upload_dir(context.storage.as_ref(), output, &prefix).await.map_err(JobFailure::platform)?;
-    let result_file = store_results_csv(context, job, &rows).await?;
+    let result_file = store_results_csv(context, job).await?;
     let method = match plan.training_type {
         crate::domain::hyperparameters::TrainingType::Bottleneck => "bottleneck",
         crate::domain::hyperparameters::TrainingType::Prefix => "prefix",
         _ if plan.lora.is_some() => "lora",
         _ => "full",
     };
+    let tokens = format!(
+        "Training processed {} tokens (the examples' tokens times the epochs); the loss was computed on {} of them",
+        summary.processed_tokens, summary.trained_tokens
+    );
+    let _ = context.store.add_event(&job.id, NewEvent::message(tokens)).await;
+    // OpenAI's final message, word for word: clients wait for it.
     let message = match summary.stop {
         StopReason::EarlyStopped => "The job has successfully completed (stopped early: the validation loss stopped improving; the model keeps the best weights)",
         _ => "The job has successfully completed",
     };
     Ok(JobOutcome {
         status: JobStatus::Succeeded,
+        trained_tokens: Some(summary.processed_tokens as i64),
         model: Some(ModelRecord {
             id: name,
             project_id: job.project_id.clone(),
@@ -247,19 +281,43 @@ async fn finish(
     })
 }
 
-async fn store_results_csv(
-    context: &ExecutorContext,
-    job: &JobRecord,
-    rows: &ResultRows,
-) -> Result<FileRecord, JobFailure> {
-    let mut csv = String::from("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n");
-    for (step, loss, accuracy, valid) in rows {
-        let (valid_loss, valid_accuracy) = match valid {
-            Some((l, a)) => (l.to_string(), a.to_string()),
-            None => (String::new(), String::new()),
-        };
-        csv.push_str(&format!("{step},{loss},{accuracy},{valid_loss},{valid_accuracy}\n"));
+/// The results CSV's columns, named as OpenAI's results files name them.
+const RESULT_COLUMNS: [&str; 5] = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"];
+
+/// One row per step, from the job's stored metrics events: every attempt's steps, each once (a
+/// step that a resumed attempt ran again keeps the later, continued attempt's numbers).
+async fn results_csv(context: &ExecutorContext, job_id: &str) -> Result<String, JobFailure> {
+    let mut by_step: BTreeMap<u64, Value> = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page =
+            context.store.list_events_after(job_id, after.as_deref(), 1000).await.map_err(JobFailure::platform)?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        for event in page.iter().filter(|e| e.kind == "metrics") {
+            let data: Value = event.data.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+            if let Some(step) = data["step"].as_u64() {
+                by_step.insert(step, data);
+            }
+        }
     }
+    let mut csv = RESULT_COLUMNS.join(",") + "\n";
+    for (step, data) in by_step {
+        let field = |key: &str| data.get(key).filter(|v| v.is_number()).map(Value::to_string).unwrap_or_default();
+        let row = [
+            step.to_string(),
+            field("train_loss"),
+            field("train_mean_token_accuracy"),
+            field("valid_loss"),
+            field("valid_mean_token_accuracy"),
+        ];
+        csv.push_str(&(row.join(",") + "\n"));
+    }
+    Ok(csv)
+}
+
+async fn store_results_csv(context: &ExecutorContext, job: &JobRecord) -> Result<FileRecord, JobFailure> {
+    let csv = results_csv(context, &job.id).await?;
     let id = new_id("file");
     let key = format!("files/{}/{id}", job.project_id);
     let bytes = csv.len() as i64;

@@ -9,6 +9,7 @@ pub use artifacts::download_files;
 pub(crate) use base_model::download_once;
 pub use base_model::local_model_dir;
 mod bridge;
+pub use bridge::{JobSignals, CONTROL_POLL};
 mod job;
 pub mod plan;
 mod validate;
@@ -46,6 +47,8 @@ pub struct ExecutorContext {
     pub storage: Arc<dyn ArtifactStore>,
     pub catalog: Arc<Catalog>,
     pub settings: ExecutorSettings,
+    /// Shared with this process's API, which delivers cancel/pause requests through it.
+    pub signals: JobSignals,
 }
 
 impl ExecutorContext {
@@ -83,6 +86,7 @@ impl JobFailure {
     fn outcome(&self) -> JobOutcome {
         JobOutcome {
             status: JobStatus::Failed,
+            trained_tokens: None,
             model: None,
             result_file: None,
             error: Some(serde_json::json!({ "code": self.code, "message": self.message, "param": self.param })),

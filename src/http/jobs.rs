@@ -97,8 +97,12 @@ pub(super) async fn render_job(state: &AppState, job: JobRecord) -> Result<JobOb
 
 /// OpenAI's hyperparameters, then ours (the fields of `HyperparametersRequest`).
 const OPENAI_HYPERPARAMETERS: [&str; 3] = ["n_epochs", "batch_size", "learning_rate_multiplier"];
-const OUR_HYPERPARAMETERS: [&str; 13] = [
+const OUR_HYPERPARAMETERS: [&str; 17] = [
     "training_type",
+    "adapter_size",
+    "prefix_length",
+    "prefix_projection",
+    "quantization",
     "lora",
     "learning_rate",
     "lr_scheduler",
@@ -123,10 +127,19 @@ fn shown_hyperparameters(stored: &Value) -> Value {
     }
     for key in OUR_HYPERPARAMETERS {
         if let Some(value) = stored.get(key).filter(|v| !v.is_null()) {
-            shown.insert(key.into(), value.clone());
+            let value = if key == "lora" { shown_lora(value) } else { value.clone() };
+            shown.insert(key.into(), value);
         }
     }
     Value::Object(shown)
+}
+
+/// The LoRA settings a client can send; an executor's internal ones (`train_norms`) stay inside.
+fn shown_lora(stored: &Value) -> Value {
+    const FIELDS: [&str; 5] = ["r", "alpha", "dropout", "target_modules", "use_rslora"];
+    let shown =
+        FIELDS.iter().filter_map(|&key| stored.get(key).filter(|v| !v.is_null()).map(|v| (key.into(), v.clone())));
+    Value::Object(shown.collect())
 }
 
 fn parse_column(column: &'static str, text: &str) -> Result<Value, ApiError> {
@@ -234,7 +247,9 @@ pub async fn resume_job(state: State<AppState>, caller: Caller, id: Path<String>
     act(state, caller, id, JobAction::Resume).await
 }
 
-/// Applies a client action. A job an executor holds is only asked (it acts within a step);
+/// Applies a client action. A job an executor holds is only asked: an executor of this process
+/// gets the request at once, another within `executor::CONTROL_POLL`, and acts before its next
+/// step;
 /// any other moves at once. Every update is conditional on the status read here, so a job that
 /// changed in between is not overwritten: the action is tried again on the new status (a job
 /// that moved from validating to queued can still be cancelled), and answers 409 only when the
@@ -267,14 +282,23 @@ async fn apply(state: &AppState, job: &JobRecord, action: JobAction) -> Result<b
     Ok(match (action, current) {
         (JobAction::Cancel, Running | Pausing) if cancel_pending => true,
         (JobAction::Cancel, Running | Pausing) => {
-            store.request_action(&job.id, "cancel", current, NewEvent::message("Cancellation requested")).await?
+            let asked =
+                store.request_action(&job.id, "cancel", current, NewEvent::message("Cancellation requested")).await?;
+            if asked {
+                state.job_signals.deliver(&job.id, "cancel");
+            }
+            asked
         }
         (JobAction::Pause, Running) if cancel_pending => {
             return Err(ApiError::new(ErrorCode::InvalidJobState, "cannot pause a job that is being cancelled"));
         }
         (JobAction::Pause, Running) => {
             let event = NewEvent::message("Pause requested; the job pauses once its checkpoint is saved");
-            store.request_action(&job.id, "pause", target, event).await?
+            let asked = store.request_action(&job.id, "pause", target, event).await?;
+            if asked {
+                state.job_signals.deliver(&job.id, "pause");
+            }
+            asked
         }
         _ => {
             let event = match action {
@@ -299,6 +323,17 @@ fn invalid_state(action: JobAction, status: &str) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_lora_settings_are_not_shown() {
+        let stored = json!({"lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear",
+            "use_rslora": false, "train_norms": false}});
+        let shown = shown_hyperparameters(&stored);
+        assert_eq!(
+            shown["lora"],
+            json!({"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear", "use_rslora": false})
+        );
+    }
 
     #[test]
     fn unresolved_hyperparameters_show_auto_and_only_the_extras_that_are_set() {

@@ -14,6 +14,8 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub inference: Arc<crate::serving::Inference>,
     pub config: Arc<HttpConfig>,
+    /// The jobs this process's executors are training, for cancel and pause to reach them at once.
+    pub job_signals: crate::executor::JobSignals,
 }
 
 /// Request limits and policies of the HTTP layer.

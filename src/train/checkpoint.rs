@@ -24,6 +24,9 @@ pub struct TrainState {
     pub next_group: usize,
     pub dropout_rng: Rng,
     pub trained_tokens: u64,
+    /// Example tokens processed (see `Progress::processed_tokens`); absent in older checkpoints.
+    #[serde(default)]
+    pub processed_tokens: u64,
     pub best_eval_loss: Option<f64>,
     pub evals_without_improvement: u32,
     /// The last training loss (for reports after resuming).

@@ -50,7 +50,13 @@ pub struct Progress {
     pub learning_rate: f64,
     pub tokens_per_second: f64,
     pub eta_seconds: f64,
+    /// Tokens the loss was computed on so far (the trained positions).
     pub trained_tokens: u64,
+    /// Tokens of the training examples processed so far, padding excluded: OpenAI's billable
+    /// `trained_tokens` (the examples' tokens times the epochs, once the run completes).
+    pub processed_tokens: u64,
+    /// The validation metrics, at the steps where the model was evaluated.
+    pub eval: Option<EvalMetrics>,
 }
 
 /// What the caller wants the trainer to do next; asked before every step.
@@ -65,8 +71,8 @@ pub enum Control {
 
 /// Hooks for the CLI and the executor. Every method has a do-nothing default.
 pub trait Observer {
+    /// After every optimizer step (and the evaluation at that step, if one was due).
     fn progress(&mut self, _progress: &Progress) {}
-    fn evaluated(&mut self, _step: u64, _metrics: &EvalMetrics) {}
     fn checkpointed(&mut self, _step: u64, _dir: &std::path::Path) {}
     fn control(&mut self) -> Control {
         Control::Continue
@@ -91,6 +97,7 @@ pub struct Summary {
     pub steps: u64,
     pub total_steps: u64,
     pub trained_tokens: u64,
+    pub processed_tokens: u64,
     pub examples: usize,
     pub truncated: usize,
     pub dropped: usize,

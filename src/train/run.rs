@@ -46,6 +46,7 @@ pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summar
             next_group: 0,
             dropout_rng: Rng::derive(config.seed, "dropout"),
             trained_tokens: 0,
+            processed_tokens: 0,
             best_eval_loss: None,
             evals_without_improvement: 0,
             last_loss: None,
@@ -117,6 +118,18 @@ impl Run<'_> {
                     self.state.epoch += 1;
                     self.state.next_group = 0;
                 }
+                let tokens_per_second = tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9);
+                let epoch_ended = self.state.next_group == 0;
+                let interval = self.config.eval_interval;
+                let due = if interval > 0 { self.state.step.is_multiple_of(interval) } else { epoch_ended };
+                // Evaluated before reporting, so that the step's report carries both losses.
+                let (eval, stop_early) = match due && !self.prepared.validation.is_empty() {
+                    true => {
+                        let (metrics, stop) = self.evaluate()?;
+                        (Some(metrics), stop)
+                    }
+                    false => (None, false),
+                };
                 let elapsed = started.elapsed().as_secs_f64();
                 let done = (self.state.step - steps_at_start).max(1) as f64;
                 observer.progress(&Progress {
@@ -126,14 +139,13 @@ impl Run<'_> {
                     loss,
                     accuracy,
                     learning_rate: self.schedule.lr(self.state.step - 1),
-                    tokens_per_second: tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
+                    tokens_per_second,
                     eta_seconds: elapsed / done * (self.total_steps - self.state.step) as f64,
                     trained_tokens: self.state.trained_tokens,
+                    processed_tokens: self.state.processed_tokens,
+                    eval,
                 });
-                let epoch_ended = self.state.next_group == 0;
-                let interval = self.config.eval_interval;
-                let due = if interval > 0 { self.state.step.is_multiple_of(interval) } else { epoch_ended };
-                if due && !self.prepared.validation.is_empty() && self.evaluate(observer)? {
+                if stop_early {
                     return Ok(StopReason::EarlyStopped);
                 }
                 let every = self.config.checkpoint_interval;
@@ -201,17 +213,17 @@ impl Run<'_> {
         self.optimizer.step(params, &grads, lr)?;
         self.state.step += 1;
         self.state.trained_tokens += trained as u64;
+        self.state.processed_tokens += tokens as u64;
         self.state.last_loss = Some(loss_total);
         Ok((loss_total, correct as f64 / trained.max(1) as f64, tokens))
     }
 
-    /// Evaluates; returns true when early stopping says stop.
-    fn evaluate(&mut self, observer: &mut dyn Observer) -> Result<bool, TrainError> {
+    /// Evaluates; returns the metrics and whether early stopping says stop.
+    fn evaluate(&mut self) -> Result<(EvalMetrics, bool), TrainError> {
         let metrics = evaluate(&self.prepared.model, &self.prepared.validation, self.config.batch_size)?;
-        observer.evaluated(self.state.step, &metrics);
         self.last_eval = Some(metrics);
         let Some(rule) = self.config.early_stopping else {
-            return Ok(false);
+            return Ok((metrics, false));
         };
         let improved = self.state.best_eval_loss.is_none_or(|best| metrics.loss < best - rule.min_delta);
         if improved {
@@ -221,7 +233,7 @@ impl Run<'_> {
         } else {
             self.state.evals_without_improvement += 1;
         }
-        Ok(self.state.evals_without_improvement >= rule.patience)
+        Ok((metrics, self.state.evals_without_improvement >= rule.patience))
     }
 
     fn checkpoint(&mut self, observer: &mut dyn Observer) -> Result<(), TrainError> {
@@ -247,6 +259,7 @@ impl Run<'_> {
             steps: self.state.step,
             total_steps: self.total_steps,
             trained_tokens: self.state.trained_tokens,
+            processed_tokens: self.state.processed_tokens,
             examples: self.prepared.stats.examples,
             truncated: self.prepared.stats.truncated,
             dropped: self.prepared.stats.dropped,

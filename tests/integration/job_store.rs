@@ -3,7 +3,9 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use ferrotune::db::{JobOutcome, JobRecord, JobStore, Lease, NewEvent, SqlStore, Store, DEFAULT_PROJECT_ID};
+use ferrotune::db::{
+    JobOutcome, JobProgress, JobRecord, JobStore, Lease, NewEvent, SqlStore, Store, DEFAULT_PROJECT_ID,
+};
 use ferrotune::domain::job::JobStatus;
 
 use crate::helpers::{backends, backing, Backend};
@@ -94,6 +96,60 @@ async fn a_lapsed_lease_requeues_the_job_and_its_old_owner_loses_it() {
     }
 }
 
+fn progress(step: i64) -> JobProgress {
+    JobProgress { step, total_steps: 200, epoch: step as f64 / 40.0, estimated_finish: Some(1_900_000_000) }
+}
+
+fn metrics(step: i64) -> NewEvent {
+    NewEvent::metrics(format!("step {step}"), serde_json::json!({ "step": step }))
+}
+
+#[tokio::test]
+async fn a_requeued_job_shows_the_progress_of_the_checkpoint_it_resumes_from() {
+    for backend in backends() {
+        let (store, _backing) = open(backend).await;
+        store.insert_job(&job("ftjob-r", JobStatus::Queued), NewEvent::message("created")).await.unwrap();
+        store.claim_job(JobStatus::Queued, "w1", -5).await.unwrap().unwrap();
+        store.add_checkpoint("ftjob-r", 120, &serde_json::json!({"step": 120}), "checkpoints/r/120").await.unwrap();
+        assert!(store.record_progress("ftjob-r", "w1", progress(144), metrics(144)).await.unwrap());
+
+        store.requeue_expired().await.unwrap();
+
+        let requeued = store.job_by_id("ftjob-r").await.unwrap().unwrap();
+        assert_eq!((requeued.status.as_str(), requeued.step), ("queued", 120), "{backend:?}");
+        assert!(
+            (requeued.epoch.unwrap() - 3.0).abs() < 1e-9,
+            "{backend:?}: epoch of step 120 is 3, not {:?}",
+            requeued.epoch
+        );
+        assert_eq!(requeued.estimated_finish, None);
+    }
+}
+
+#[tokio::test]
+async fn an_executor_that_lost_its_lease_records_no_progress_and_no_metrics() {
+    for backend in backends() {
+        let (store, _backing) = open(backend).await;
+        store.insert_job(&job("ftjob-p", JobStatus::Queued), NewEvent::message("created")).await.unwrap();
+        store.claim_job(JobStatus::Queued, "w1", -5).await.unwrap().unwrap();
+        store.requeue_expired().await.unwrap();
+        store.claim_job(JobStatus::Queued, "w2", 60).await.unwrap().unwrap();
+
+        assert!(!store.record_progress("ftjob-p", "w1", progress(7), metrics(7)).await.unwrap());
+        assert!(store.record_progress("ftjob-p", "w2", progress(3), metrics(3)).await.unwrap());
+
+        let events = store.list_events("ftjob-p", None, 100).await.unwrap();
+        let steps: Vec<&str> = events.iter().filter(|e| e.kind == "metrics").map(|e| e.message.as_str()).collect();
+        assert_eq!(steps, vec!["step 3"], "{backend:?}");
+        assert_eq!(store.job_by_id("ftjob-p").await.unwrap().unwrap().step, 3);
+        assert_eq!(
+            store.job_control("ftjob-p", "w1").await.unwrap(),
+            Lease::Lost,
+            "{backend:?}: the old owner learns it lost the job"
+        );
+    }
+}
+
 #[tokio::test]
 async fn transitions_are_conditional_and_requests_reach_the_executor() {
     for backend in backends() {
@@ -110,12 +166,18 @@ async fn transitions_are_conditional_and_requests_reach_the_executor() {
             store.renew_lease("ftjob-t", "w", 60).await.unwrap(),
             Lease::Held { requested_action: Some("pause".into()) }
         );
+        assert_eq!(
+            store.job_control("ftjob-t", "w").await.unwrap(),
+            Lease::Held { requested_action: Some("pause".into()) },
+            "{backend:?}: the request is read without renewing too"
+        );
         assert!(!store
             .transition("ftjob-t", &[JobStatus::Paused], JobStatus::Queued, NewEvent::message("x"))
             .await
             .unwrap());
         let paused = JobOutcome {
             status: JobStatus::Paused,
+            trained_tokens: None,
             model: None,
             result_file: None,
             error: None,

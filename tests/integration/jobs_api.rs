@@ -323,7 +323,7 @@ async fn events_are_listed_newest_first_and_page_towards_older_ones() {
         for i in 1..=3 {
             added.push(app.store().add_event(&job, NewEvent::message(format!("step {i}"))).await.unwrap().id);
         }
-        let metrics = json!({"step": 4, "train_loss": 2.5});
+        let metrics = json!({"step": 4, "train_loss": 2.5, "train_mean_token_accuracy": 0.5});
         added.push(app.store().add_event(&job, NewEvent::metrics("step 4", metrics.clone())).await.unwrap().id);
         let path = format!("/v1/fine_tuning/jobs/{job}/events");
 

@@ -101,6 +101,31 @@ fn metric_steps(events: &[Value]) -> Vec<i64> {
         .collect()
 }
 
+/// The tokens of the training examples, as the validation event counts them.
+pub fn validated_tokens(events: &[Value]) -> i64 {
+    let message = events
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .find(|m| m.starts_with("Files validated"))
+        .expect("a validation event");
+    // "Files validated: N examples, T tokens; ..."
+    let tokens = message.split(", ").nth(1).and_then(|t| t.split(' ').next()).unwrap();
+    tokens.parse().unwrap()
+}
+
+/// The steps of a results CSV's rows, in order.
+pub fn csv_steps(csv: &str) -> Vec<i64> {
+    csv.lines().skip(1).map(|line| line.split(',').next().unwrap().parse().unwrap()).collect()
+}
+
+/// Downloads a job's results CSV.
+pub async fn results_csv(app: &TestApp, job: &Value) -> String {
+    let results = job["result_files"][0].as_str().expect("a results file");
+    let response = app.get(&format!("/v1/files/{results}/content"), None).await;
+    assert_eq!(response.status, StatusCode::OK);
+    response.text()
+}
+
 /// The adapter tensors of a finished job, read back from artifact storage.
 async fn adapter_tensors(app: &TestApp, job: &Value) -> HashMap<String, Vec<f32>> {
     let key = format!(
@@ -128,7 +153,12 @@ async fn a_job_runs_from_validation_to_a_registered_model_with_checkpoints_and_r
         assert_eq!(status(&job), "succeeded", "{backend:?}: {job}");
         assert_eq!(job["hyperparameters"]["n_epochs"], 15);
         assert_eq!(job["hyperparameters"]["batch_size"], 4);
-        assert!(job["trained_tokens"].as_i64().unwrap() > 0);
+        let events = all_events(&app, &id).await;
+        assert_eq!(
+            job["trained_tokens"].as_i64(),
+            Some(15 * validated_tokens(&events)),
+            "{backend:?}: OpenAI's trained_tokens is the examples' tokens times the epochs"
+        );
         let model = job["fine_tuned_model"].as_str().unwrap();
         assert!(model.starts_with("ft:tiny-llama:default:qa:"), "{model}");
 
@@ -145,9 +175,8 @@ async fn a_job_runs_from_validation_to_a_registered_model_with_checkpoints_and_r
         let results = job["result_files"][0].as_str().unwrap();
         let csv = app.get(&format!("/v1/files/{results}/content"), None).await.text();
         assert!(csv.starts_with("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"), "{csv}");
-        assert_eq!(csv.lines().count(), 1 + 30);
+        assert_eq!(csv_steps(&csv), (1..=30).collect::<Vec<_>>());
 
-        let events = all_events(&app, &id).await;
         assert_eq!(metric_steps(&events), (1..=30).collect::<Vec<_>>());
         assert!(events.last().unwrap()["message"].as_str().unwrap().contains("successfully completed"));
         let models = app.get("/v1/models", None).await.json();
@@ -190,7 +219,8 @@ async fn a_paused_job_checkpoints_and_resumes_where_it_stopped() {
 }
 
 async fn pause_and_resume(backend: Backend) {
-    let mut app = TestApp::spawn(backend).await;
+    // A lease far longer than the job: the pause must not wait for a heartbeat.
+    let mut app = TestApp::spawn_with(backend, |s| s.executor.lease = Duration::from_secs(60)).await;
     app.start_executors(1);
     // 40 epochs over the set 8 times (64 examples), batch 1: 2,560 steps, so the job is still
     // running when the pause lands (320 steps took about a second once training got faster).
@@ -205,8 +235,9 @@ async fn pause_and_resume(backend: Backend) {
         app.post_json(&format!("/v1/fine_tuning/jobs/{id}/pause"), &json!({}), None).await.status,
         StatusCode::OK
     );
-    let paused = wait_for(&app, &id, Duration::from_secs(30), |j| status(j) == "paused").await;
+    let paused = wait_for(&app, &id, Duration::from_secs(3), |j| status(j) == "paused").await;
     let paused_step = paused["progress"]["step"].as_i64().unwrap();
+    assert!(paused_step < steps, "{backend:?}: paused mid-way, at {paused_step}");
     let checkpoints = app.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints"), None).await.json();
     assert_eq!(checkpoints["data"][0]["step_number"].as_i64(), Some(paused_step), "pausing saved a checkpoint first");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -219,11 +250,85 @@ async fn pause_and_resume(backend: Backend) {
     let job =
         wait_for(&app, &id, Duration::from_secs(180), |j| status(j) == "succeeded" || status(j) == "failed").await;
     assert_eq!(status(&job), "succeeded", "{job}");
+    let events = all_events(&app, &id).await;
     assert_eq!(
-        metric_steps(&all_events(&app, &id).await),
+        metric_steps(&events),
         (1..=steps).collect::<Vec<_>>(),
         "no step is repeated or skipped around the pause"
     );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"]
+                == format!("Fine-tuning resumed from the checkpoint at step {paused_step} (attempt 2)")),
+        "{backend:?}: the resume event names the checkpoint"
+    );
+    assert_eq!(
+        csv_steps(&results_csv(&app, &job).await),
+        (1..=steps).collect::<Vec<_>>(),
+        "{backend:?}: the results file holds both attempts' steps"
+    );
+}
+
+/// A pause asked through another API process (a replica without this executor) reaches the
+/// trainer through the database within `CONTROL_POLL`, whatever the lease.
+#[tokio::test]
+async fn a_pause_asked_through_another_replica_lands_within_the_control_poll() {
+    for backend in backends() {
+        let mut app = TestApp::spawn_with(backend, |s| s.executor.lease = Duration::from_secs(60)).await;
+        app.start_executors(1);
+        let file = upload_qa_times(&app, 8).await;
+        let id = create_job(&app, &job_request(&file, 40, 1, 0)).await;
+        wait_for(&app, &id, Duration::from_secs(60), |j| {
+            status(j) == "running" && j["progress"]["step"].as_i64() >= Some(3)
+        })
+        .await;
+        let replica = app.replica().await;
+        let response = replica.post_json(&format!("/v1/fine_tuning/jobs/{id}/pause"), &json!({}), None).await;
+        assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+        let asked = Instant::now();
+        let paused = wait_for(&app, &id, Duration::from_secs(10), |j| status(j) == "paused").await;
+        let waited = asked.elapsed();
+        assert!(
+            waited < ferrotune::executor::CONTROL_POLL + Duration::from_secs(2),
+            "{backend:?}: paused after {waited:?}"
+        );
+        assert!(paused["progress"]["step"].as_i64().unwrap() < 2560);
+    }
+}
+
+/// Validation metrics are part of the step's metrics event, as in OpenAI's: one event per step,
+/// `valid_loss` beside `train_loss` where the model was evaluated, and in the results file.
+#[tokio::test]
+async fn validation_metrics_come_in_the_step_s_metrics_event() {
+    for backend in backends() {
+        let mut app = TestApp::spawn(backend).await;
+        app.start_executors(1);
+        let file = upload_qa(&app).await;
+        let validation = upload_qa(&app).await;
+        let mut request = job_request(&file, 3, 2, 0);
+        request["validation_file"] = json!(validation);
+        request["method"]["supervised"]["hyperparameters"]["eval_interval"] = json!(4);
+        let id = create_job(&app, &request).await;
+        let job = wait_for(&app, &id, Duration::from_secs(120), |j| ["succeeded", "failed"].contains(&status(j))).await;
+        assert_eq!(status(&job), "succeeded", "{backend:?}: {job}");
+        let events = all_events(&app, &id).await;
+        let metrics: Vec<&Value> = events.iter().filter(|e| e["type"] == "metrics").collect();
+        let steps: Vec<i64> = metrics.iter().map(|e| e["data"]["step"].as_i64().unwrap()).collect();
+        assert_eq!(steps, (1..=12).collect::<Vec<_>>(), "{backend:?}: one metrics event per step");
+        for event in &metrics {
+            let step = event["data"]["step"].as_i64().unwrap();
+            assert!(event["data"]["train_loss"].is_number(), "{event}");
+            assert_eq!(event["data"]["valid_loss"].is_number(), step % 4 == 0, "{event}");
+            assert_eq!(event["data"]["full_valid_loss"], event["data"]["valid_loss"], "{event}");
+        }
+        let csv = results_csv(&app, &job).await;
+        for line in csv.lines().skip(1) {
+            let fields: Vec<&str> = line.split(',').collect();
+            let step: i64 = fields[0].parse().unwrap();
+            assert_eq!(!fields[3].is_empty(), step % 4 == 0, "{backend:?}: {line}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -317,6 +422,14 @@ async fn models_and_checkpoints_download_as_adapters_or_merged_models() {
         assert!(diff < 1e-4, "{backend:?}: merged model differs from base + adapter by {diff}");
 
         let checkpoint = format!("{model}:ckpt-step-4");
+        let retrieved = app.get(&format!("/v1/models/{checkpoint}"), None).await;
+        assert_eq!(retrieved.status, StatusCode::OK, "{backend:?}: {}", retrieved.text());
+        let retrieved = retrieved.json();
+        assert_eq!((retrieved["id"].as_str(), retrieved["parent"].as_str()), (Some(checkpoint.as_str()), Some(model)));
+        assert_eq!(retrieved["root"], "tiny-llama");
+        let job_id = model.rsplit(':').next().unwrap();
+        let impostor = format!("ft:tiny-llama:default:other:{job_id}:ckpt-step-4");
+        app.get(&format!("/v1/models/{impostor}"), None).await.assert_error(StatusCode::NOT_FOUND, "model_not_found");
         let from_checkpoint = download_tar(&app, &checkpoint, "").await;
         assert!(from_checkpoint.path().join("adapter_model.safetensors").exists());
         let missing = app.get(&format!("/v1/models/{model}:ckpt-step-3/content"), None).await;

@@ -59,6 +59,17 @@ async fn a_killed_worker_s_job_resumes_elsewhere_from_its_last_checkpoint() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
 
+    // Once the lease has lapsed, the job waits in the queue showing the checkpoint's progress:
+    // what the dead worker did after it will be done again.
+    let lapsed = Instant::now();
+    while app.store().requeue_expired().await.unwrap() != vec![crashed.clone()] {
+        assert!(lapsed.elapsed() < Duration::from_secs(10), "the dead worker's lease never lapsed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let queued = crate::jobs_e2e::get_job(&app, &crashed).await;
+    assert_eq!(status(&queued), "queued");
+    assert_eq!(queued["progress"]["step"].as_i64(), Some(checkpoint_step), "{queued}");
+
     app.start_executors(1);
     let job =
         wait_for(&app, &crashed, Duration::from_secs(240), |j| ["succeeded", "failed"].contains(&status(j))).await;
@@ -68,6 +79,16 @@ async fn a_killed_worker_s_job_resumes_elsewhere_from_its_last_checkpoint() {
         .iter()
         .position(|e| e["message"].as_str().is_some_and(|m| m.starts_with("Fine-tuning resumed")))
         .expect("a resume event");
+    assert_eq!(
+        events[resumed]["message"],
+        format!("Fine-tuning resumed from the checkpoint at step {checkpoint_step} (attempt 2)"),
+        "the resume event names the checkpoint training continues from"
+    );
+    assert_eq!(
+        crate::jobs_e2e::csv_steps(&crate::jobs_e2e::results_csv(&app, &job).await),
+        (1..=400).collect::<Vec<_>>(),
+        "the results file holds every step once, the dead worker's included"
+    );
     let first_after = events[resumed..]
         .iter()
         .find(|e| e["type"] == "metrics" && e["data"]["train_loss"].is_number())
