@@ -192,6 +192,27 @@ impl TestApp {
         Self { router: ferrotune::http::router(state.clone()), state, backing, pools: Vec::new() }
     }
 
+    /// An app whose artifact store is the backend's real one seen through `wrap`.
+    pub async fn spawn_wrapping_storage(
+        backend: Backend,
+        wrap: impl FnOnce(Arc<dyn ArtifactStore>) -> Arc<dyn ArtifactStore>,
+    ) -> Self {
+        let backing = backing(backend).await;
+        let (store, storage) = open_backends(&backing.settings).await.expect("open backends");
+        let state = build_state(&backing.settings, store, wrap(storage)).await.expect("build state");
+        Self { router: ferrotune::http::router(state.clone()), state, backing, pools: Vec::new() }
+    }
+
+    /// Another API process on this app's database and storage (a replica behind the same load
+    /// balancer): its own state, and none of this app's executors. It lives no longer than `self`.
+    pub async fn replica(&self) -> TestApp {
+        let backing =
+            Backing { settings: self.backing.settings.clone(), _dir: tempfile::tempdir().unwrap(), _database: None };
+        let (store, storage) = open_backends(&backing.settings).await.expect("open backends");
+        let state = build_state(&backing.settings, store, storage).await.expect("build state");
+        TestApp { router: ferrotune::http::router(state.clone()), state, backing, pools: Vec::new() }
+    }
+
     /// Starts a pool of `n` executors (a worker) on this app's database and storage.
     pub fn start_executors(&mut self, n: usize) {
         let mut settings = self.backing.settings.clone();
@@ -231,11 +252,15 @@ impl TestApp {
         key.secret
     }
 
+    /// Sends a request to the router; the response is checked against `openapi.yaml`.
     pub async fn send(&self, request: Request<Body>) -> TestResponse {
+        let (method, uri) = (request.method().to_string(), request.uri().to_string());
         let response = self.router.clone().oneshot(request).await.unwrap();
         let status = response.status();
         let headers = response.headers().clone();
         let body = response.into_body().collect().await.unwrap().to_bytes().to_vec();
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok());
+        crate::schema::check_response(&method, &uri, status.as_u16(), content_type, &body);
         TestResponse { status, headers, body }
     }
 

@@ -16,6 +16,8 @@ mod jobs_e2e;
 mod large_upload;
 mod model_numerics;
 mod openapi;
+mod races;
+mod schema;
 mod sdk;
 mod storage;
 mod store;
