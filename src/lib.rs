@@ -14,6 +14,7 @@ pub mod domain;
 pub mod executor;
 pub mod http;
 pub mod ids;
+pub mod memory;
 pub mod infer;
 pub mod models;
 pub mod peft;

@@ -83,10 +83,16 @@ async fn train_job(
     let observer = JobObserver { reports, signal: signal.clone() };
     let reporter = tokio::spawn(report_loop(context.clone(), job.id.clone(), owner.to_string(), received));
     let training = spawn_training(config, observer).map_err(JobFailure::platform)?;
-    let result = tokio::task::spawn_blocking(move || training.join())
-        .await
-        .map_err(JobFailure::platform)?
-        .map_err(|_| JobFailure::platform("the training thread panicked"))?;
+    let result = tokio::task::spawn_blocking(move || {
+        let result = training.join();
+        // The job's model, activations and optimizer state are freed now; without this they
+        // would stay resident in the allocator's arenas for the life of the process.
+        crate::memory::release_free_memory();
+        result
+    })
+    .await
+    .map_err(JobFailure::platform)?
+    .map_err(|_| JobFailure::platform("the training thread panicked"))?;
     reporter.await.map_err(JobFailure::platform)?;
     let summary = result.map_err(train_failure)?;
     match summary.stop {

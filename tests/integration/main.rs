@@ -14,6 +14,7 @@ mod job_store;
 mod jobs_api;
 mod jobs_e2e;
 mod large_upload;
+mod memory;
 mod model_numerics;
 mod openapi;
 mod races;
