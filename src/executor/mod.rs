@@ -12,6 +12,7 @@ mod bridge;
 pub use bridge::{JobSignals, CONTROL_POLL};
 mod job;
 pub mod plan;
+mod report;
 mod validate;
 
 use std::path::PathBuf;

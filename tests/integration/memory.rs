@@ -74,7 +74,8 @@ async fn a_serve_process_returns_a_finished_job_s_memory() {
     let form = reqwest::multipart::Form::new()
         .text("purpose", "fine-tune")
         .part("file", reqwest::multipart::Part::bytes(examples.into_bytes()).file_name("capitals.jsonl"));
-    let file: Value = client.post(format!("{base}/v1/files")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let file: Value =
+        client.post(format!("{base}/v1/files")).multipart(form).send().await.unwrap().json().await.unwrap();
     let request = json!({"model": "smollm2", "training_file": file["id"], "seed": 1,
         "method": {"type": "supervised", "supervised": {"hyperparameters": {
             "training_type": "qlora", "n_epochs": 1, "batch_size": 4, "learning_rate": 1e-3,
