@@ -127,7 +127,7 @@ pub async fn results_csv(app: &TestApp, job: &Value) -> String {
 }
 
 /// The adapter tensors of a finished job, read back from artifact storage.
-async fn adapter_tensors(app: &TestApp, job: &Value) -> HashMap<String, Vec<f32>> {
+pub async fn adapter_tensors(app: &TestApp, job: &Value) -> HashMap<String, Vec<f32>> {
     let key = format!(
         "models/{}/{}/adapter_model.safetensors",
         job["organization_id"].as_str().unwrap(),

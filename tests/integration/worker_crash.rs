@@ -1,12 +1,16 @@
-//! A `ferrotune worker` killed with SIGKILL mid-training: its lease lapses, another executor
-//! resumes the job from the last checkpoint (the first step after resuming is the checkpoint's
-//! step + 1), and the final adapter equals that of an uninterrupted run.
+//! A `ferrotune worker` killed with SIGKILL mid-training, on SQLite + local files and Postgres +
+//! S3: its lease lapses, the job waits in the queue showing its checkpoint's progress, another
+//! executor resumes it from that checkpoint (the resume event names it; the first step after it
+//! is the checkpoint's step + 1), the results file holds every step once, and the final adapter
+//! equals that of an uninterrupted run.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::helpers::{Backend, TestApp};
-use crate::jobs_e2e::{all_events, create_job, job_request, status, upload_qa, wait_for};
+use ferrotune::storage::StorageSettings;
+
+use crate::helpers::{backends, Backend, TestApp};
+use crate::jobs_e2e::{adapter_tensors, all_events, create_job, job_request, status, upload_qa, wait_for};
 
 /// The worker process, killed if the test ends early so it never outlives it.
 struct KillOnDrop(std::process::Child);
@@ -20,26 +24,39 @@ impl Drop for KillOnDrop {
 
 #[tokio::test]
 async fn a_killed_worker_s_job_resumes_elsewhere_from_its_last_checkpoint() {
-    let mut app = TestApp::spawn(Backend::SqliteLocal).await;
+    for backend in backends() {
+        killed_worker_resumes(backend).await;
+    }
+}
+
+/// A `ferrotune worker` process on the app's database and storage.
+fn start_worker(app: &TestApp) -> KillOnDrop {
+    let settings = &app.backing.settings;
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+    command
+        .args(["--log", "warn", "--lease-secs", "2", "--poll-interval-ms", "50", "worker"])
+        .env("FERROTUNE_DATABASE_URL", &settings.database_url)
+        .env("FERROTUNE_DATA_DIR", settings.executor.work_dir.parent().unwrap())
+        .env("FERROTUNE_BASE_MODELS", format!("tiny-llama={}", fixture.display()))
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::null());
+    match &settings.storage {
+        StorageSettings::Local(dir) => command.env("FERROTUNE_STORAGE_URL", dir),
+        StorageSettings::S3(s3) => command
+            .env("FERROTUNE_STORAGE_URL", format!("s3://{}/{}", s3.bucket, s3.prefix))
+            .env("FERROTUNE_S3_ENDPOINT", s3.endpoint.as_deref().unwrap_or_default())
+            .env("FERROTUNE_S3_FORCE_PATH_STYLE", "true"),
+    };
+    KillOnDrop(command.spawn().expect("start a worker"))
+}
+
+async fn killed_worker_resumes(backend: Backend) {
+    let mut app = TestApp::spawn(backend).await;
     let file = upload_qa(&app).await;
     let request = job_request(&file, 50, 1, 20); // 400 steps, a checkpoint every 20
     let crashed = create_job(&app, &request).await;
-
-    let settings = app.backing.settings.clone();
-    let ferrotune::storage::StorageSettings::Local(artifacts) = settings.storage.clone() else { unreachable!() };
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
-    let mut worker = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-            .args(["--log", "warn", "--lease-secs", "2", "--poll-interval-ms", "50", "worker"])
-            .env("FERROTUNE_DATABASE_URL", &settings.database_url)
-            .env("FERROTUNE_STORAGE_URL", &artifacts)
-            .env("FERROTUNE_DATA_DIR", settings.executor.work_dir.parent().unwrap())
-            .env("FERROTUNE_BASE_MODELS", format!("tiny-llama={}", fixture.display()))
-            .env("RAYON_NUM_THREADS", "1")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start a worker"),
-    );
+    let mut worker = start_worker(&app);
 
     // Kill it once a checkpoint exists and training has moved past it.
     let started = Instant::now();
@@ -54,7 +71,7 @@ async fn a_killed_worker_s_job_resumes_elsewhere_from_its_last_checkpoint() {
                 break app.store().list_checkpoints(&crashed).await.unwrap()[0].step_number;
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "the worker made no checkpoint: {job:?}");
+        assert!(started.elapsed() < Duration::from_secs(120), "{backend:?}: the worker made no checkpoint: {job:?}");
         assert!(job.status != "succeeded", "the job finished before it could be killed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -100,24 +117,9 @@ async fn a_killed_worker_s_job_resumes_elsewhere_from_its_last_checkpoint() {
     let reference =
         wait_for(&app, &straight, Duration::from_secs(240), |j| ["succeeded", "failed"].contains(&status(j))).await;
     assert_eq!(status(&reference), "succeeded");
-    let adapter = |job: &serde_json::Value| {
-        let key = format!(
-            "models/{}/{}/adapter_model.safetensors",
-            job["organization_id"].as_str().unwrap(),
-            job["id"].as_str().unwrap()
-        );
-        artifacts.join(key)
-    };
-    let tensors = |path: std::path::PathBuf| {
-        candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-            .collect::<std::collections::BTreeMap<_, _>>()
-    };
     assert_eq!(
-        tensors(adapter(&job)),
-        tensors(adapter(&reference)),
-        "the resumed run ends where the uninterrupted one does"
+        adapter_tensors(&app, &job).await,
+        adapter_tensors(&app, &reference).await,
+        "{backend:?}: the resumed run ends where the uninterrupted one does"
     );
 }
