@@ -120,3 +120,13 @@ pub enum Lease {
     /// Expired and taken back (the job was requeued or finished elsewhere).
     Lost,
 }
+
+impl Lease {
+    /// From the `requested_action` of the job's row as its owner sees it (no row: not its owner).
+    pub(super) fn from_row(row: Option<(Option<String>,)>) -> Self {
+        match row {
+            Some((requested_action,)) => Self::Held { requested_action },
+            None => Self::Lost,
+        }
+    }
+}

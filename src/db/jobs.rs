@@ -283,10 +283,7 @@ impl JobStore for SqlStore {
         .bind(owner)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(match row {
-            Some((requested_action,)) => Lease::Held { requested_action },
-            None => Lease::Lost,
-        })
+        Ok(Lease::from_row(row))
     }
 
     async fn job_control(&self, id: &str, owner: &str) -> Result<Lease, DbError> {
@@ -296,10 +293,7 @@ impl JobStore for SqlStore {
                 .bind(owner)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(match row {
-            Some((requested_action,)) => Lease::Held { requested_action },
-            None => Lease::Lost,
-        })
+        Ok(Lease::from_row(row))
     }
 
     async fn requeue_expired(&self) -> Result<Vec<String>, DbError> {

@@ -378,6 +378,16 @@ pub fn chat_dataset(n: usize) -> String {
         .collect()
 }
 
+/// A child process (a worker, a server), killed when the test ends so it never outlives it.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A server on a real socket (port 0); stops when the handle is dropped.
 pub struct RunningServer {
     pub addr: SocketAddr,

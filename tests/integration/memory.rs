@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::gguf::smollm2;
+use crate::helpers::KillOnDrop;
 
 /// (VmRSS, VmHWM) of a process, in MiB.
 fn resident_mib(pid: u32) -> (f64, f64) {
@@ -20,15 +21,6 @@ fn resident_mib(pid: u32) -> (f64, f64) {
         line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test]

@@ -9,18 +9,8 @@ use std::time::{Duration, Instant};
 
 use ferrotune::storage::StorageSettings;
 
-use crate::helpers::{backends, Backend, TestApp};
+use crate::helpers::{backends, Backend, KillOnDrop, TestApp};
 use crate::jobs_e2e::{adapter_tensors, all_events, create_job, job_request, status, upload_qa, wait_for};
-
-/// The worker process, killed if the test ends early so it never outlives it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test]
 async fn a_killed_worker_s_job_resumes_elsewhere_from_its_last_checkpoint() {
