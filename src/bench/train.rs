@@ -15,6 +15,7 @@ use crate::models::weights::load_model_weights;
 use crate::models::ForwardCtx;
 use crate::peft::lora::{LoraConfig, LoraPlan, TargetModules};
 use crate::rng::splitmix64;
+use crate::train::grads::batch_gradients;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -46,6 +47,9 @@ pub struct BenchTrainArgs {
     /// qlora: the base's quantization (default: a GGUF base's own, q4_1 as q8_0; else q4_0).
     #[arg(long)]
     pub quantization: Option<String>,
+    /// Recompute each layer's activations in the backward (see `train::grads`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
@@ -114,20 +118,17 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let value = crate::train::on_pool(|| -> anyhow::Result<f32> {
             let ctx = ForwardCtx::inference();
-            let hidden = model.forward_hidden(ids, &positions, &mask, &ctx)?;
             // The last position predicts nothing: no logits for it (as in training, `train::run`).
-            let logits = model.logits(&hidden.narrow(1, 0, t - 1)?, &ctx)?.reshape((b * (t - 1), ()))?;
-            let labels = ids.narrow(1, 1, t - 1)?.flatten_all()?;
-            let loss = (masked_cross_entropy_sum(&logits, &labels, &target_mask)? / (b * (t - 1)) as f64)?;
-            let grads = loss.backward()?;
-            let named = model
-                .trainable
-                .params
-                .iter()
-                .filter_map(|p| grads.get(p.var.as_tensor()).map(|g| (p.name.clone(), g.clone())))
-                .collect();
-            optimizer.step(&model.trainable.params, &named, 1e-4)?;
-            Ok(loss.to_scalar::<f32>()?)
+            let head = |hidden: &Tensor| {
+                let logits = model.logits(&hidden.narrow(1, 0, t - 1)?, &ctx)?.reshape((b * (t - 1), ()))?;
+                let labels = ids.narrow(1, 1, t - 1)?.flatten_all()?;
+                let loss = (masked_cross_entropy_sum(&logits, &labels, &target_mask)? / (b * (t - 1)) as f64)?;
+                Ok((loss, ()))
+            };
+            let inputs = (ids, &positions, &mask);
+            let out = batch_gradients(&model, inputs, &ctx, args.gradient_checkpointing, head)?;
+            optimizer.step(&model.trainable.params, &out.grads.into_iter().collect(), 1e-4)?;
+            Ok(out.loss as f32)
         })?;
         let elapsed = started.elapsed().as_secs_f64();
         if step == 0 {
@@ -148,6 +149,7 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
             "impl": "ferrotune", "mode": "train", "method": args.method, "model": name,
             "params_total": params_total + if args.method == "full" { 0 } else { trainable },
             "params_trainable": trainable, "batch": b, "seq": t, "steps": args.steps,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "tokens_per_s": (b * t * args.steps) as f64 / total.max(1e-9),
             "step_ms_median": median * 1e3, "peak_rss_mb": super::peak_rss_mib(),
             "loss_first": loss_first, "loss_last": loss_last, "threads": super::threads(),

@@ -83,6 +83,8 @@ pub struct HyperparametersRequest {
     pub gradient_accumulation_steps: Option<usize>,
     pub max_seq_len: Option<usize>,
     pub packing: Option<bool>,
+    /// Recompute each decoder layer's activations in the backward instead of keeping them.
+    pub gradient_checkpointing: Option<bool>,
     pub eval_interval: Option<u64>,
     pub early_stopping: Option<EarlyStoppingRequest>,
     pub n_checkpoints: Option<u32>,

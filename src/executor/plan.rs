@@ -30,6 +30,8 @@ pub struct JobPlan {
     pub gradient_accumulation_steps: usize,
     pub max_seq_len: usize,
     pub packing: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
     pub eval_interval: u64,
     pub early_stopping: Option<EarlyStopping>,
     pub n_checkpoints: u32,
@@ -96,6 +98,7 @@ impl JobPlan {
             gradient_accumulation_steps: accumulation,
             max_seq_len: request.max_seq_len.unwrap_or(DEFAULT_MAX_SEQ_LEN).min(model_max_len),
             packing: request.packing.unwrap_or(false),
+            gradient_checkpointing: request.gradient_checkpointing.unwrap_or(false),
             eval_interval: request.eval_interval.unwrap_or(0),
             early_stopping: request
                 .early_stopping
@@ -155,6 +158,7 @@ impl JobPlan {
             max_grad_norm: self.max_grad_norm,
             max_seq_len: self.max_seq_len,
             packing: self.packing,
+            gradient_checkpointing: self.gradient_checkpointing,
             train_on_inputs: false,
             seed,
             eval_interval: self.eval_interval,

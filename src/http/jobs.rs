@@ -97,7 +97,7 @@ pub(super) async fn render_job(state: &AppState, job: JobRecord) -> Result<JobOb
 
 /// OpenAI's hyperparameters, then ours (the fields of `HyperparametersRequest`).
 const OPENAI_HYPERPARAMETERS: [&str; 3] = ["n_epochs", "batch_size", "learning_rate_multiplier"];
-const OUR_HYPERPARAMETERS: [&str; 17] = [
+const OUR_HYPERPARAMETERS: [&str; 18] = [
     "training_type",
     "adapter_size",
     "prefix_length",
@@ -112,6 +112,7 @@ const OUR_HYPERPARAMETERS: [&str; 17] = [
     "gradient_accumulation_steps",
     "max_seq_len",
     "packing",
+    "gradient_checkpointing",
     "eval_interval",
     "early_stopping",
     "n_checkpoints",

@@ -23,8 +23,10 @@ use super::weights::take;
 use super::ForwardCtx;
 use crate::peft::lora::LoraPlan;
 
+mod checkpointed;
 mod prefixed;
 mod rows;
+pub use checkpointed::Checkpointed;
 pub use rows::{Row, ServingAdapter};
 
 /// What to train.
@@ -88,6 +90,22 @@ pub struct CausalLm {
 
 pub use super::kv_cache::KvCache;
 use super::kv_cache::LayerCache;
+
+/// RoPE tables, mask and per-layer prefix keys/values of a training forward.
+struct LayerInputs {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    prefix: Option<Vec<(Tensor, Tensor)>>,
+}
+
+impl LayerInputs {
+    /// Layer `i` of the model over `x`.
+    fn forward(&self, layer: &Block, i: usize, x: &Tensor, eps: f64, ctx: &ForwardCtx) -> Result<Tensor> {
+        let prefix = self.prefix.as_ref().map(|kv| &kv[i]);
+        layer.forward(x, &self.cos, &self.sin, &self.mask, None, prefix, eps, ctx)
+    }
+}
 
 struct Builder<'a> {
     weights: HashMap<String, Tensor>,
@@ -291,27 +309,28 @@ impl CausalLm {
         mask: &Tensor,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let x = self.embed(input_ids)?;
+        let mut x = self.embed(input_ids)?;
+        let inputs = self.layer_inputs(positions, mask, ctx)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = inputs.forward(layer, i, &x, self.config.rms_norm_eps, ctx)?;
+        }
+        rms_norm(&x, self.norm.tensor(), self.config.rms_norm_eps)
+    }
+
+    /// What every decoder layer of a training forward takes besides its input. With a prefix,
+    /// every token also sees the prefix, which comes before position 0.
+    fn layer_inputs(&self, positions: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> Result<LayerInputs> {
         let Some(prefix) = &self.prefix else {
             let (cos, sin) = self.rope.at(positions, self.dtype)?;
-            let mut x = x;
-            for layer in &self.layers {
-                x = layer.forward(&x, &cos, &sin, mask, None, None, self.config.rms_norm_eps, ctx)?;
-            }
-            return rms_norm(&x, self.norm.tensor(), self.config.rms_norm_eps);
+            return Ok(LayerInputs { cos, sin, mask: mask.clone(), prefix: None });
         };
-        // Every token also sees the prefix, which comes before position 0.
         let kv = prefix.layers(&self.config, ctx)?;
         let n = kv.first().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
         let (b, _, t, _) = mask.dims4()?;
         let mask = Tensor::cat(&[&Tensor::zeros((b, 1, t, n), mask.dtype(), mask.device())?, mask], 3)?;
         let positions = (positions + n as f64)?;
         let (cos, sin) = self.rope.at(&positions, self.dtype)?;
-        let mut x = x;
-        for (layer, kv) in self.layers.iter().zip(&kv) {
-            x = layer.forward(&x, &cos, &sin, &mask, None, Some(kv), self.config.rms_norm_eps, ctx)?;
-        }
-        rms_norm(&x, self.norm.tensor(), self.config.rms_norm_eps)
+        Ok(LayerInputs { cos, sin, mask, prefix: Some(kv) })
     }
 
     /// Vocabulary logits for hidden states `(..., hidden)`.

@@ -41,6 +41,17 @@ impl ForwardCtx {
         Self { dropout_rng: Some(RefCell::new(rng)) }
     }
 
+    /// The dropout generator's state now (`None` without dropout), to replay this forward from
+    /// here with [`ForwardCtx::replay`].
+    pub fn rng_state(&self) -> Option<Rng> {
+        self.dropout_rng.as_ref().map(|rng| rng.borrow().clone())
+    }
+
+    /// A context that draws the same dropout masks as the one `state` was taken from.
+    pub fn replay(state: Option<Rng>) -> Self {
+        Self { dropout_rng: state.map(RefCell::new) }
+    }
+
     /// The generator's state after this forward, to carry to the next step.
     pub fn into_rng(self) -> Option<Rng> {
         self.dropout_rng.map(RefCell::into_inner)

@@ -132,6 +132,10 @@ pub struct TrainConfig {
     pub max_seq_len: usize,
     #[serde(default)]
     pub packing: bool,
+    /// Keep only each decoder layer's input in the forward and recompute the layer in the
+    /// backward: activation memory stops growing with depth, for about one more forward's time.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     #[serde(default)]
     pub train_on_inputs: bool,
     #[serde(default = "default_seed")]

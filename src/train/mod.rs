@@ -6,6 +6,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod grads;
 pub mod optimizer;
 pub mod output;
 mod pool;

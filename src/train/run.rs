@@ -10,6 +10,7 @@ use super::batch::make_batch;
 use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
 use super::eval::{evaluate, EvalMetrics};
+use super::grads::batch_gradients;
 use super::optimizer::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::setup::{prepare, Prepared};
@@ -184,26 +185,26 @@ impl Run<'_> {
         let mut correct = 0usize;
         for batch in batches.iter().filter(|b| b.trained_tokens > 0) {
             let ctx = ForwardCtx::training(self.state.dropout_rng.clone());
-            let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, &batch.mask, &ctx)?;
             // Only trained positions need logits: with a large vocabulary and prompts that are not
             // trained (chat), the output head over every position would dominate the step.
-            let (logits, targets) = trained_logits(model, &hidden, batch, &ctx)?;
-            let ones = Tensor::ones(targets.dims1()?, DType::F32, model.device())?;
-            let loss = (masked_cross_entropy_sum(&logits, &targets, &ones)? / trained as f64)?;
-            loss_total += f64::from(loss.to_scalar::<f32>()?);
-            correct += count_correct(&logits, &targets)?;
-            let store = loss.backward()?;
+            let head = |hidden: &Tensor| -> candle_core::Result<_> {
+                let (logits, targets) = trained_logits(model, hidden, batch, &ctx)?;
+                let ones = Tensor::ones(targets.dims1()?, DType::F32, model.device())?;
+                let loss = (masked_cross_entropy_sum(&logits, &targets, &ones)? / trained as f64)?;
+                Ok((loss, count_correct(&logits, &targets)?))
+            };
+            let inputs = (&batch.input_ids, &batch.positions, &batch.mask);
+            let out = batch_gradients(model, inputs, &ctx, self.config.gradient_checkpointing, head)?;
+            (loss_total, correct) = (loss_total + out.loss, correct + out.head);
             if let Some(rng) = ctx.into_rng() {
                 self.state.dropout_rng = rng;
             }
-            for p in params {
-                if let Some(g) = store.get(p.var.as_tensor()) {
-                    let sum = match grads.remove(&p.name) {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
-                    };
-                    grads.insert(p.name.clone(), sum);
-                }
+            for (name, g) in out.grads {
+                let sum = match grads.remove(&name) {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                };
+                grads.insert(name, sum);
             }
         }
         if self.config.max_grad_norm > 0.0 {

@@ -4,6 +4,7 @@
 
 mod auth;
 mod bench_cli;
+mod checkpointing;
 mod errors;
 mod files;
 mod gguf;
