@@ -26,9 +26,13 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run training executors only, against the same database and storage as `serve`.
     Worker {
-        /// Executors in this process.
+        /// Executors in this process, on the CPU (see `--devices` for GPUs).
         #[arg(long, env = "FERROTUNE_EXECUTORS", default_value_t = 1)]
         executors: usize,
+        /// One executor per device instead: GPU numbers (`0,1`), `cuda:N` or `cpu`; each job
+        /// trains on its executor's device.
+        #[arg(long, env = "FERROTUNE_DEVICES")]
+        devices: Option<String>,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -40,6 +44,9 @@ pub enum Command {
         /// The run's configuration (see the README for the fields).
         #[arg(long)]
         config: PathBuf,
+        /// Where to train (`cpu`, `cuda`, `cuda:N`); overrides the config's `device`.
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Benchmarks that print one JSON line (see BENCHMARKS.md).
     #[command(subcommand)]
@@ -140,9 +147,14 @@ pub struct ServeArgs {
     /// Seconds that in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "FERROTUNE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
-    /// Training executors in this process (0: API only; run `ferrotune worker` elsewhere).
+    /// Training executors in this process, on the CPU (0: API only; run `ferrotune worker`
+    /// elsewhere).
     #[arg(long, env = "FERROTUNE_EXECUTORS", default_value_t = 1)]
     pub executors: usize,
+    /// One training executor per device instead of `--executors`: GPU numbers (`0,1`),
+    /// `cuda:N` or `cpu`.
+    #[arg(long, env = "FERROTUNE_DEVICES")]
+    pub devices: Option<String>,
     /// Inference: sequences one model decodes together at most (also the largest `n`).
     #[arg(long, env = "FERROTUNE_MAX_BATCH", default_value_t = 16)]
     pub max_batch: usize,
@@ -155,6 +167,9 @@ pub struct ServeArgs {
     /// Inference: models (bases and fully fine-tuned models) kept loaded at once.
     #[arg(long, env = "FERROTUNE_MAX_LOADED_MODELS", default_value_t = 2)]
     pub max_loaded_models: usize,
+    /// Inference: where models are served (`cpu`, `cuda`, `cuda:N`).
+    #[arg(long, env = "FERROTUNE_SERVE_DEVICE", default_value = "cpu")]
+    pub serve_device: crate::device::DeviceSpec,
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +227,7 @@ impl ServeArgs {
             adapter_cache_bytes: usize::try_from(self.adapter_cache).unwrap_or(usize::MAX),
             max_models: self.max_loaded_models,
             work_dir: data_dir.join("work").join("serving"),
+            device: self.serve_device,
         }
     }
 }

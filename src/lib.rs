@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod db;
+pub mod device;
 pub mod domain;
 pub mod executor;
 pub mod http;

@@ -56,7 +56,10 @@ pub async fn build_state(
             settings.bind
         );
     }
-    let inference = Arc::new(Inference::new(settings.catalog.clone(), storage.clone(), settings.inference.clone()));
+    let inference = Arc::new(
+        Inference::new(settings.catalog.clone(), storage.clone(), settings.inference.clone())
+            .context("--serve-device")?,
+    );
     Ok(AppState {
         store,
         storage,
@@ -92,7 +95,8 @@ impl Application {
             anonymous = state.config.allow_anonymous,
             "ferrotune is listening"
         );
-        let pool = (settings.executor.executors > 0).then(|| ExecutorPool::start(executor_context(&settings, &state)));
+        let executors = settings.executor.executor_devices().len();
+        let pool = (executors > 0).then(|| ExecutorPool::start(executor_context(&settings, &state)));
         Ok(Self { listener, state, shutdown_grace: settings.shutdown_grace, pool })
     }
 

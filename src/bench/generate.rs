@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 use serde_json::json;
 
 use crate::models::config::ModelConfig;
@@ -34,6 +34,9 @@ pub struct BenchGenerateArgs {
     /// and report their aggregate throughput, instead of the single-sequence decoder.
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// Where to decode: `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn run(args: &BenchGenerateArgs) -> anyhow::Result<()> {
@@ -41,7 +44,7 @@ pub fn run(args: &BenchGenerateArgs) -> anyhow::Result<()> {
         return super::serve::run(args, concurrency);
     }
     anyhow::ensure!(args.new_tokens >= 2 && args.prompt_tokens >= 1, "need a prompt and at least 2 new tokens");
-    let device = Device::Cpu;
+    let device = super::open_device(&args.device)?;
     let (dir, _guard) = super::model_dir(&args.model)?;
     let vocab = ModelConfig::from_file(&dir.join("config.json"))?.vocab_size as u64;
     let plan = match &args.adapter {
@@ -52,7 +55,7 @@ pub fn run(args: &BenchGenerateArgs) -> anyhow::Result<()> {
         None => None,
     };
     let adaptation = plan.as_ref().map_or(Adaptation::None, Adaptation::Lora);
-    let model = super::inference_model(&dir, adaptation)?;
+    let model = crate::models::weights::load_inference_model(&dir, adaptation, &device)?;
     let prompt: Vec<u32> =
         (0..args.prompt_tokens as u64).map(|k| (splitmix64(args.seed + 1, k) % vocab) as u32).collect();
     let mut runs = Vec::new();

@@ -15,20 +15,9 @@ pub fn model_dir(path: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, 
     Ok((path.to_path_buf(), None))
 }
 
-/// The model for inference: a GGUF base keeps its linear weights quantized (as it is served).
-pub fn inference_model(
-    dir: &std::path::Path,
-    adaptation: crate::models::llama::Adaptation<'_>,
-) -> anyhow::Result<crate::models::llama::CausalLm> {
-    let config = crate::models::config::ModelConfig::from_file(&dir.join("config.json"))?;
-    let (dense, quantized) = if crate::models::weights::is_gguf_dir(dir) {
-        crate::models::weights::load_quantized_weights(dir, None)?
-    } else {
-        let weights =
-            crate::models::weights::load_model_weights(dir, candle_core::DType::F32, &candle_core::Device::Cpu)?;
-        (weights, Default::default())
-    };
-    Ok(crate::models::llama::CausalLm::with_quantized(config, dense, quantized, adaptation)?)
+/// The device a benchmark runs on (`--device`), opened, or why it cannot be.
+pub fn open_device(spec: &str) -> anyhow::Result<candle_core::Device> {
+    Ok(spec.parse::<crate::device::DeviceSpec>()?.open()?)
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`; `ru_maxrss` equivalent).

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
 use serde_json::json;
 
 use super::generate::BenchGenerateArgs;
@@ -24,10 +23,10 @@ use crate::rng::splitmix64;
 
 pub fn run(args: &BenchGenerateArgs, concurrency: usize) -> anyhow::Result<()> {
     anyhow::ensure!(concurrency >= 1, "--concurrency must be at least 1");
-    let device = Device::Cpu;
+    let device = super::open_device(&args.device)?;
     let (dir, _guard) = super::model_dir(&args.model)?;
     let vocab = ModelConfig::from_file(&dir.join("config.json"))?.vocab_size as u64;
-    let model = super::inference_model(&dir, Adaptation::None)?;
+    let model = crate::models::weights::load_inference_model(&dir, Adaptation::None, &device)?;
     let adapter_started = Instant::now();
     let adapter = match &args.adapter {
         Some(dir) => {

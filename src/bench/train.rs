@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use crate::models::config::ModelConfig;
@@ -50,10 +50,17 @@ pub struct BenchTrainArgs {
     /// Recompute each layer's activations in the backward (see `train::grads`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Where to train: `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
-    let device = Device::Cpu;
+    let device = super::open_device(&args.device)?;
+    anyhow::ensure!(
+        args.method != "qlora" || device.is_cpu(),
+        "qlora trains on the CPU only for now (its block-quantized base has no GPU kernel here)"
+    );
     // A GGUF file is benchmarked through its directory form.
     let gguf_dir = if args.model.extension().is_some_and(|e| e == "gguf") {
         let dir = tempfile::tempdir()?;
@@ -149,7 +156,7 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
             "impl": "ferrotune", "mode": "train", "method": args.method, "model": name,
             "params_total": params_total + if args.method == "full" { 0 } else { trainable },
             "params_trainable": trainable, "batch": b, "seq": t, "steps": args.steps,
-            "gradient_checkpointing": args.gradient_checkpointing,
+            "gradient_checkpointing": args.gradient_checkpointing, "device": args.device,
             "tokens_per_s": (b * t * args.steps) as f64 / total.max(1e-9),
             "step_ms_median": median * 1e3, "peak_rss_mb": super::peak_rss_mib(),
             "loss_first": loss_first, "loss_last": loss_last, "threads": super::threads(),

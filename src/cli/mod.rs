@@ -8,6 +8,7 @@ use anyhow::Context;
 
 use crate::config::{BenchCommand, Cli, Command, GlobalArgs, KeysCommand, ServeArgs};
 use crate::db::{NewApiKey, SqlStore, Store};
+use crate::device::DeviceSpec;
 use crate::domain::api_key::generate_key;
 use crate::executor::{ExecutorContext, ExecutorPool, ExecutorSettings};
 use crate::startup::{shutdown_signal, Application, Settings};
@@ -16,7 +17,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::telemetry::init(cli.global.log_format, &cli.global.log)?;
     // Training runs on its own thread and needs no async runtime.
     match &cli.command {
-        Command::Train { config } => return train::train(config),
+        Command::Train { config, device } => return train::train(config, device.as_deref()),
         Command::Merge { base, adapter, output } => return train::merge(base, adapter, output),
         Command::Bench(BenchCommand::Train(args)) => return crate::bench::train::run(args),
         Command::Bench(BenchCommand::Generate(args)) => return crate::bench::generate::run(args),
@@ -35,7 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Keys(command) => keys(&cli.global, command).await,
-            Command::Worker { executors } => worker(&cli.global, executors).await,
+            Command::Worker { executors, devices } => worker(&cli.global, executors, devices.as_deref()).await,
             Command::Train { .. } | Command::Merge { .. } | Command::Bench(_) => unreachable!("handled above"),
         }
     })
@@ -52,36 +53,48 @@ fn serve_settings(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Setti
         max_json_body_bytes: usize::try_from(args.max_json_body).context("--max-json-body is too large")?,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         catalog: std::sync::Arc::new(global.catalog()?),
-        executor: executor_settings(global, args.executors),
+        executor: executor_settings(global, args.executors, args.devices.as_deref())?,
         inference: args.inference_settings(&global.data_dir),
     })
 }
 
-fn executor_settings(global: &GlobalArgs, executors: usize) -> ExecutorSettings {
-    ExecutorSettings {
+/// Executors on `--devices` (each opened now, so that an unusable GPU stops the start with its
+/// reason) or `--executors` on the CPU.
+fn executor_settings(global: &GlobalArgs, executors: usize, devices: Option<&str>) -> anyhow::Result<ExecutorSettings> {
+    let devices = match devices {
+        Some(list) => DeviceSpec::parse_list(list)?,
+        None => Vec::new(),
+    };
+    for device in &devices {
+        device.open().with_context(|| format!("--devices names {device}"))?;
+    }
+    Ok(ExecutorSettings {
         executors,
+        devices,
         lease: Duration::from_secs(global.lease_secs.max(1)),
         poll_interval: Duration::from_millis(global.poll_interval_ms.max(10)),
         work_dir: global.data_dir.join("work"),
-    }
+    })
 }
 
 /// `ferrotune worker`: executors only, until SIGTERM/SIGINT (then running jobs checkpoint and
 /// return to the queue).
-async fn worker(global: &GlobalArgs, executors: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(executors > 0, "--executors must be at least 1");
+async fn worker(global: &GlobalArgs, executors: usize, devices: Option<&str>) -> anyhow::Result<()> {
+    let settings = executor_settings(global, executors, devices)?;
+    anyhow::ensure!(!settings.executor_devices().is_empty(), "--executors must be at least 1");
     let store = open_store(global).await?;
     let storage = crate::storage::open(&global.storage_settings()?).await.context("could not open artifact storage")?;
     let context = ExecutorContext {
         store: std::sync::Arc::new(store),
         storage,
         catalog: std::sync::Arc::new(global.catalog()?),
-        settings: executor_settings(global, executors),
+        settings,
         // No API in this process: requests arrive through the database (`CONTROL_POLL`).
         signals: Default::default(),
     };
+    let devices = context.settings.executor_devices();
     let pool = ExecutorPool::start(context);
-    tracing::info!(executors, "worker running");
+    tracing::info!(executors = ?devices, "worker running");
     shutdown_signal().await;
     tracing::info!("stopping: running jobs checkpoint and return to the queue");
     pool.shutdown().await;

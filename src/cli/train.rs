@@ -50,8 +50,13 @@ fn format_duration(seconds: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-pub fn train(config_path: &Path) -> anyhow::Result<()> {
+pub fn train(config_path: &Path, device: Option<&str>) -> anyhow::Result<()> {
     let mut config = TrainConfig::from_file(config_path).map_err(anyhow::Error::msg)?;
+    if let Some(device) = device {
+        config.device = device.parse()?;
+    }
+    // Fail before anything loads when the device cannot be used.
+    config.device.open()?;
     // A GGUF base trains through its directory form (config, tokenizer, a link to the weights),
     // which lives as long as the run.
     let _gguf_dir = if config.model.extension().is_some_and(|e| e == "gguf") {

@@ -34,6 +34,8 @@ pub struct JobRecord {
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<i64>,
     pub attempts: i64,
+    /// The host and device of the executor that last ran the job (`host (cuda:0)`).
+    pub executor: Option<String>,
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,

@@ -39,6 +39,8 @@ pub trait JobStore {
     /// What `renew_lease` tells, read without renewing: whether `owner` still holds the job and
     /// what the client asked for.
     async fn job_control(&self, id: &str, owner: &str) -> Result<Lease, DbError>;
+    /// Records which executor (host and device) runs the job `owner` holds.
+    async fn record_executor(&self, id: &str, owner: &str, executor: &str) -> Result<bool, DbError>;
     /// Requeues running or validating jobs whose lease has lapsed; returns their ids.
     async fn requeue_expired(&self) -> Result<Vec<String>, DbError>;
     /// Records a running job's progress and the step's metrics event in one transaction, only
@@ -72,7 +74,8 @@ pub trait JobStore {
 
 const JOB_COLUMNS: &str = "id, project_id, model, training_file, validation_file, status, method, hyperparameters, \
      suffix, seed, metadata, fine_tuned_model, trained_tokens, error, result_files, step, total_steps, epoch, \
-     estimated_finish, requested_action, lease_owner, lease_expires_at, attempts, created_at, started_at, finished_at";
+     estimated_finish, requested_action, lease_owner, lease_expires_at, attempts, executor, created_at, started_at, \
+     finished_at";
 const EVENT_COLUMNS: &str = "id, job_id, level, type, message, data, created_at";
 const CHECKPOINT_COLUMNS: &str = "id, job_id, step_number, metrics, storage_key, created_at";
 
@@ -121,7 +124,7 @@ impl JobStore for SqlStore {
         let mut tx = self.pool.begin().await?;
         sqlx::query(&format!(
             "INSERT INTO fine_tuning_jobs ({JOB_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-             $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
+             $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)"
         ))
         .bind(&job.id)
         .bind(&job.project_id)
@@ -146,6 +149,7 @@ impl JobStore for SqlStore {
         .bind(&job.lease_owner)
         .bind(job.lease_expires_at)
         .bind(job.attempts)
+        .bind(&job.executor)
         .bind(job.created_at)
         .bind(job.started_at)
         .bind(job.finished_at)
@@ -294,6 +298,14 @@ impl JobStore for SqlStore {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(Lease::from_row(row))
+    }
+
+    async fn record_executor(&self, id: &str, owner: &str, executor: &str) -> Result<bool, DbError> {
+        let update = sqlx::query("UPDATE fine_tuning_jobs SET executor = $1 WHERE id = $2 AND lease_owner = $3")
+            .bind(executor)
+            .bind(id)
+            .bind(owner);
+        Ok(update.execute(&self.pool).await?.rows_affected() == 1)
     }
 
     async fn requeue_expired(&self) -> Result<Vec<String>, DbError> {

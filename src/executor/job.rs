@@ -8,14 +8,15 @@ use tokio::sync::{mpsc, watch};
 use super::bridge::{start_heartbeat, JobObserver, SharedSignal, Signal};
 use super::plan::JobPlan;
 use super::validate::{job_dir, stage_file};
-use super::{artifacts, report, ExecutorContext, JobFailure, CHECKPOINT_FILES};
+use super::{artifacts, report, Executor, ExecutorContext, JobFailure, CHECKPOINT_FILES};
 use crate::db::{JobOutcome, JobRecord, ModelRecord, NewEvent};
 use crate::domain::job::JobStatus;
 use crate::domain::model_name::fine_tuned_model_name;
 use crate::ids::unix_now;
 use crate::train::{spawn_training, StopReason, Summary, TrainError};
 
-pub async fn run(context: &ExecutorContext, owner: &str, job: JobRecord, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(context: &ExecutorContext, executor: &Executor, job: JobRecord, mut shutdown: watch::Receiver<bool>) {
+    let owner = executor.owner.as_str();
     let signal = SharedSignal::default();
     let _registered = context.signals.register(&job.id, signal.clone());
     let heartbeat = start_heartbeat(context, &job.id, owner, signal.clone());
@@ -29,7 +30,7 @@ pub async fn run(context: &ExecutorContext, owner: &str, job: JobRecord, mut shu
             }
         })
     };
-    let outcome = train_job(context, owner, &job, signal.clone()).await;
+    let outcome = train_job(context, executor, &job, signal.clone()).await;
     heartbeat.abort();
     watcher.abort();
     let outcome = match outcome {
@@ -51,10 +52,11 @@ pub async fn run(context: &ExecutorContext, owner: &str, job: JobRecord, mut shu
 
 async fn train_job(
     context: &ExecutorContext,
-    owner: &str,
+    executor: &Executor,
     job: &JobRecord,
     signal: SharedSignal,
 ) -> Result<Option<JobOutcome>, JobFailure> {
+    let owner = executor.owner.as_str();
     let plan: JobPlan = serde_json::from_str(&job.hyperparameters).map_err(JobFailure::platform)?;
     let model_dir =
         context.model_dir(&job.model).await.map_err(|m| JobFailure::user("model_not_available", m, Some("model")))?;
@@ -68,6 +70,7 @@ async fn train_job(
     };
     let output_dir = dir.join("output");
     let mut config = plan.train_config(&model_dir, train_file, validation_file, output_dir.clone(), job.seed as u64);
+    config.device = executor.device;
     let resume = stage_latest_checkpoint(context, job, &output_dir).await?;
     let start_message = match &resume {
         Some((_, step)) => format!("Fine-tuning resumed from the checkpoint at step {step} (attempt {})", job.attempts),
@@ -75,6 +78,9 @@ async fn train_job(
     };
     config.resume_from = resume.map(|(dir, _)| dir);
     let _ = context.store.add_event(&job.id, NewEvent::message(start_message)).await;
+    let runs_on = executor.label();
+    let _ = context.store.record_executor(&job.id, owner, &runs_on).await;
+    let _ = context.store.add_event(&job.id, NewEvent::message(format!("Training on {runs_on}"))).await;
 
     let (reports, received) = mpsc::unbounded_channel();
     let observer = JobObserver { reports, signal: signal.clone() };

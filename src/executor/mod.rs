@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::catalog::Catalog;
 use crate::db::{JobOutcome, JobRecord, NewEvent, Store};
+use crate::device::DeviceSpec;
 use crate::domain::job::JobStatus;
 use crate::storage::ArtifactStore;
 
@@ -33,7 +34,10 @@ pub const CHECKPOINT_FILES: [&str; 3] = ["trainable.safetensors", "optimizer.saf
 
 #[derive(Debug, Clone)]
 pub struct ExecutorSettings {
+    /// Executors on the CPU, when `devices` is empty.
     pub executors: usize,
+    /// One executor per device (a GPU each, usually); each job trains on its executor's device.
+    pub devices: Vec<DeviceSpec>,
     /// How long a claim lasts without a heartbeat.
     pub lease: Duration,
     pub poll_interval: Duration,
@@ -50,6 +54,32 @@ pub struct ExecutorContext {
     pub settings: ExecutorSettings,
     /// Shared with this process's API, which delivers cancel/pause requests through it.
     pub signals: JobSignals,
+}
+
+impl ExecutorSettings {
+    /// The device of each executor to start.
+    pub fn executor_devices(&self) -> Vec<DeviceSpec> {
+        if self.devices.is_empty() {
+            vec![DeviceSpec::Cpu; self.executors]
+        } else {
+            self.devices.clone()
+        }
+    }
+}
+
+/// One executor: its lease-owner name, and the host and device it trains on.
+#[derive(Debug, Clone)]
+pub struct Executor {
+    pub owner: String,
+    pub host: String,
+    pub device: DeviceSpec,
+}
+
+impl Executor {
+    /// `host (device)`, as the job record and its events show it.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.host, self.device)
+    }
 }
 
 impl ExecutorContext {
@@ -102,14 +132,20 @@ pub struct ExecutorPool {
 }
 
 impl ExecutorPool {
-    /// Starts `settings.executors` executors on the current runtime (training itself runs on
-    /// dedicated threads, never on the runtime's workers).
+    /// Starts one executor per device of the settings on the current runtime (training itself
+    /// runs on dedicated threads, never on the runtime's workers).
     pub fn start(context: ExecutorContext) -> Self {
         let (stop, stopped) = watch::channel(false);
-        let workers = (0..context.settings.executors)
-            .map(|i| {
-                let owner = format!("{}-{}-{i}", hostname(), crate::ids::random_alphanumeric(6));
-                tokio::spawn(executor_loop(context.clone(), owner, stopped.clone()))
+        let host = hostname();
+        let workers = context
+            .settings
+            .executor_devices()
+            .into_iter()
+            .enumerate()
+            .map(|(i, device)| {
+                let owner = format!("{host}-{}-{i}", crate::ids::random_alphanumeric(6));
+                let executor = Executor { owner, host: host.clone(), device };
+                tokio::spawn(executor_loop(context.clone(), executor, stopped.clone()))
             })
             .collect();
         Self { stop, workers }
@@ -130,17 +166,18 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "executor".into())
 }
 
-#[tracing::instrument(skip(context, stopped))]
-async fn executor_loop(context: ExecutorContext, owner: String, mut stopped: watch::Receiver<bool>) {
+#[tracing::instrument(skip(context, stopped), fields(owner = %executor.owner, device = %executor.device))]
+async fn executor_loop(context: ExecutorContext, executor: Executor, mut stopped: watch::Receiver<bool>) {
     tracing::info!("executor started");
+    let owner = &executor.owner;
     while !*stopped.borrow() {
-        match next_job(&context, &owner).await {
+        match next_job(&context, owner).await {
             Ok(Some((job, validating))) => {
                 let span = tracing::info_span!("job", job = %job.id);
                 if validating {
-                    validate::validate(&context, &owner, job).instrument(span).await;
+                    validate::validate(&context, owner, job).instrument(span).await;
                 } else {
-                    job::run(&context, &owner, job, stopped.clone()).instrument(span).await;
+                    job::run(&context, &executor, job, stopped.clone()).instrument(span).await;
                 }
             }
             Ok(None) => {

@@ -159,6 +159,8 @@ impl JobPlan {
             max_seq_len: self.max_seq_len,
             packing: self.packing,
             gradient_checkpointing: self.gradient_checkpointing,
+            // The executor sets its own device.
+            device: Default::default(),
             train_on_inputs: false,
             seed,
             eval_interval: self.eval_interval,

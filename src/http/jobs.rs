@@ -46,6 +46,8 @@ pub struct JobObject {
     progress: Progress,
     /// 1-based place in the queue; null unless `queued`.
     queue_position: Option<i64>,
+    /// The host and device that ran (or runs) the job, e.g. `gpu-node-1 (cuda:0)`.
+    executor: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,6 +92,7 @@ pub(super) async fn render_job(state: &AppState, job: JobRecord) -> Result<JobOb
         integrations: Vec::new(),
         progress: Progress { step: job.step, total_steps: job.total_steps, epoch: job.epoch },
         queue_position,
+        executor: job.executor,
         id: job.id,
         model: job.model,
     })

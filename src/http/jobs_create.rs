@@ -87,6 +87,7 @@ pub async fn create_job(
         lease_owner: None,
         lease_expires_at: None,
         attempts: 0,
+        executor: None,
         created_at: unix_now(),
         started_at: None,
         finished_at: None,

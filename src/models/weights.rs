@@ -95,3 +95,20 @@ pub fn take(weights: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) 
     }
     Ok(tensor)
 }
+
+/// A model for inference on `device`. On the CPU a GGUF base keeps its linear weights quantized
+/// (served with the quantized kernels); elsewhere every weight is dense f32 on the device (the
+/// quantized kernels are CPU code).
+pub fn load_inference_model(
+    dir: &Path,
+    adaptation: super::llama::Adaptation<'_>,
+    device: &Device,
+) -> Result<super::llama::CausalLm> {
+    let config = super::config::ModelConfig::from_file(&dir.join("config.json"))
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    if device.is_cpu() && is_gguf_dir(dir) {
+        let (dense, quantized) = load_quantized_weights(dir, None)?;
+        return super::llama::CausalLm::with_quantized(config, dense, quantized, adaptation);
+    }
+    super::llama::CausalLm::new(config, load_model_weights(dir, DType::F32, device)?, adaptation)
+}

@@ -6,15 +6,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::{Inference, ServeError, WeightsSource};
 use crate::data::tokenizer::ChatTokenizer;
 use crate::executor::local_model_dir;
 use crate::infer::engine::Engine;
-use crate::models::config::ModelConfig;
 use crate::models::llama::{Adaptation, CausalLm, ServingAdapter};
-use crate::models::weights::{is_gguf_dir, load_model_weights, load_quantized_weights};
+use crate::models::weights::load_inference_model;
 use crate::peft::adapter::load_adapter;
 
 /// The local directory of a catalog base model (fetched from storage into the cache if needed).
@@ -29,24 +28,20 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Sen
     Ok(tokio::task::spawn_blocking(f).await.context("a model loading task failed")??)
 }
 
-fn read_model(dir: &Path, adaptation: Adaptation<'_>) -> anyhow::Result<CausalLm> {
-    let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    if matches!(adaptation, Adaptation::None) && is_gguf_dir(dir) {
-        // A GGUF base is served as it is stored: quantized, with the quantized kernels.
-        let (dense, quantized) = load_quantized_weights(dir, None)?;
-        return Ok(CausalLm::with_quantized(config, dense, quantized, adaptation)?);
-    }
-    let weights = load_model_weights(dir, DType::F32, &Device::Cpu)?;
-    Ok(CausalLm::new(config, weights, adaptation)?)
+/// A GGUF base is served as it is stored on the CPU: quantized, with the quantized kernels.
+fn read_model(dir: &Path, adaptation: Adaptation<'_>, device: &Device) -> anyhow::Result<CausalLm> {
+    Ok(load_inference_model(dir, adaptation, device)?)
 }
 
 pub async fn base_engine(inference: &Inference, name: &str) -> Result<Engine, ServeError> {
     let dir = base_dir(inference, name).await?;
     let started = std::time::Instant::now();
     let settings = inference.settings.clone();
+    let device = inference.device.clone();
     let name_owned = name.to_string();
     let engine = blocking(move || {
-        let model = read_model(&dir, Adaptation::None).with_context(|| format!("loading base model {name_owned}"))?;
+        let model =
+            read_model(&dir, Adaptation::None, &device).with_context(|| format!("loading base model {name_owned}"))?;
         let tokenizer = ChatTokenizer::from_dir(&dir)?;
         Ok(Engine::start(&name_owned, model, tokenizer, settings.engine)?)
     })
@@ -64,6 +59,7 @@ pub async fn full_engine(
 ) -> Result<Engine, ServeError> {
     let base = base_dir(inference, base).await?;
     let id_owned = id.to_string();
+    let device = inference.device.clone();
     match source {
         WeightsSource::Stored { prefix } => {
             let cache = inference.settings.work_dir.join("served-models").join(cache_name(id));
@@ -72,7 +68,7 @@ pub async fn full_engine(
                 .context("fetching the fine-tuned model from storage")?;
             let settings = inference.settings.clone();
             blocking(move || {
-                let model = read_model(&dir, Adaptation::None)?;
+                let model = read_model(&dir, Adaptation::None, &device)?;
                 let tokenizer =
                     ChatTokenizer::from_dir(if dir.join("tokenizer.json").exists() { &dir } else { &base })?;
                 Ok(Engine::start(&id_owned, model, tokenizer, settings.engine)?)
@@ -83,7 +79,7 @@ pub async fn full_engine(
             let trainable = fetch_checkpoint(inference, prefix).await?;
             let settings = inference.settings.clone();
             blocking(move || {
-                let model = read_model(&base, Adaptation::Full)?;
+                let model = read_model(&base, Adaptation::Full, &device)?;
                 model.trainable.restore(&trainable).context("the checkpoint does not fit its base model")?;
                 let tokenizer = ChatTokenizer::from_dir(&base)?;
                 Ok(Engine::start(&id_owned, model, tokenizer, settings.engine)?)
@@ -120,16 +116,17 @@ pub async fn adapter(
             )
             .await
             .context("fetching the adapter from storage")?;
+            let device = engine.model.device().clone();
             blocking(move || {
                 if crate::models::prefix::is_prefix_dir(work.path()) {
-                    let table = crate::models::prefix::load(work.path(), &Device::Cpu)?;
+                    let table = crate::models::prefix::load(work.path(), &device)?;
                     return Ok((Kind::Prefix, HashMap::from([("prompt_embeddings".to_string(), table)])));
                 }
                 if crate::models::bottleneck::is_bottleneck_dir(work.path()) {
-                    let (size, tensors) = crate::models::bottleneck::load(work.path(), &Device::Cpu)?;
+                    let (size, tensors) = crate::models::bottleneck::load(work.path(), &device)?;
                     return Ok((Kind::Bottleneck(size), tensors));
                 }
-                let (config, _norms, tensors) = load_adapter(work.path(), &Device::Cpu)?;
+                let (config, _norms, tensors) = load_adapter(work.path(), &device)?;
                 Ok((Kind::Lora(config), tensors))
             })
             .await?
@@ -180,7 +177,8 @@ async fn fetch_checkpoint(inference: &Inference, prefix: &str) -> Result<HashMap
     crate::executor::download_files(inference.storage.as_ref(), prefix.trim_end_matches('/'), &names, work.path())
         .await
         .context("fetching the checkpoint from storage")?;
-    blocking(move || Ok(candle_core::safetensors::load(work.path().join("trainable.safetensors"), &Device::Cpu)?)).await
+    let device = inference.device.clone();
+    blocking(move || Ok(candle_core::safetensors::load(work.path().join("trainable.safetensors"), &device)?)).await
 }
 
 fn cache_name(id: &str) -> String {

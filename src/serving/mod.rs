@@ -29,6 +29,8 @@ pub struct InferenceSettings {
     pub max_models: usize,
     /// Where base and fine-tuned models fetched from storage are cached.
     pub work_dir: PathBuf,
+    /// Where engines decode (weights, KV caches and adapters live there).
+    pub device: crate::device::DeviceSpec,
 }
 
 /// Where a fine-tuned model's weights are.
@@ -64,13 +66,20 @@ pub struct Inference {
     catalog: Arc<Catalog>,
     storage: Arc<dyn ArtifactStore>,
     settings: InferenceSettings,
+    device: candle_core::Device,
     engines: LruCells<Engine>,
     adapters: LruCells<ServingAdapter>,
 }
 
 impl Inference {
-    pub fn new(catalog: Arc<Catalog>, storage: Arc<dyn ArtifactStore>, settings: InferenceSettings) -> Self {
-        Self { catalog, storage, settings, engines: LruCells::new(), adapters: LruCells::new() }
+    /// Opens the serving device, or says why it cannot be used.
+    pub fn new(
+        catalog: Arc<Catalog>,
+        storage: Arc<dyn ArtifactStore>,
+        settings: InferenceSettings,
+    ) -> Result<Self, crate::device::DeviceError> {
+        let device = settings.device.open()?;
+        Ok(Self { catalog, storage, settings, device, engines: LruCells::new(), adapters: LruCells::new() })
     }
 
     pub fn settings(&self) -> &InferenceSettings {

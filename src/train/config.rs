@@ -136,6 +136,9 @@ pub struct TrainConfig {
     /// backward: activation memory stops growing with depth, for about one more forward's time.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Where to train: `cpu` (default), `cuda` or `cuda:N`.
+    #[serde(default)]
+    pub device: crate::device::DeviceSpec,
     #[serde(default)]
     pub train_on_inputs: bool,
     #[serde(default = "default_seed")]

@@ -22,7 +22,7 @@ use crate::rng::Rng;
 /// Trains per `config`, reporting to `observer`. Runs on the calling thread: use
 /// [`super::spawn_training`] to get a thread with a large enough stack.
 pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summary, TrainError> {
-    let device = Device::Cpu;
+    let device = config.device.open().map_err(|e| TrainError::Config(e.to_string()))?;
     let prepared = prepare(config, &device)?;
     let micro_per_epoch = prepared.train.len().div_ceil(config.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(config.gradient_accumulation_steps) as u64;

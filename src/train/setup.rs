@@ -88,6 +88,13 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
         (None, Method::Prefix) => Adaptation::Prefix(&prefix_plan),
         (None, _) => Adaptation::Full,
     };
+    if config.method == Method::Qlora && !device.is_cpu() {
+        return Err(TrainError::Config(format!(
+            "qlora trains on the CPU only for now (its block-quantized base has no GPU kernel here); use lora \
+             on {}",
+            config.device
+        )));
+    }
     let model = if config.method == Method::Qlora {
         let (dense, quantized) = load_quantized_weights(&config.model, config.quantization)
             .map_err(|e| TrainError::Model(format!("quantizing the base model: {e}")))?;

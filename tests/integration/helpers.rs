@@ -133,6 +133,7 @@ pub async fn backing(backend: Backend) -> Backing {
             catalog: Arc::new(test_catalog()),
             executor: ferrotune::executor::ExecutorSettings {
                 executors: 0,
+                devices: Vec::new(),
                 lease: Duration::from_secs(3),
                 poll_interval: Duration::from_millis(50),
                 work_dir: dir.path().join("work"),
@@ -142,6 +143,7 @@ pub async fn backing(backend: Backend) -> Backing {
                 adapter_cache_bytes: 256 << 20,
                 max_models: 2,
                 work_dir: dir.path().join("work").join("serving"),
+                device: Default::default(),
             },
         },
         _dir: dir,

@@ -42,6 +42,7 @@ fn job(id: &str, status: JobStatus) -> JobRecord {
         lease_owner: None,
         lease_expires_at: None,
         attempts: 0,
+        executor: None,
         created_at: 1_800_000_000,
         started_at: None,
         finished_at: None,
