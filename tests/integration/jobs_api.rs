@@ -73,6 +73,7 @@ async fn a_job_created_with_method_hyperparameters_is_returned_as_openais_job_ob
             "seed": 7, "suffix": "demo", "metadata": {"team": "search"}, "estimated_finish": null,
             "integrations": [], "user_provided_suffix": "demo",
             "progress": {"step": 0, "total_steps": null, "epoch": null}, "queue_position": null,
+            "executor": null,
         });
         assert_eq!(job, expected, "{backend:?}");
         assert!(job["created_at"].as_i64().unwrap() > 1_700_000_000);
