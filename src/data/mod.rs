@@ -9,6 +9,7 @@
 pub mod dataset;
 pub mod examples;
 pub mod packing;
+pub mod preference;
 pub mod template;
 pub mod tokenizer;
 

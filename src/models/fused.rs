@@ -55,6 +55,21 @@ pub fn masked_cross_entropy_sum(logits: &Tensor, labels: &Tensor, mask: &Tensor)
     logits.contiguous()?.apply_op1(CrossEntropy { labels, weights })?.sum_all()
 }
 
+/// Each row's log-probability of its label, `log_softmax(logits)[label]`, of `logits (n, vocab)`
+/// against `labels (n)` u32: `(n)`, differentiable in `logits` (the fused cross-entropy, negated).
+pub fn label_log_probs(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (n, vocab) = logits.dims2()?;
+    if logits.dtype() != DType::F32 || !logits.device().is_cpu() {
+        let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+        return log_probs.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1);
+    }
+    let labels: Vec<u32> = labels.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+    if labels.len() != n || labels.iter().any(|&l| l as usize >= vocab) {
+        candle_core::bail!("label log-probs: {n} rows of {vocab} logits, {} labels", labels.len());
+    }
+    logits.contiguous()?.apply_op1(CrossEntropy { labels, weights: vec![1.0; n] })?.neg()
+}
+
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else { candle_core::bail!("fused op: expected f32") };
     match layout.contiguous_offsets() {

@@ -69,7 +69,7 @@ impl Linear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias.tensor())?;
         }
-        if let Some(lora) = &self.lora {
+        if let Some(lora) = self.lora.as_ref().filter(|_| ctx.adapters_on()) {
             // As 2-D matmuls: a broadcast batched matmul would also sum the adapter's gradient
             // over a broadcast batch dimension in backward.
             let input = ctx.dropout(x, lora.dropout)?;

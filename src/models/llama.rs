@@ -320,7 +320,7 @@ impl CausalLm {
     /// What every decoder layer of a training forward takes besides its input. With a prefix,
     /// every token also sees the prefix, which comes before position 0.
     fn layer_inputs(&self, positions: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> Result<LayerInputs> {
-        let Some(prefix) = &self.prefix else {
+        let Some(prefix) = self.prefix.as_ref().filter(|_| ctx.adapters_on()) else {
             let (cos, sin) = self.rope.at(positions, self.dtype)?;
             return Ok(LayerInputs { cos, sin, mask: mask.clone(), prefix: None });
         };
@@ -431,7 +431,8 @@ impl Block {
     ) -> Result<Tensor> {
         let normed = rms_norm(x, self.input_norm.tensor(), eps)?;
         let mut attended = self.attention.forward(&normed, cos, sin, mask, cache, prefix, ctx)?;
-        if let Some((adapter, _)) = &self.adapters {
+        let adapters = self.adapters.as_ref().filter(|_| ctx.adapters_on());
+        if let Some((adapter, _)) = adapters {
             attended = adapter.forward(&attended, ctx)?;
         }
         let x = (x + attended)?;
@@ -439,7 +440,7 @@ impl Block {
         let mlp = &self.mlp;
         let gated = super::fused::swiglu(&mlp.gate.forward(&normed, ctx)?, &mlp.up.forward(&normed, ctx)?)?;
         let mut out = mlp.down.forward(&gated, ctx)?;
-        if let Some((_, adapter)) = &self.adapters {
+        if let Some((_, adapter)) = adapters {
             out = adapter.forward(&out, ctx)?;
         }
         x + out

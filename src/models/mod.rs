@@ -25,20 +25,33 @@ use candle_core::{Result, Tensor};
 
 use crate::rng::Rng;
 
-/// Per-forward state: whether dropout is active, and the generator it draws from.
+/// Per-forward state: whether dropout is active, the generator it draws from, and whether the
+/// adapters take part.
 pub struct ForwardCtx {
     dropout_rng: Option<RefCell<Rng>>,
+    adapters_off: bool,
 }
 
 impl ForwardCtx {
     /// No dropout: evaluation and generation.
     pub fn inference() -> Self {
-        Self { dropout_rng: None }
+        Self { dropout_rng: None, adapters_off: false }
+    }
+
+    /// The base model alone: no dropout, and LoRA, bottleneck and prefix adapters are skipped, so
+    /// the same weights give the frozen model's outputs (DPO's reference policy, without a copy).
+    pub fn base_only() -> Self {
+        Self { dropout_rng: None, adapters_off: true }
     }
 
     /// Dropout active, drawing masks from `rng` (its state advances).
     pub fn training(rng: Rng) -> Self {
-        Self { dropout_rng: Some(RefCell::new(rng)) }
+        Self { dropout_rng: Some(RefCell::new(rng)), adapters_off: false }
+    }
+
+    /// Whether adapters are applied in this forward.
+    pub fn adapters_on(&self) -> bool {
+        !self.adapters_off
     }
 
     /// The dropout generator's state now (`None` without dropout), to replay this forward from
@@ -49,7 +62,7 @@ impl ForwardCtx {
 
     /// A context that draws the same dropout masks as the one `state` was taken from.
     pub fn replay(state: Option<Rng>) -> Self {
-        Self { dropout_rng: state.map(RefCell::new) }
+        Self { dropout_rng: state.map(RefCell::new), adapters_off: false }
     }
 
     /// The generator's state after this forward, to carry to the next step.

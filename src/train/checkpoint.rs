@@ -33,13 +33,36 @@ pub struct TrainState {
     pub last_loss: Option<f64>,
 }
 
-pub fn save(dir: &Path, state: &TrainState, params: &TrainableParams, optimizer: &AdamW) -> Result<(), TrainError> {
+/// A preference run's reference log-probabilities, per training and validation sequence: kept
+/// with checkpoints because after full fine-tuning steps they cannot be recomputed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReferenceLogps {
+    pub train: Vec<f32>,
+    pub validation: Vec<f32>,
+}
+
+const REFERENCE_FILE: &str = "reference_logps.safetensors";
+
+pub fn save(
+    dir: &Path,
+    state: &TrainState,
+    params: &TrainableParams,
+    optimizer: &AdamW,
+    reference: Option<&ReferenceLogps>,
+) -> Result<(), TrainError> {
     let staging = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging)?;
     candle_core::safetensors::save(&params.snapshot()?, staging.join("trainable.safetensors"))?;
     let (_, moments) = optimizer.state();
     candle_core::safetensors::save(&moments, staging.join("optimizer.safetensors"))?;
+    if let Some(reference) = reference {
+        let tensors: HashMap<String, Tensor> = [("train", &reference.train), ("validation", &reference.validation)]
+            .into_iter()
+            .map(|(k, v)| Ok((k.to_string(), super::preference::to_tensor(v)?)))
+            .collect::<candle_core::Result<_>>()?;
+        candle_core::safetensors::save(&tensors, staging.join(REFERENCE_FILE))?;
+    }
     let meta = serde_json::json!({ "state": state, "optimizer_step": optimizer.steps_taken() });
     std::fs::write(staging.join("state.json"), serde_json::to_string_pretty(&meta).map_err(std::io::Error::other)?)?;
     let _ = std::fs::remove_dir_all(dir);
@@ -52,6 +75,7 @@ pub struct Loaded {
     pub trainable: HashMap<String, Tensor>,
     pub optimizer_step: u64,
     pub moments: HashMap<String, Tensor>,
+    pub reference: Option<ReferenceLogps>,
 }
 
 pub fn load(dir: &Path, device: &Device) -> Result<Loaded, TrainError> {
@@ -59,7 +83,19 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded, TrainError> {
     let meta: serde_json::Value = serde_json::from_str(&text).map_err(std::io::Error::other)?;
     let state: TrainState = serde_json::from_value(meta["state"].clone()).map_err(std::io::Error::other)?;
     let optimizer_step = meta["optimizer_step"].as_u64().unwrap_or(state.step);
+    let reference = match dir.join(REFERENCE_FILE) {
+        path if path.exists() => {
+            let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
+            let read = |k: &str| -> Result<Vec<f32>, TrainError> {
+                let t = tensors.get(k).ok_or_else(|| TrainError::Config(format!("{REFERENCE_FILE} has no {k}")))?;
+                Ok(t.to_vec1()?)
+            };
+            Some(ReferenceLogps { train: read("train")?, validation: read("validation")? })
+        }
+        _ => None,
+    };
     Ok(Loaded {
+        reference,
         state,
         trainable: candle_core::safetensors::load(dir.join("trainable.safetensors"), device)?,
         optimizer_step,

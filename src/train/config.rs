@@ -141,6 +141,10 @@ pub struct TrainConfig {
     pub device: crate::device::DeviceSpec,
     #[serde(default)]
     pub train_on_inputs: bool,
+    /// Preference tuning (DPO, IPO or SimPO) on a preference dataset instead of supervised
+    /// fine-tuning; `method` still says which weights train.
+    #[serde(default)]
+    pub dpo: Option<super::preference::DpoSettings>,
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// Evaluate every N optimizer steps (0: at the end of each epoch).
@@ -238,6 +242,11 @@ impl TrainConfig {
         }
         if self.method == Method::Lora {
             self.lora.lora_config().validate()?;
+        }
+        if let Some(dpo) = &self.dpo {
+            dpo.validate()?;
+            check(!self.packing, "packing does not apply to dpo: each answer is its own sequence")?;
+            check(!self.train_on_inputs, "train_on_inputs does not apply to dpo: only the answers are compared")?;
         }
         Ok(())
     }

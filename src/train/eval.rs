@@ -15,6 +15,10 @@ pub struct EvalMetrics {
     pub mean_token_accuracy: f64,
     pub perplexity: f64,
     pub tokens: usize,
+    /// Preference runs: the pair metrics (`loss` above is then the preference loss, accuracy and
+    /// perplexity are of the chosen answers' tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preference: Option<super::preference::PreferenceMetrics>,
 }
 
 pub fn evaluate(model: &CausalLm, sequences: &[Sequence], batch_size: usize) -> Result<EvalMetrics> {
@@ -40,5 +44,11 @@ pub fn evaluate(model: &CausalLm, sequences: &[Sequence], batch_size: usize) -> 
         tokens += batch.trained_tokens;
     }
     let loss = loss_sum / tokens.max(1) as f64;
-    Ok(EvalMetrics { loss, mean_token_accuracy: correct as f64 / tokens.max(1) as f64, perplexity: loss.exp(), tokens })
+    Ok(EvalMetrics {
+        loss,
+        mean_token_accuracy: correct as f64 / tokens.max(1) as f64,
+        perplexity: loss.exp(),
+        tokens,
+        preference: None,
+    })
 }

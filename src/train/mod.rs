@@ -10,6 +10,7 @@ pub mod grads;
 pub mod optimizer;
 pub mod output;
 mod pool;
+pub mod preference;
 mod run;
 pub mod schedule;
 mod setup;
@@ -58,6 +59,9 @@ pub struct Progress {
     pub processed_tokens: u64,
     /// The validation metrics, at the steps where the model was evaluated.
     pub eval: Option<EvalMetrics>,
+    /// Preference runs: this step's pair metrics (`loss` is then the preference loss and
+    /// `accuracy` that of the chosen answers' tokens).
+    pub preference: Option<preference::PreferenceMetrics>,
 }
 
 /// What the caller wants the trainer to do next; asked before every step.

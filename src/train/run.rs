@@ -4,14 +4,18 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use super::batch::make_batch;
-use super::checkpoint::{self, TrainState};
+use super::checkpoint::{self, ReferenceLogps, TrainState};
 use super::config::TrainConfig;
 use super::eval::{evaluate, EvalMetrics};
 use super::grads::batch_gradients;
 use super::optimizer::{AdamW, AdamWConfig};
+use super::preference::{
+    evaluate_pairs, pair_reference, pair_rows, preference_loss, reference_log_probs, sequence_log_probs, DpoSettings,
+    MetricSums, PreferenceMetrics,
+};
 use super::schedule::Schedule;
 use super::setup::{prepare, Prepared};
 use super::{output, Control, Observer, Progress, StopReason, Summary, TrainError};
@@ -24,7 +28,8 @@ use crate::rng::Rng;
 pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summary, TrainError> {
     let device = config.device.open().map_err(|e| TrainError::Config(e.to_string()))?;
     let prepared = prepare(config, &device)?;
-    let micro_per_epoch = prepared.train.len().div_ceil(config.batch_size);
+    let items = if prepared.pairs { prepared.train.len() / 2 } else { prepared.train.len() };
+    let micro_per_epoch = items.div_ceil(config.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(config.gradient_accumulation_steps) as u64;
     let mut total_steps = steps_per_epoch * u64::from(config.epochs);
     if let Some(max) = config.max_steps {
@@ -59,9 +64,21 @@ pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summar
         schedule,
         total_steps,
         steps_per_epoch,
+        reference: ReferenceLogps::default(),
+        step_preference: None,
     };
-    if let Some(dir) = &config.resume_from {
-        run.resume(dir, &device)?;
+    let resumed = config.resume_from.as_ref().map(|dir| Ok::<_, TrainError>((dir, checkpoint::load(dir, &device)?)));
+    let mut resumed = resumed.transpose()?;
+    if config.dpo.is_some_and(|d| d.needs_reference()) {
+        // Before any trained weights are restored: for full fine-tuning the reference is the
+        // model as loaded.
+        run.reference = match resumed.as_mut().and_then(|(_, loaded)| loaded.reference.take()) {
+            Some(reference) => reference,
+            None => super::on_pool(|| run.compute_reference())?,
+        };
+    }
+    if let Some((dir, loaded)) = resumed {
+        run.resume(dir, loaded)?;
     }
     let stop = run.epochs(observer)?;
     run.finish(stop)
@@ -79,11 +96,35 @@ struct Run<'a> {
     schedule: Schedule,
     total_steps: u64,
     steps_per_epoch: u64,
+    /// Preference runs: the reference policy's log-probability of every sequence.
+    reference: ReferenceLogps,
+    /// Preference runs: the last step's pair metrics.
+    step_preference: Option<PreferenceMetrics>,
+}
+
+/// What one optimizer step's forward and backward passes gave.
+struct StepOut {
+    grads: HashMap<String, Tensor>,
+    loss: f64,
+    /// Predictions the argmax got right, of `scored` positions.
+    correct: usize,
+    scored: usize,
+    /// Positions the loss covered, and tokens that are not padding.
+    trained: usize,
+    tokens: usize,
+    preference: Option<PreferenceMetrics>,
 }
 
 impl Run<'_> {
-    fn resume(&mut self, dir: &std::path::Path, device: &Device) -> Result<(), TrainError> {
-        let loaded = checkpoint::load(dir, device)?;
+    fn compute_reference(&self) -> Result<ReferenceLogps, TrainError> {
+        let (model, batch) = (&self.prepared.model, self.config.batch_size);
+        Ok(ReferenceLogps {
+            train: reference_log_probs(model, &self.prepared.train, batch)?,
+            validation: reference_log_probs(model, &self.prepared.validation, batch)?,
+        })
+    }
+
+    fn resume(&mut self, dir: &std::path::Path, loaded: checkpoint::Loaded) -> Result<(), TrainError> {
         self.prepared.model.trainable.restore(&loaded.trainable)?;
         self.optimizer.restore(loaded.optimizer_step, &loaded.moments)?;
         self.state = loaded.state;
@@ -96,7 +137,8 @@ impl Run<'_> {
         let steps_at_start = self.state.step;
         while self.state.epoch < self.config.epochs {
             let epoch = self.state.epoch;
-            let mut order: Vec<usize> = (0..self.prepared.train.len()).collect();
+            let items = if self.prepared.pairs { self.prepared.train.len() / 2 } else { self.prepared.train.len() };
+            let mut order: Vec<usize> = (0..items).collect();
             Rng::derive(self.config.seed, &format!("epoch-{epoch}")).shuffle(&mut order);
             let micro: Vec<&[usize]> = order.chunks(self.config.batch_size).collect();
             let groups: Vec<&[&[usize]]> = micro.chunks(self.config.gradient_accumulation_steps).collect();
@@ -145,6 +187,7 @@ impl Run<'_> {
                     trained_tokens: self.state.trained_tokens,
                     processed_tokens: self.state.processed_tokens,
                     eval,
+                    preference: self.step_preference,
                 });
                 if stop_early {
                     return Ok(StopReason::EarlyStopped);
@@ -169,6 +212,24 @@ impl Run<'_> {
     }
 
     fn step_here(&mut self, group: &[&[usize]]) -> Result<(f64, f64, usize), TrainError> {
+        let mut out = match self.config.dpo {
+            Some(settings) => self.preference_gradients(group, &settings)?,
+            None => self.supervised_gradients(group)?,
+        };
+        if self.config.max_grad_norm > 0.0 {
+            clip_global_norm(&mut out.grads, self.config.max_grad_norm)?;
+        }
+        let lr = self.schedule.lr(self.state.step);
+        self.optimizer.step(&self.prepared.model.trainable.params, &out.grads, lr)?;
+        self.state.step += 1;
+        self.state.trained_tokens += out.trained as u64;
+        self.state.processed_tokens += out.tokens as u64;
+        self.state.last_loss = Some(out.loss);
+        self.step_preference = out.preference;
+        Ok((out.loss, out.correct as f64 / out.scored.max(1) as f64, out.tokens))
+    }
+
+    fn supervised_gradients(&mut self, group: &[&[usize]]) -> Result<StepOut, TrainError> {
         let model = &self.prepared.model;
         let batches = group
             .iter()
@@ -179,7 +240,6 @@ impl Run<'_> {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let trained: usize = batches.iter().map(|b| b.trained_tokens).sum();
         let tokens: usize = batches.iter().map(|b| b.tokens).sum();
-        let params = &model.trainable.params;
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut loss_total = 0.0;
         let mut correct = 0usize;
@@ -199,29 +259,72 @@ impl Run<'_> {
             if let Some(rng) = ctx.into_rng() {
                 self.state.dropout_rng = rng;
             }
-            for (name, g) in out.grads {
-                let sum = match grads.remove(&name) {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                };
-                grads.insert(name, sum);
+            accumulate(&mut grads, out.grads)?;
+        }
+        Ok(StepOut { grads, loss: loss_total, correct, scored: trained, trained, tokens, preference: None })
+    }
+
+    /// DPO-family step: each micro-batch holds whole pairs (chosen rows, then rejected rows).
+    fn preference_gradients(&mut self, group: &[&[usize]], settings: &DpoSettings) -> Result<StepOut, TrainError> {
+        let model = &self.prepared.model;
+        let train = &self.prepared.train;
+        let batches = group
+            .iter()
+            .map(|pairs| {
+                make_batch(&pair_rows(train, pairs), model.config.sliding_window, model.device(), model.dtype())
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let group_pairs: usize = group.iter().map(|pairs| pairs.len()).sum();
+        let chosen_tokens = |i: usize| train[2 * i].loss_mask.iter().filter(|&&m| m == 1).count();
+        let group_chosen: usize = group.iter().flat_map(|pairs| pairs.iter()).map(|&i| chosen_tokens(i)).sum();
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let (mut sums, mut correct) = (MetricSums::default(), 0usize);
+        for (batch, pairs) in batches.iter().zip(group) {
+            let ctx = ForwardCtx::training(self.state.dropout_rng.clone());
+            let reference = pair_reference(&self.reference.train, pairs);
+            let head = |hidden: &Tensor| -> candle_core::Result<_> {
+                let (logps, counts, right) = sequence_log_probs(model, hidden, batch, pairs.len(), &ctx)?;
+                let (loss, part) = preference_loss(settings, &logps, &reference, &counts, group_pairs, group_chosen)?;
+                Ok((loss, (part, right)))
+            };
+            let inputs = (&batch.input_ids, &batch.positions, &batch.mask);
+            let out = batch_gradients(model, inputs, &ctx, self.config.gradient_checkpointing, head)?;
+            sums.add(&out.head.0);
+            correct += out.head.1;
+            if let Some(rng) = ctx.into_rng() {
+                self.state.dropout_rng = rng;
             }
+            accumulate(&mut grads, out.grads)?;
         }
-        if self.config.max_grad_norm > 0.0 {
-            clip_global_norm(&mut grads, self.config.max_grad_norm)?;
-        }
-        let lr = self.schedule.lr(self.state.step);
-        self.optimizer.step(params, &grads, lr)?;
-        self.state.step += 1;
-        self.state.trained_tokens += trained as u64;
-        self.state.processed_tokens += tokens as u64;
-        self.state.last_loss = Some(loss_total);
-        Ok((loss_total, correct as f64 / trained.max(1) as f64, tokens))
+        let metrics = sums.means(settings);
+        Ok(StepOut {
+            grads,
+            loss: metrics.loss,
+            correct,
+            scored: group_chosen,
+            trained: batches.iter().map(|b| b.trained_tokens).sum(),
+            tokens: batches.iter().map(|b| b.tokens).sum(),
+            preference: Some(metrics),
+        })
     }
 
     /// Evaluates; returns the metrics and whether early stopping says stop.
     fn evaluate(&mut self) -> Result<(EvalMetrics, bool), TrainError> {
-        let metrics = evaluate(&self.prepared.model, &self.prepared.validation, self.config.batch_size)?;
+        let (model, validation, batch) = (&self.prepared.model, &self.prepared.validation, self.config.batch_size);
+        let metrics = match &self.config.dpo {
+            Some(settings) => {
+                let (pairs, correct, tokens) =
+                    evaluate_pairs(model, validation, &self.reference.validation, settings, batch)?;
+                EvalMetrics {
+                    loss: pairs.loss,
+                    mean_token_accuracy: correct as f64 / tokens.max(1) as f64,
+                    perplexity: pairs.nll_chosen.exp(),
+                    tokens,
+                    preference: Some(pairs),
+                }
+            }
+            None => evaluate(model, validation, batch)?,
+        };
         self.last_eval = Some(metrics);
         let Some(rule) = self.config.early_stopping else {
             return Ok((metrics, false));
@@ -239,7 +342,8 @@ impl Run<'_> {
 
     fn checkpoint(&mut self, observer: &mut dyn Observer) -> Result<(), TrainError> {
         let dir = self.config.output_dir.join("checkpoints").join(format!("step-{}", self.state.step));
-        checkpoint::save(&dir, &self.state, &self.prepared.model.trainable, &self.optimizer)?;
+        let reference = self.config.dpo.is_some_and(|d| d.needs_reference()).then_some(&self.reference);
+        checkpoint::save(&dir, &self.state, &self.prepared.model.trainable, &self.optimizer, reference)?;
         observer.checkpointed(self.state.step, &dir);
         self.last_checkpoint = Some(dir);
         Ok(())
@@ -272,6 +376,18 @@ impl Run<'_> {
             last_checkpoint: self.last_checkpoint,
         })
     }
+}
+
+/// Adds `part` into `grads`, parameter by parameter.
+fn accumulate(grads: &mut HashMap<String, Tensor>, part: Vec<(String, Tensor)>) -> candle_core::Result<()> {
+    for (name, g) in part {
+        let sum = match grads.remove(&name) {
+            Some(acc) => (acc + g)?,
+            None => g,
+        };
+        grads.insert(name, sum);
+    }
+    Ok(())
 }
 
 /// The logits and targets of the batch's trained positions only.

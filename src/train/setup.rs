@@ -7,6 +7,7 @@ use super::TrainError;
 use crate::data::dataset::{encode_dataset, load_jsonl, split_validation, EncodeStats};
 use crate::data::examples::EncodeOptions;
 use crate::data::packing::{pack, pad_each, Sequence};
+use crate::data::preference::encode_preference_dataset;
 use crate::data::tokenizer::ChatTokenizer;
 use crate::models::config::ModelConfig;
 use crate::models::llama::{Adaptation, CausalLm};
@@ -16,8 +17,12 @@ use crate::peft::lora::LoraPlan;
 pub struct Prepared {
     pub model: CausalLm,
     pub tokenizer: ChatTokenizer,
+    /// Training sequences; a preference run holds each pair's chosen and rejected answers next
+    /// to each other (`2i`, `2i + 1`).
     pub train: Vec<Sequence>,
     pub validation: Vec<Sequence>,
+    /// Whether `train` and `validation` hold preference pairs.
+    pub pairs: bool,
     pub stats: EncodeStats,
     pub lora_plan: Option<LoraPlan>,
 }
@@ -53,14 +58,31 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
             pad_each(examples, options.max_seq_len, pad)
         }
     };
-    let encoded = encode_dataset(&tokenizer, &train_data, &options)?;
-    if encoded.examples.is_empty() {
-        return Err(TrainError::Config("no training example has a token to learn after truncation".into()));
-    }
-    let train = to_sequences(&encoded.examples);
-    let validation = match &validation_data {
-        Some(data) => to_sequences(&encode_dataset(&tokenizer, data, &options)?.examples),
-        None => Vec::new(),
+    let (train, validation, stats) = if config.dpo.is_some() {
+        let pairs = |data: &crate::data::dataset::LoadedDataset| -> Result<_, TrainError> {
+            let encoded = encode_preference_dataset(&tokenizer, data, &options)?;
+            let examples: Vec<_> = encoded.pairs.into_iter().flat_map(|p| [p.chosen, p.rejected]).collect();
+            Ok((pad_each(&examples, options.max_seq_len, pad), encoded.stats))
+        };
+        let (train, stats) = pairs(&train_data)?;
+        if train.is_empty() {
+            return Err(TrainError::Config(format!(
+                "no preference pair fits max_seq_len {}: every prompt leaves no room for its answers",
+                options.max_seq_len
+            )));
+        }
+        let validation = validation_data.as_ref().map(|d| pairs(d).map(|(v, _)| v)).transpose()?.unwrap_or_default();
+        (train, validation, stats)
+    } else {
+        let encoded = encode_dataset(&tokenizer, &train_data, &options)?;
+        if encoded.examples.is_empty() {
+            return Err(TrainError::Config("no training example has a token to learn after truncation".into()));
+        }
+        let validation = match &validation_data {
+            Some(data) => to_sequences(&encode_dataset(&tokenizer, data, &options)?.examples),
+            None => Vec::new(),
+        };
+        (to_sequences(&encoded.examples), validation, encoded.stats)
     };
     let bottleneck_plan = crate::models::bottleneck::BottleneckPlan {
         adapter_size: config.adapter_size,
@@ -104,5 +126,5 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
     } else {
         CausalLm::new(model_config, load_model_weights(&config.model, DType::F32, device)?, adaptation)?
     };
-    Ok(Prepared { model, tokenizer, train, validation, stats: encoded.stats, lora_plan })
+    Ok(Prepared { model, tokenizer, train, validation, pairs: config.dpo.is_some(), stats, lora_plan })
 }

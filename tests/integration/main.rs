@@ -19,6 +19,7 @@ mod large_upload;
 mod memory;
 mod model_numerics;
 mod openapi;
+mod preference;
 mod races;
 mod schema;
 mod sdk;
