@@ -32,10 +32,28 @@ impl Observer for ProgressBarObserver {
             p.tokens_per_second,
             format_duration(p.eta_seconds)
         ));
+        if let Some(pairs) = &p.preference {
+            self.bar.set_message(format!(
+                "epoch {:.2} loss {:.4} reward accuracy {:.2} margin {:.3} lr {:.2e} ETA {}",
+                p.epoch,
+                p.loss,
+                pairs.rewards_accuracies,
+                pairs.rewards_margins,
+                p.learning_rate,
+                format_duration(p.eta_seconds)
+            ));
+        }
         if let Some(m) = &p.eval {
+            let pairs = m.preference.map(|pairs| {
+                format!(", reward accuracy {:.3}, margin {:.3}", pairs.rewards_accuracies, pairs.rewards_margins)
+            });
             self.bar.println(format!(
-                "step {}: validation loss {:.4}, token accuracy {:.3}, perplexity {:.2}",
-                p.step, m.loss, m.mean_token_accuracy, m.perplexity
+                "step {}: validation loss {:.4}, token accuracy {:.3}, perplexity {:.2}{}",
+                p.step,
+                m.loss,
+                m.mean_token_accuracy,
+                m.perplexity,
+                pairs.unwrap_or_default()
             ));
         }
     }

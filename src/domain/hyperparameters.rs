@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::train::preference::{DpoSettings, PreferenceLoss};
+
 /// A number or `"auto"`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(untagged)]
@@ -97,7 +99,42 @@ pub struct HyperparametersRequest {
     pub prefix_length: Option<usize>,
     /// Prefix tuning: train through an MLP reparameterisation (PEFT's `prefix_projection`).
     pub prefix_projection: Option<bool>,
+    /// DPO: OpenAI's β, a number or `"auto"` (0.1; 2.0 for SimPO).
+    pub beta: Option<AutoOr<f64>>,
+    /// DPO: `sigmoid` (DPO, the default), `ipo` or `simpo` (reference-free).
+    pub loss: Option<PreferenceLoss>,
+    /// DPO with `loss: simpo`: the target reward margin γ (default 0.5).
+    pub simpo_gamma: Option<f64>,
+    /// DPO: weight of the chosen answers' NLL added to the loss (RPO).
+    pub rpo_alpha: Option<f64>,
+    /// DPO: label smoothing ε (sigmoid and simpo).
+    pub label_smoothing: Option<f64>,
 }
+
+/// `method.type`: what a job trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MethodType {
+    #[default]
+    Supervised,
+    Dpo,
+}
+
+impl MethodType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Supervised => "supervised",
+            Self::Dpo => "dpo",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Supervised, Self::Dpo].into_iter().find(|m| m.as_str() == text)
+    }
+}
+
+/// The hyperparameters that only preference (DPO) jobs take.
+pub const DPO_HYPERPARAMETERS: [&str; 5] = ["beta", "loss", "simpo_gamma", "rpo_alpha", "label_smoothing"];
 
 /// A hyperparameter that is out of range: the field (relative to the hyperparameters object) and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +148,48 @@ fn invalid(field: &'static str, message: impl Into<String>) -> InvalidHyperparam
 }
 
 impl HyperparametersRequest {
+    /// The preference settings requested (`beta: "auto"` left to the loss's default).
+    pub fn dpo_settings(&self) -> DpoSettings {
+        DpoSettings {
+            loss: self.loss.unwrap_or_default(),
+            beta: match self.beta {
+                Some(AutoOr::Value(beta)) => Some(beta),
+                _ => None,
+            },
+            simpo_gamma: self.simpo_gamma,
+            rpo_alpha: self.rpo_alpha,
+            label_smoothing: self.label_smoothing.unwrap_or(0.0),
+        }
+    }
+
+    /// [`Self::validate`], plus the rules of the job's method: DPO's settings only on DPO jobs
+    /// and in range there, and no packing of preference pairs.
+    pub fn validate_for(&self, method: MethodType) -> Result<(), InvalidHyperparameter> {
+        self.validate()?;
+        let set = [
+            ("beta", self.beta.is_some()),
+            ("loss", self.loss.is_some()),
+            ("simpo_gamma", self.simpo_gamma.is_some()),
+            ("rpo_alpha", self.rpo_alpha.is_some()),
+            ("label_smoothing", self.label_smoothing.is_some()),
+        ];
+        if method == MethodType::Supervised {
+            if let Some((field, _)) = set.iter().find(|(_, present)| *present) {
+                return Err(invalid(field, format!("{field} applies to method dpo only")));
+            }
+            return Ok(());
+        }
+        if self.packing == Some(true) {
+            return Err(invalid("packing", "packing does not apply to dpo: each answer is its own sequence"));
+        }
+        self.dpo_settings().validate().map_err(|message| {
+            // The settings' messages start with the field: "dpo.<field> ...".
+            let named = message.strip_prefix("dpo.").and_then(|rest| rest.split_whitespace().next());
+            let field = DPO_HYPERPARAMETERS.into_iter().find(|f| named == Some(*f)).unwrap_or("beta");
+            invalid(field, message.replace("dpo.", ""))
+        })
+    }
+
     /// Checks every range that does not depend on the data.
     pub fn validate(&self) -> Result<(), InvalidHyperparameter> {
         if let AutoOr::Value(n) = self.n_epochs {
@@ -276,5 +355,21 @@ mod tests {
         assert_eq!(parse(r#"{"lora": {"r": 0}}"#).validate().unwrap_err().field, "lora");
         assert_eq!(parse(r#"{"lr_scheduler": "wavy"}"#).validate().unwrap_err().field, "lr_scheduler");
         assert!(parse(r#"{"training_type": "full", "learning_rate": 1e-5}"#).validate().is_ok());
+    }
+
+    #[test]
+    fn dpo_settings_belong_to_dpo_jobs_and_are_range_checked() {
+        let supervised = |json: &str| parse(json).validate_for(MethodType::Supervised);
+        let dpo = |json: &str| parse(json).validate_for(MethodType::Dpo);
+        assert_eq!(supervised(r#"{"beta": 0.1}"#).unwrap_err().field, "beta");
+        assert!(dpo(r#"{"beta": "auto", "loss": "ipo"}"#).is_ok());
+        assert_eq!(dpo(r#"{"beta": 0}"#).unwrap_err().field, "beta");
+        assert_eq!(dpo(r#"{"loss": "ipo", "label_smoothing": 0.1}"#).unwrap_err().field, "label_smoothing");
+        assert_eq!(dpo(r#"{"simpo_gamma": 1.0}"#).unwrap_err().field, "simpo_gamma");
+        assert_eq!(dpo(r#"{"rpo_alpha": -1}"#).unwrap_err().field, "rpo_alpha");
+        assert_eq!(dpo(r#"{"packing": true}"#).unwrap_err().field, "packing");
+        assert!(serde_json::from_str::<HyperparametersRequest>(r#"{"loss": "hinge"}"#).is_err());
+        let settings = parse(r#"{"loss": "simpo", "simpo_gamma": 1.0}"#).dpo_settings();
+        assert_eq!((settings.beta(), settings.gamma()), (2.0, 1.0));
     }
 }

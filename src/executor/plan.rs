@@ -5,15 +5,20 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::hyperparameters::{HyperparametersRequest, TrainingType};
+use crate::domain::hyperparameters::{HyperparametersRequest, MethodType, TrainingType};
 use crate::peft::lora::TargetModules;
 use crate::train::config::{EarlyStopping, LoraSettings, Method, TrainConfig};
+use crate::train::preference::{DpoSettings, PreferenceLoss};
 use crate::train::schedule::SchedulerKind;
 
 /// Base learning rates before `learning_rate_multiplier` (full fine-tuning moves every weight,
 /// so it starts an order of magnitude lower).
 const LORA_BASE_LR: f64 = 2e-4;
 const FULL_BASE_LR: f64 = 2e-5;
+/// DPO moves the policy only slightly away from the reference: TRL's `DPOConfig` default for full
+/// fine-tuning (1e-6), and a LoRA rate 25x lower than supervised LoRA's.
+const DPO_LORA_BASE_LR: f64 = 8e-6;
+const DPO_FULL_BASE_LR: f64 = 1e-6;
 const DEFAULT_MAX_SEQ_LEN: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +53,17 @@ pub struct JobPlan {
     pub prefix_length: Option<usize>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub prefix_projection: bool,
+    /// DPO jobs: β (resolved) and the loss settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<PreferenceLoss>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simpo_gamma: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_smoothing: Option<f64>,
     /// Examples and tokens the training file holds (for the totals shown to users).
     pub examples: usize,
     pub tokens: usize,
@@ -55,11 +71,25 @@ pub struct JobPlan {
 }
 
 impl JobPlan {
-    /// Resolves `"auto"` and defaults for `examples` training examples of `tokens` tokens.
-    pub fn resolve(request: &HyperparametersRequest, examples: usize, tokens: usize, model_max_len: usize) -> Self {
+    /// Resolves `"auto"` and defaults for `examples` training examples (pairs, for DPO) of
+    /// `tokens` tokens.
+    pub fn resolve(
+        request: &HyperparametersRequest,
+        method: MethodType,
+        examples: usize,
+        tokens: usize,
+        model_max_len: usize,
+    ) -> Self {
         let (n_epochs, batch_size, multiplier) = request.resolve_openai(examples);
         let training_type = request.training_type.unwrap_or_default();
-        let base = if training_type == TrainingType::Full { FULL_BASE_LR } else { LORA_BASE_LR };
+        let full = training_type == TrainingType::Full;
+        let base = match method {
+            MethodType::Supervised if full => FULL_BASE_LR,
+            MethodType::Supervised => LORA_BASE_LR,
+            MethodType::Dpo if full => DPO_FULL_BASE_LR,
+            MethodType::Dpo => DPO_LORA_BASE_LR,
+        };
+        let dpo = (method == MethodType::Dpo).then(|| request.dpo_settings());
         let accumulation = request.gradient_accumulation_steps.unwrap_or(1);
         let steps_per_epoch = examples.div_ceil(batch_size).div_ceil(accumulation) as u64;
         let lora = matches!(training_type, TrainingType::Lora | TrainingType::Qlora).then(|| {
@@ -82,6 +112,11 @@ impl JobPlan {
             adapter_size: (training_type == TrainingType::Bottleneck).then(|| request.adapter_size.unwrap_or(64)),
             prefix_length: (training_type == TrainingType::Prefix).then(|| request.prefix_length.unwrap_or(16)),
             prefix_projection: request.prefix_projection.unwrap_or(false),
+            beta: dpo.map(|d| d.beta()),
+            loss: dpo.map(|d| d.loss),
+            simpo_gamma: dpo.and_then(|d| (d.loss == PreferenceLoss::Simpo).then(|| d.gamma())),
+            rpo_alpha: dpo.and_then(|d| d.rpo_alpha),
+            label_smoothing: dpo.map(|d| d.label_smoothing).filter(|&e| e > 0.0),
             n_epochs,
             batch_size,
             learning_rate_multiplier: multiplier,
@@ -112,6 +147,17 @@ impl JobPlan {
     }
 
     /// Checkpoint every N steps so that about `n_checkpoints` are made (at least every step).
+    /// The preference settings of a DPO plan.
+    pub fn dpo(&self) -> Option<DpoSettings> {
+        Some(DpoSettings {
+            loss: self.loss?,
+            beta: self.beta,
+            simpo_gamma: self.simpo_gamma,
+            rpo_alpha: self.rpo_alpha,
+            label_smoothing: self.label_smoothing.unwrap_or(0.0),
+        })
+    }
+
     pub fn checkpoint_interval(&self) -> u64 {
         if self.n_checkpoints == 0 {
             return 0;
@@ -162,6 +208,7 @@ impl JobPlan {
             // The executor sets its own device.
             device: Default::default(),
             train_on_inputs: false,
+            dpo: self.dpo(),
             seed,
             eval_interval: self.eval_interval,
             early_stopping: self.early_stopping,

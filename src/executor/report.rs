@@ -32,8 +32,32 @@ fn metrics_data(p: &crate::train::Progress) -> Value {
         ] {
             data[key] = json!(value);
         }
+        if let Some(pairs) = &m.preference {
+            add_preference(&mut data, "valid_", pairs);
+        }
+    }
+    if let Some(pairs) = &p.preference {
+        add_preference(&mut data, "train_", pairs);
     }
     data
+}
+
+/// TRL's preference metric names, after OpenAI's `train_` / `valid_` prefix.
+const PREFERENCE_METRICS: [&str; 6] =
+    ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
+
+fn add_preference(data: &mut Value, prefix: &str, m: &crate::train::preference::PreferenceMetrics) {
+    let values = [
+        m.rewards_chosen,
+        m.rewards_rejected,
+        m.rewards_accuracies,
+        m.rewards_margins,
+        m.logps_chosen,
+        m.logps_rejected,
+    ];
+    for (name, value) in PREFERENCE_METRICS.iter().zip(values) {
+        data[format!("{prefix}{name}")] = json!(value);
+    }
 }
 
 /// Records progress, metrics and checkpoints as the trainer reports them.
@@ -122,16 +146,25 @@ async fn results_csv(context: &ExecutorContext, job_id: &str) -> Result<String, 
             }
         }
     }
-    let mut csv = RESULT_COLUMNS.join(",") + "\n";
+    // A preference job's rows also carry its reward metrics, train then validation.
+    let preference = by_step.values().any(|d| d.get("train_rewards/chosen").is_some());
+    let extra: Vec<String> = match preference {
+        true => ["train_", "valid_"].iter().flat_map(|p| PREFERENCE_METRICS.map(|m| format!("{p}{m}"))).collect(),
+        false => Vec::new(),
+    };
+    let mut header: Vec<String> = RESULT_COLUMNS.iter().map(|c| c.to_string()).collect();
+    header.extend(extra.iter().cloned());
+    let mut csv = header.join(",") + "\n";
     for (step, data) in by_step {
         let field = |key: &str| data.get(key).filter(|v| v.is_number()).map(Value::to_string).unwrap_or_default();
-        let row = [
+        let mut row = vec![
             step.to_string(),
             field("train_loss"),
             field("train_mean_token_accuracy"),
             field("valid_loss"),
             field("valid_mean_token_accuracy"),
         ];
+        row.extend(extra.iter().map(|key| field(key)));
         csv.push_str(&(row.join(",") + "\n"));
     }
     Ok(csv)

@@ -9,9 +9,10 @@ use super::plan::JobPlan;
 use super::{artifacts, ExecutorContext, JobFailure};
 use crate::data::dataset::{encode_dataset, load_jsonl};
 use crate::data::examples::EncodeOptions;
+use crate::data::preference::encode_preference_dataset;
 use crate::data::tokenizer::ChatTokenizer;
 use crate::db::{JobRecord, NewEvent};
-use crate::domain::hyperparameters::HyperparametersRequest;
+use crate::domain::hyperparameters::{HyperparametersRequest, MethodType};
 use crate::models::config::ModelConfig;
 
 pub async fn validate(context: &ExecutorContext, owner: &str, job: JobRecord) {
@@ -75,6 +76,10 @@ async fn check(context: &ExecutorContext, job: &JobRecord) -> Result<JobPlan, Jo
         None => None,
     };
     let request_seq = request.max_seq_len;
+    let method = serde_json::from_str::<serde_json::Value>(&job.method)
+        .ok()
+        .and_then(|m| m.get("type").and_then(|t| t.as_str()).and_then(MethodType::parse))
+        .unwrap_or_default();
     tokio::task::spawn_blocking(move || {
         let config = ModelConfig::from_file(&model_dir.join("config.json")).map_err(JobFailure::platform)?;
         let tokenizer = ChatTokenizer::from_dir(&model_dir).map_err(JobFailure::platform)?;
@@ -85,21 +90,27 @@ async fn check(context: &ExecutorContext, job: &JobRecord) -> Result<JobPlan, Jo
         let count = |path: &Path, param: &'static str| -> Result<(usize, usize), JobFailure> {
             let user = |e: crate::data::DataError| JobFailure::user("invalid_file", e.to_string(), Some(param));
             let data = load_jsonl(path).map_err(user)?;
-            let encoded = encode_dataset(&tokenizer, &data, &options).map_err(user)?;
-            if encoded.stats.examples == 0 {
-                return Err(JobFailure::user(
-                    "invalid_file",
-                    "no example has anything to learn once truncated to max_seq_len",
-                    Some(param),
-                ));
+            let stats = match method {
+                MethodType::Supervised => encode_dataset(&tokenizer, &data, &options).map_err(user)?.stats,
+                MethodType::Dpo => encode_preference_dataset(&tokenizer, &data, &options).map_err(user)?.stats,
+            };
+            if stats.examples == 0 {
+                let message = match method {
+                    MethodType::Supervised => "no example has anything to learn once truncated to max_seq_len".into(),
+                    MethodType::Dpo => format!(
+                        "no preference pair fits max_seq_len {}: each prompt leaves no room for its answers",
+                        options.max_seq_len
+                    ),
+                };
+                return Err(JobFailure::user("invalid_file", message, Some(param)));
             }
-            Ok((encoded.stats.examples, encoded.stats.tokens))
+            Ok((stats.examples, stats.tokens))
         };
         let (examples, tokens) = count(&train, "training_file")?;
         if let Some(path) = &validation {
             count(path, "validation_file")?;
         }
-        Ok(JobPlan::resolve(&request, examples, tokens, config.max_position_embeddings))
+        Ok(JobPlan::resolve(&request, method, examples, tokens, config.max_position_embeddings))
     })
     .await
     .map_err(JobFailure::platform)?

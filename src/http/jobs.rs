@@ -13,6 +13,7 @@ use super::error::{ApiError, ErrorCode};
 use super::extract::{ApiQuery, Caller};
 use super::state::AppState;
 use crate::db::{DbError, JobRecord, NewEvent};
+use crate::domain::hyperparameters::{MethodType, DPO_HYPERPARAMETERS};
 use crate::domain::job::{JobAction, JobStatus};
 
 /// Items per page of jobs, events and checkpoints unless `limit` says otherwise.
@@ -63,11 +64,12 @@ pub(super) async fn render_job(state: &AppState, job: JobRecord) -> Result<JobOb
         JobStatus::Queued => state.store.queue_position(&job.id).await?,
         _ => None,
     };
-    let hyperparameters = shown_hyperparameters(&parse_column("hyperparameters", &job.hyperparameters)?);
     let mut method = parse_column("method", &job.method)?;
+    let kind = method.get("type").and_then(Value::as_str).and_then(MethodType::parse).unwrap_or_default();
+    let hyperparameters = shown_hyperparameters(&parse_column("hyperparameters", &job.hyperparameters)?, kind);
     // Both places show the same (resolved once validated) values, as OpenAI's jobs do.
-    if let Some(supervised) = method.get_mut("supervised").and_then(Value::as_object_mut) {
-        supervised.insert("hyperparameters".into(), hyperparameters.clone());
+    if let Some(settings) = method.get_mut(kind.as_str()).and_then(Value::as_object_mut) {
+        settings.insert("hyperparameters".into(), hyperparameters.clone());
     }
     let optional = |column, text: &Option<String>| text.as_deref().map(|t| parse_column(column, t)).transpose();
     Ok(JobObject {
@@ -123,13 +125,19 @@ const OUR_HYPERPARAMETERS: [&str; 18] = [
 
 /// OpenAI's three hyperparameters always (`"auto"` until resolved), then any of ours that are
 /// set. Whatever else the stored object holds (an executor's totals) is not a hyperparameter.
-fn shown_hyperparameters(stored: &Value) -> Value {
+/// A DPO job also shows OpenAI's `beta`, and whichever of ours it set.
+fn shown_hyperparameters(stored: &Value, method: MethodType) -> Value {
     let mut shown = Map::new();
-    for key in OPENAI_HYPERPARAMETERS {
+    let openai: &[&str] = match method {
+        MethodType::Supervised => &OPENAI_HYPERPARAMETERS,
+        MethodType::Dpo => &["n_epochs", "batch_size", "learning_rate_multiplier", "beta"],
+    };
+    for &key in openai {
         let value = stored.get(key).filter(|v| !v.is_null()).cloned().unwrap_or_else(|| json!("auto"));
         shown.insert(key.into(), value);
     }
-    for key in OUR_HYPERPARAMETERS {
+    let dpo_extras = DPO_HYPERPARAMETERS.iter().filter(|&&k| k != "beta" && method == MethodType::Dpo);
+    for &key in OUR_HYPERPARAMETERS.iter().chain(dpo_extras) {
         if let Some(value) = stored.get(key).filter(|v| !v.is_null()) {
             let value = if key == "lora" { shown_lora(value) } else { value.clone() };
             shown.insert(key.into(), value);
@@ -332,7 +340,7 @@ mod tests {
     fn internal_lora_settings_are_not_shown() {
         let stored = json!({"lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear",
             "use_rslora": false, "train_norms": false}});
-        let shown = shown_hyperparameters(&stored);
+        let shown = shown_hyperparameters(&stored, MethodType::Supervised);
         assert_eq!(
             shown["lora"],
             json!({"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear", "use_rslora": false})
@@ -342,7 +350,7 @@ mod tests {
     #[test]
     fn unresolved_hyperparameters_show_auto_and_only_the_extras_that_are_set() {
         let stored = json!({"batch_size": 4, "packing": true, "lora": null, "total_steps": 12});
-        let shown = shown_hyperparameters(&stored);
+        let shown = shown_hyperparameters(&stored, MethodType::Supervised);
         assert_eq!(
             shown,
             json!({"n_epochs": "auto", "batch_size": 4, "learning_rate_multiplier": "auto", "packing": true})

@@ -12,7 +12,7 @@ use super::state::AppState;
 use crate::catalog::{Catalog, ModelSource};
 use crate::db::{FileRecord, JobRecord, NewEvent};
 use crate::domain::file::FilePurpose;
-use crate::domain::hyperparameters::HyperparametersRequest;
+use crate::domain::hyperparameters::{HyperparametersRequest, MethodType};
 use crate::domain::job::JobStatus;
 use crate::domain::model_name::{is_valid_suffix, MAX_SUFFIX_LEN};
 use crate::ids::{new_id, unix_now};
@@ -31,6 +31,7 @@ struct JobRequest {
     model: String,
     training_file: String,
     validation_file: Option<String>,
+    method: MethodType,
     /// The hyperparameters object as requested (`{}` when none were given).
     hyperparameters: Value,
     suffix: Option<String>,
@@ -46,9 +47,9 @@ pub async fn create_job(
     let request = parse_request(body)?;
     check_base_model(&state.catalog, &request.model)?;
     check_quantization(&state.catalog, &request.model, &request.hyperparameters).await?;
-    let training = find_training_data(&state, &caller, &request.training_file, "training_file").await?;
+    let training = find_training_data(&state, &caller, &request.training_file, "training_file", request.method).await?;
     if let Some(id) = &request.validation_file {
-        let validation = find_training_data(&state, &caller, id, "validation_file").await?;
+        let validation = find_training_data(&state, &caller, id, "validation_file", request.method).await?;
         if validation.format != training.format {
             return Err(ApiError::new(
                 ErrorCode::InvalidFileFormat,
@@ -61,7 +62,8 @@ pub async fn create_job(
             .with_param("validation_file"));
         }
     }
-    let method = json!({"type": "supervised", "supervised": {"hyperparameters": request.hyperparameters}});
+    let kind = request.method.as_str();
+    let method = json!({"type": kind, kind: {"hyperparameters": request.hyperparameters}});
     let job = JobRecord {
         id: new_id("ftjob"),
         project_id: caller.project_id,
@@ -110,20 +112,20 @@ fn parse_request(mut body: Map<String, Value>) -> Result<JobRequest, ApiError> {
     let model = required_string(take("model"), "model")?;
     let training_file = required_string(take("training_file"), "training_file")?;
     let validation_file = take("validation_file").map(|v| required_string(Some(v), "validation_file")).transpose()?;
-    let from_method = parse_method(take("method"))?;
+    let (method, from_method) = parse_method(take("method"))?;
     let legacy = take("hyperparameters");
+    let nested = format!("method.{}.hyperparameters", method.as_str());
     let hyperparameters = match (from_method, legacy) {
         (Some(_), Some(_)) => {
             return Err(ApiError::new(
                 ErrorCode::ConflictingHyperparameters,
-                "give hyperparameters either in `method.supervised.hyperparameters` or (deprecated) at the top \
-                 level, not both",
+                format!("give hyperparameters either in `{nested}` or (deprecated) at the top level, not both"),
             )
             .with_param("hyperparameters"))
         }
-        (Some(h), None) => check_hyperparameters(h, "method.supervised.hyperparameters")?,
-        (None, Some(h)) => check_hyperparameters(h, "hyperparameters")?,
-        (None, None) => json!({}),
+        (Some(h), None) => check_hyperparameters(h, &nested, method)?,
+        (None, Some(h)) => check_hyperparameters(h, "hyperparameters", method)?,
+        (None, None) => check_hyperparameters(json!({}), &nested, method)?,
     };
     let suffix = take("suffix").map(|v| required_string(Some(v), "suffix")).transpose()?;
     if suffix.as_deref().is_some_and(|s| !is_valid_suffix(s)) {
@@ -136,7 +138,7 @@ fn parse_request(mut body: Map<String, Value>) -> Result<JobRequest, ApiError> {
         }
     };
     let metadata = take("metadata").map(check_metadata).transpose()?;
-    Ok(JobRequest { model, training_file, validation_file, hyperparameters, suffix, seed, metadata })
+    Ok(JobRequest { model, training_file, validation_file, method, hyperparameters, suffix, seed, metadata })
 }
 
 fn required_string(value: Option<Value>, param: &str) -> Result<String, ApiError> {
@@ -147,44 +149,46 @@ fn required_string(value: Option<Value>, param: &str) -> Result<String, ApiError
     }
 }
 
-/// The hyperparameters of a `{"type": "supervised", "supervised": {"hyperparameters": ...}}` method.
-fn parse_method(method: Option<Value>) -> Result<Option<Value>, ApiError> {
-    let Some(method) = method else { return Ok(None) };
+/// The method's type and hyperparameters: `{"type": "supervised" | "dpo", <type>: {"hyperparameters": ...}}`.
+fn parse_method(method: Option<Value>) -> Result<(MethodType, Option<Value>), ApiError> {
+    let Some(method) = method else { return Ok((MethodType::Supervised, None)) };
     let Value::Object(mut method) = method else {
         return Err(invalid("method", "`method` must be an object like {\"type\": \"supervised\"}"));
     };
-    match method.get("type").and_then(Value::as_str) {
-        Some("supervised") => {}
-        Some(kind @ ("dpo" | "reinforcement")) => {
+    let kind = match method.get("type").and_then(Value::as_str) {
+        Some(kind @ "reinforcement") => {
             return Err(ApiError::new(
                 ErrorCode::UnsupportedMethod,
-                format!("method `{kind}` is not supported yet; only `supervised` fine-tuning is available"),
+                format!("method `{kind}` is not supported yet; `supervised` and `dpo` fine-tuning are available"),
             )
             .with_param("method.type"))
         }
-        _ => return Err(invalid("method.type", "`method.type` must be \"supervised\"")),
-    }
-    if let Some(other) = method.keys().find(|k| *k != "type" && *k != "supervised") {
+        Some(kind) => MethodType::parse(kind)
+            .ok_or_else(|| invalid("method.type", "`method.type` must be \"supervised\" or \"dpo\""))?,
+        None => return Err(invalid("method.type", "`method.type` must be \"supervised\" or \"dpo\"")),
+    };
+    let name = kind.as_str();
+    if let Some(other) = method.keys().find(|k| *k != "type" && *k != name) {
         return Err(invalid(&format!("method.{other}"), format!("unknown parameter `method.{other}`")));
     }
-    let supervised = match method.remove("supervised") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Object(supervised)) => supervised,
-        Some(_) => return Err(invalid("method.supervised", "`method.supervised` must be an object")),
+    let settings = match method.remove(name) {
+        None | Some(Value::Null) => return Ok((kind, None)),
+        Some(Value::Object(settings)) => settings,
+        Some(_) => return Err(invalid(&format!("method.{name}"), format!("`method.{name}` must be an object"))),
     };
-    if let Some(other) = supervised.keys().find(|k| *k != "hyperparameters") {
-        let param = format!("method.supervised.{other}");
+    if let Some(other) = settings.keys().find(|k| *k != "hyperparameters") {
+        let param = format!("method.{name}.{other}");
         return Err(invalid(&param, format!("unknown parameter `{param}`")));
     }
-    Ok(supervised.get("hyperparameters").filter(|h| !h.is_null()).cloned())
+    Ok((kind, settings.get("hyperparameters").filter(|h| !h.is_null()).cloned()))
 }
 
 /// Parses and range-checks hyperparameters; returns them as requested.
-fn check_hyperparameters(value: Value, param: &str) -> Result<Value, ApiError> {
+fn check_hyperparameters(value: Value, param: &str, method: MethodType) -> Result<Value, ApiError> {
     let parsed: HyperparametersRequest = serde_json::from_value(value.clone()).map_err(|e| {
         ApiError::new(ErrorCode::InvalidHyperparameters, format!("invalid `{param}`: {e}")).with_param(param)
     })?;
-    parsed.validate().map_err(|bad| {
+    parsed.validate_for(method).map_err(|bad| {
         ApiError::new(ErrorCode::InvalidHyperparameters, bad.message).with_param(format!("{param}.{}", bad.field))
     })?;
     Ok(value)
@@ -264,7 +268,13 @@ async fn check_quantization(catalog: &Catalog, name: &str, hyperparameters: &Val
 }
 
 /// A `fine-tune` file of the caller's project in a format supervised training accepts.
-async fn find_training_data(state: &AppState, caller: &Caller, id: &str, param: &str) -> Result<FileRecord, ApiError> {
+async fn find_training_data(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    param: &str,
+    method: MethodType,
+) -> Result<FileRecord, ApiError> {
     let file = state
         .store
         .get_file(&caller.project_id, id)
@@ -278,10 +288,14 @@ async fn find_training_data(state: &AppState, caller: &Caller, id: &str, param: 
         .with_param(param));
     }
     let format = file.format.as_deref().unwrap_or("unknown");
-    if !TRAINABLE_FORMATS.contains(&format) {
+    let accepted: &[&str] = match method {
+        MethodType::Supervised => &TRAINABLE_FORMATS,
+        MethodType::Dpo => &["preference"],
+    };
+    if !accepted.contains(&format) {
         return Err(ApiError::new(
             ErrorCode::InvalidFileFormat,
-            format!("file {id} is a {format} dataset; supervised fine-tuning needs {}", TRAINABLE_FORMATS.join(", ")),
+            format!("file {id} is a {format} dataset; {} fine-tuning needs {}", method.as_str(), accepted.join(", ")),
         )
         .with_param(param));
     }
@@ -328,6 +342,9 @@ mod tests {
         assert_eq!(parse(with("method", method)).unwrap().hyperparameters, hyper);
         let bare = parse(with("method", json!({"type": "supervised"}))).unwrap();
         assert_eq!(bare.hyperparameters, json!({}));
+        let dpo = json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "loss": "ipo"}}});
+        let dpo = parse(with("method", dpo)).unwrap();
+        assert_eq!((dpo.method, dpo.hyperparameters), (MethodType::Dpo, json!({"beta": 0.2, "loss": "ipo"})));
     }
 
     #[test]
@@ -344,7 +361,15 @@ mod tests {
             (with("seed", json!(1.5)), (InvalidRequest, "seed")),
             (with("metadata", json!({"k": 1})), (InvalidRequest, "metadata.k")),
             (with("metadata", json!(["k"])), (InvalidRequest, "metadata")),
-            (with("method", json!({"type": "dpo"})), (UnsupportedMethod, "method.type")),
+            (with("method", json!({"type": "dpo", "supervised": {}})), (InvalidRequest, "method.supervised")),
+            (
+                with("method", json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}})),
+                (InvalidHyperparameters, "method.dpo.hyperparameters.beta"),
+            ),
+            (
+                with("method", json!({"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}})),
+                (InvalidHyperparameters, "method.supervised.hyperparameters.beta"),
+            ),
             (with("method", json!({"type": "reinforcement"})), (UnsupportedMethod, "method.type")),
             (with("method", json!({"type": "magic"})), (InvalidRequest, "method.type")),
             (with("method", json!({"type": "supervised", "dpo": {}})), (InvalidRequest, "method.dpo")),

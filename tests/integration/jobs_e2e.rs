@@ -355,7 +355,7 @@ async fn two_workers_run_ten_jobs_each_exactly_once() {
 }
 
 /// Downloads `GET /v1/models/{name}/content[?query]` and unpacks it with tar into a new directory.
-async fn download_tar(app: &TestApp, name: &str, query: &str) -> tempfile::TempDir {
+pub async fn download_tar(app: &TestApp, name: &str, query: &str) -> tempfile::TempDir {
     let path = format!("/v1/models/{}/content{query}", name.replace('/', "%2F"));
     let response = app.get(&path, None).await;
     assert_eq!(response.status, StatusCode::OK, "{}", response.text());
