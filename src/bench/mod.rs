@@ -1,6 +1,7 @@
 //! Benchmark commands that print one JSON line in the format of `shared/perf` (see its README),
 //! so `compare.sh` can run them side by side with the PyTorch reference.
 
+mod dpo;
 pub mod generate;
 pub mod serve;
 pub mod train;

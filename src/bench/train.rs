@@ -23,7 +23,8 @@ pub struct BenchTrainArgs {
     /// A Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// `lora` or `full`.
+    /// `lora`, `qlora` or `full`; `dpo` (LoRA) or `dpo-full` for preference steps, where
+    /// `--batch` counts pairs (two rows each).
     #[arg(long, default_value = "lora")]
     pub method: String,
     #[arg(long, default_value_t = 8)]
@@ -100,13 +101,31 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
         loaded: None,
     };
     let adaptation = match args.method.as_str() {
-        "lora" | "qlora" => Adaptation::Lora(&plan),
-        "full" => Adaptation::Full,
-        other => anyhow::bail!("--method must be lora, qlora or full, not {other}"),
+        "lora" | "qlora" | "dpo" => Adaptation::Lora(&plan),
+        "full" | "dpo-full" => Adaptation::Full,
+        other => anyhow::bail!("--method must be lora, qlora, full, dpo or dpo-full, not {other}"),
     };
     let model = CausalLm::with_quantized(config, weights, quantized, adaptation)?;
     let trainable = model.trainable.count();
     let (b, t) = (args.batch, args.seq);
+    let name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let summary = |figures: serde_json::Value| {
+        let mut line = json!({
+            "impl": "ferrotune", "mode": "train", "method": args.method, "model": name,
+            "params_total": params_total + if args.method.contains("full") { 0 } else { trainable },
+            "params_trainable": trainable, "batch": b, "seq": t, "steps": args.steps,
+            "gradient_checkpointing": args.gradient_checkpointing, "device": args.device,
+            "peak_rss_mb": super::peak_rss_mib(), "threads": super::threads(),
+        });
+        line.as_object_mut().unwrap().extend(figures.as_object().cloned().unwrap_or_default());
+        println!("{line}");
+    };
+    if args.method.starts_with("dpo") {
+        let shape = (b, t, args.steps, args.warmup);
+        let run = super::dpo::run(&model, shape, vocab, args.seed, args.gradient_checkpointing)?;
+        summary(super::dpo::figures(&run));
+        return Ok(());
+    }
     // Batch j holds draws [j·B·L, (j+1)·B·L) of the SplitMix64 stream; step i uses batch i % 4.
     let batches: Vec<Tensor> = (0..4u64)
         .map(|j| {
@@ -149,18 +168,9 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
     let total: f64 = times.iter().sum();
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
-    let name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    println!(
-        "{}",
-        json!({
-            "impl": "ferrotune", "mode": "train", "method": args.method, "model": name,
-            "params_total": params_total + if args.method == "full" { 0 } else { trainable },
-            "params_trainable": trainable, "batch": b, "seq": t, "steps": args.steps,
-            "gradient_checkpointing": args.gradient_checkpointing, "device": args.device,
-            "tokens_per_s": (b * t * args.steps) as f64 / total.max(1e-9),
-            "step_ms_median": median * 1e3, "peak_rss_mb": super::peak_rss_mib(),
-            "loss_first": loss_first, "loss_last": loss_last, "threads": super::threads(),
-        })
-    );
+    summary(json!({
+        "tokens_per_s": (b * t * args.steps) as f64 / total.max(1e-9),
+        "step_ms_median": median * 1e3, "loss_first": loss_first, "loss_last": loss_last,
+    }));
     Ok(())
 }
