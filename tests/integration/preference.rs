@@ -387,3 +387,50 @@ async fn preference_jobs_reject_the_wrong_data_clearly() {
         assert!(job["error"]["message"].as_str().unwrap().contains("max_seq_len 16"), "{job}");
     }
 }
+
+/// Pauses (saving a checkpoint) once the run has made `at` steps.
+struct PauseAt(u64, u64);
+
+impl ferrotune::train::Observer for PauseAt {
+    fn progress(&mut self, p: &ferrotune::train::Progress) {
+        self.1 = p.step;
+    }
+    fn control(&mut self) -> ferrotune::train::Control {
+        if self.1 == self.0 {
+            ferrotune::train::Control::Pause
+        } else {
+            ferrotune::train::Control::Continue
+        }
+    }
+}
+
+/// Full fine-tuning changes the weights the reference was computed from, so a resumed run must
+/// take the reference from its checkpoint: it then ends bit for bit where an uninterrupted run does.
+#[test]
+fn a_resumed_full_dpo_run_ends_with_the_same_weights() {
+    use ferrotune::train::{train, Silent, StopReason};
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "epochs: 2\nlearning_rate: 0.0005\nwarmup_steps: 2\ngradient_accumulation_steps: 2\n\
+                 dpo: {beta: 0.2, label_smoothing: 0.05, rpo_alpha: 0.3}\n";
+    let base = dpo_config(dir.path(), "full", extra);
+    let weights = |out: &std::path::Path| -> HashMap<String, Vec<f32>> {
+        let tensors = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+        tensors.into_iter().map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1().unwrap())).collect()
+    };
+    let mut straight = base.clone();
+    straight.output_dir = dir.path().join("straight");
+    train(&straight, &mut Silent).unwrap();
+    assert_ne!(weights(&straight.output_dir), weights(&fixture("llama")), "the run moved the weights");
+
+    let mut interrupted = base.clone();
+    interrupted.output_dir = dir.path().join("interrupted");
+    let paused = train(&interrupted, &mut PauseAt(3, 0)).unwrap();
+    assert_eq!((paused.stop, paused.steps), (StopReason::Paused, 3));
+    let checkpoint = paused.last_checkpoint.clone().unwrap();
+    assert!(checkpoint.join("reference_logps.safetensors").exists());
+    let mut resumed = interrupted.clone();
+    resumed.resume_from = Some(checkpoint);
+    let finished = train(&resumed, &mut Silent).unwrap();
+    assert_eq!(finished.steps, finished.total_steps);
+    assert_eq!(weights(&dir.path().join("straight")), weights(&dir.path().join("interrupted")));
+}

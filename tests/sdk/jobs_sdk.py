@@ -71,6 +71,29 @@ def main(base_url: str) -> None:
         assert "validating_files" in err.message, err
     assert list(client.fine_tuning.jobs.checkpoints.list(job.id)) == []
 
+    # Preference tuning, as the SDK sends it.
+    pairs = "".join(
+        json.dumps({
+            "input": {"messages": [{"role": "user", "content": f"q{i}"}]},
+            "preferred_output": [{"role": "assistant", "content": f"{i} km"}],
+            "non_preferred_output": [{"role": "assistant", "content": f"{i} cat"}],
+        }) + "\n"
+        for i in range(3)
+    ).encode()
+    preferences = client.files.create(file=("prefs.jsonl", pairs), purpose="fine-tune")
+    dpo = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=preferences.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1}}},
+    )
+    assert dpo.method.type == "dpo" and dpo.method.dpo.hyperparameters.beta == 0.2, dpo
+    assert dpo.method.dpo.hyperparameters.n_epochs == 1 and dpo.hyperparameters.beta == 0.2, dpo
+    try:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id, method={"type": "dpo"})
+        raise AssertionError("a chat file was accepted for DPO")
+    except openai.BadRequestError as err:
+        assert err.code == "invalid_file_format" and err.param == "training_file", err
+
     models = [m.id for m in client.models.list()]
     assert models == ["tiny-llama", "tiny-qwen2"], models
     base = client.models.retrieve("tiny-llama")
