@@ -147,7 +147,7 @@ impl Drop for Registered {
 
 /// Messages from the training thread.
 pub enum Report {
-    Progress(Progress),
+    Progress(Box<Progress>),
     /// Stored and recorded before `done` fires, so a crash right after loses nothing.
     Checkpoint {
         step: u64,
@@ -163,7 +163,7 @@ pub struct JobObserver {
 
 impl Observer for JobObserver {
     fn progress(&mut self, progress: &Progress) {
-        let _ = self.reports.send(Report::Progress(progress.clone()));
+        let _ = self.reports.send(Report::Progress(Box::new(progress.clone())));
     }
 
     fn checkpointed(&mut self, step: u64, dir: &std::path::Path) {
