@@ -74,6 +74,7 @@ def parse_args():
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--attn", default=None, help="attn_implementation (default: transformers' own, SDPA)")
     ap.add_argument("--logits", choices=["completion", "all"], default="completion",
                     help="apply lm_head to the completion-predicting positions only, or to all")
     args = ap.parse_args()
@@ -175,7 +176,9 @@ def main():
     all_logits = args.logits == "all"
 
     rss_base = peak_rss_mb()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    # transformers' default attention (SDPA), as shared/perf/bench_torch.py loads it: the faster path.
+    extra = {"attn_implementation": args.attn} if args.attn else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
     if args.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 

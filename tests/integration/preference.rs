@@ -76,7 +76,7 @@ fn assert_loss_and_grads(model: &CausalLm, loss: &Tensor, reference: &HashMap<St
     let relative = (ours - theirs).abs() / theirs.abs().max(1.0);
     assert!(relative <= 1e-5, "{prefix}: loss {ours} vs PyTorch {theirs}");
     let grads = loss.backward().unwrap();
-    let mut checked = 0;
+    let (mut checked, mut worst) = (0, 0f32);
     for p in &model.trainable.params {
         let key = format!("{prefix}.grad.{}", p.name);
         let expected = reference.get(&key).unwrap_or_else(|| panic!("no reference gradient {key}"));
@@ -86,8 +86,12 @@ fn assert_loss_and_grads(model: &CausalLm, loss: &Tensor, reference: &HashMap<St
         let diff = (got - expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
         let relative = diff.to_scalar::<f32>().unwrap() / scale;
         assert!(relative <= 1e-3, "{prefix}: gradient of {} differs by {relative} (relative)", p.name);
-        checked += 1;
+        (checked, worst) = (checked + 1, worst.max(relative));
     }
+    eprintln!(
+        "{prefix}: loss {ours} vs {theirs} (|diff| {:.1e}); largest relative gradient difference {worst:.1e}",
+        (ours - theirs).abs()
+    );
     assert_eq!(checked, reference.keys().filter(|k| k.starts_with(&format!("{prefix}.grad."))).count());
     checked
 }
