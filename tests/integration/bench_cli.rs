@@ -46,6 +46,20 @@ fn bench_train_reports_the_harness_fields() {
     assert_ne!(first, last, "the timed steps trained nothing: {report}");
 }
 
+/// DPO steps start at log 2 (the reference is the policy before the first step) and move it.
+#[test]
+fn bench_train_times_dpo_steps_for_adapters_and_full_fine_tuning() {
+    let model = fixture("llama");
+    for method in ["dpo", "dpo-full"] {
+        let args = ["--model", model.to_str().unwrap(), "--method", method, "--batch", "2", "--seq", "16"];
+        let report = run(&[&["bench", "train"][..], &args, &["--steps", "2"]].concat());
+        let (first, last) = (report["loss_first"].as_f64().unwrap(), report["loss_last"].as_f64().unwrap());
+        assert!((first - std::f64::consts::LN_2).abs() < 1e-6, "{report}");
+        assert_ne!(first, last, "{report}");
+        assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0 && report["method"] == method, "{report}");
+    }
+}
+
 #[test]
 fn bench_generate_reports_the_harness_fields_and_greedy_tokens() {
     let model = fixture("llama");
