@@ -22,8 +22,13 @@ pub async fn validate(context: &ExecutorContext, owner: &str, job: JobRecord) {
     let stored = match result {
         Ok(plan) => {
             let message = format!(
-                "Files validated: {} examples, {} tokens; {} epochs of batch {} make {} steps",
-                plan.examples, plan.tokens, plan.n_epochs, plan.batch_size, plan.total_steps
+                "Files validated: {} {}, {} tokens; {} epochs of batch {} make {} steps",
+                plan.examples,
+                if plan.loss.is_some() { "preference pairs" } else { "examples" },
+                plan.tokens,
+                plan.n_epochs,
+                plan.batch_size,
+                plan.total_steps
             );
             let plan = serde_json::to_string(&plan).expect("a plan serializes");
             // The staged data stays: if this machine also runs the job, it is not downloaded again.

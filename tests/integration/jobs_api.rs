@@ -167,7 +167,14 @@ async fn invalid_requests_name_their_param_and_create_nothing() {
                 "conflicting_hyperparameters",
                 "hyperparameters",
             ),
-            (body(json!({"method": {"type": "dpo"}})), "unsupported_method", "method.type"),
+            (body(json!({"method": {"type": "reinforcement"}})), "unsupported_method", "method.type"),
+            // A dpo job needs a preference file, and dpo's settings belong to dpo jobs.
+            (body(json!({"method": {"type": "dpo"}})), "invalid_file_format", "training_file"),
+            (
+                body(json!({"method": hyper(json!({"beta": 0.1}))["method"]})),
+                "invalid_hyperparameters",
+                "method.supervised.hyperparameters.beta",
+            ),
             (body(json!({"suffix": "not a suffix!"})), "invalid_request", "suffix"),
             (body(json!({"metadata": too_much_metadata})), "invalid_request", "metadata"),
             (body(json!({"integrations": [{"type": "wandb"}]})), "invalid_request", "integrations"),

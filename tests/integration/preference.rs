@@ -300,6 +300,8 @@ async fn dpo_and_simpo_jobs_learn_a_preference_through_the_api_and_serve_it() {
         // Every step's metrics event carries the reward metrics; the last evaluation ranks the
         // held-out pairs the preferred way.
         let events = all_events(&app, &id).await;
+        let validated = events.iter().filter_map(|e| e["message"].as_str()).find(|m| m.starts_with("Files validated"));
+        assert!(validated.unwrap().starts_with("Files validated: 48 preference pairs, "), "{validated:?}");
         let metrics: Vec<&serde_json::Value> =
             events.iter().filter(|e| e["type"] == "metrics").map(|e| &e["data"]).collect();
         assert_eq!(metrics.len(), 144, "12 epochs of 12 steps");
