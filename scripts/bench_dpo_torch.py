@@ -226,7 +226,7 @@ def main():
             times.append(t1 - t0)
 
     rec = {
-        "impl": "torch",
+        "impl": "torch+peft",  # as shared/perf/bench_torch.py names it
         "mode": "train",
         "method": f"dpo-{args.method}",
         "model": os.path.basename(os.path.normpath(model_dir)),
