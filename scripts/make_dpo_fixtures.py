@@ -27,20 +27,18 @@ import json
 import math
 import os
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+# The pins, versions, determinism set-up and file writer are the supervised fixtures' own.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import library_versions, pin_hash_seed, save_reference, setup_determinism  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL_DIR = os.path.join(REPO_ROOT, "tests", "fixtures", "models", "llama")
 FILE_NAME = "dpo_reference.safetensors"
-
-# Same pins as scripts/make_fixtures.py; a mismatch only warns.
-PINNED = {"torch": "2.15.0", "transformers": "5.24.0", "peft": "0.21.2",
-          "safetensors": "0.8.0", "tokenizers": "0.23.3"}
 
 # Distinct from the seeds make_fixtures.py uses (100..406), so the batch is not a copy of
 # any other fixture's input_ids.
@@ -302,13 +300,6 @@ def print_logps(ref, loss_mask):
     assert d1 < 1e-4 and d2 < 1e-4, "adapter disable/merge does not match base/adapter model"
 
 
-def save_reference(path, tensors, meta):
-    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    for k, v in tensors.items():
-        assert v.dtype in (torch.float32, torch.int64), (k, v.dtype)
-    # One metadata key holding JSON: safetensors writes the metadata map in hash order, so
-    # with several keys the header (and the file hash) would change from run to run.
-    save_file(tensors, path, metadata={"fixture": json.dumps(meta, sort_keys=True)})
 
 
 def summarize(path):
@@ -327,42 +318,10 @@ def summarize(path):
     assert size < 1 << 20, "fixture is meant to stay under 1 MB"
 
 
-# --------------------------------------------------------------------------------------
-# Setup (as in make_fixtures.py)
-# --------------------------------------------------------------------------------------
-def library_versions():
-    import peft
-    import safetensors
-    import tokenizers
-    import transformers
-    return {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
-            "peft": peft.__version__, "safetensors": safetensors.__version__,
-            "tokenizers": tokenizers.__version__}
 
 
-def pin_hash_seed():
-    """Re-exec with a fixed PYTHONHASHSEED: PEFT keeps target_modules in a set, and nothing
-    that iterates a set should be able to change between runs."""
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        os.environ["PYTHONHASHSEED"] = "0"
-        os.execv(sys.executable, [sys.executable] + sys.argv)
 
 
-def setup_determinism():
-    # One thread: float32 reductions split across threads may sum in another order elsewhere.
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # The adapter's base_model_name_or_path is repo-relative; PEFT only looks there for a
-    # resized vocabulary, which this adapter does not have.
-    warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
-    versions = library_versions()
-    for lib, want in PINNED.items():
-        if versions[lib] != want:
-            print(f"warning: {lib} {versions[lib]} != pinned {want}; outputs may differ", file=sys.stderr)
 
 
 def main():
