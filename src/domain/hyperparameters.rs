@@ -131,6 +131,12 @@ impl MethodType {
     pub fn parse(text: &str) -> Option<Self> {
         [Self::Supervised, Self::Dpo].into_iter().find(|m| m.as_str() == text)
     }
+
+    /// The type of a stored `method` object (`{"type": ..., <type>: {...}}`); supervised when
+    /// absent.
+    pub fn of(method: &Value) -> Self {
+        method.get("type").and_then(Value::as_str).and_then(Self::parse).unwrap_or_default()
+    }
 }
 
 /// The hyperparameters that only preference (DPO) jobs take.

@@ -81,10 +81,7 @@ async fn check(context: &ExecutorContext, job: &JobRecord) -> Result<JobPlan, Jo
         None => None,
     };
     let request_seq = request.max_seq_len;
-    let method = serde_json::from_str::<serde_json::Value>(&job.method)
-        .ok()
-        .and_then(|m| m.get("type").and_then(|t| t.as_str()).and_then(MethodType::parse))
-        .unwrap_or_default();
+    let method = MethodType::of(&serde_json::from_str(&job.method).map_err(JobFailure::platform)?);
     tokio::task::spawn_blocking(move || {
         let config = ModelConfig::from_file(&model_dir.join("config.json")).map_err(JobFailure::platform)?;
         let tokenizer = ChatTokenizer::from_dir(&model_dir).map_err(JobFailure::platform)?;

@@ -65,7 +65,7 @@ pub(super) async fn render_job(state: &AppState, job: JobRecord) -> Result<JobOb
         _ => None,
     };
     let mut method = parse_column("method", &job.method)?;
-    let kind = method.get("type").and_then(Value::as_str).and_then(MethodType::parse).unwrap_or_default();
+    let kind = MethodType::of(&method);
     let hyperparameters = shown_hyperparameters(&parse_column("hyperparameters", &job.hyperparameters)?, kind);
     // Both places show the same (resolved once validated) values, as OpenAI's jobs do.
     if let Some(settings) = method.get_mut(kind.as_str()).and_then(Value::as_object_mut) {

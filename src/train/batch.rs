@@ -3,7 +3,9 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::data::packing::Sequence;
+use crate::models::llama::CausalLm;
 use crate::models::mask::packed_causal_mask;
+use crate::models::ForwardCtx;
 
 /// Padding's segment id: padding attends only to itself and is never a target.
 const PAD_SEGMENT: u32 = u32::MAX;
@@ -63,4 +65,21 @@ pub fn make_batch(rows: &[&Sequence], window: Option<usize>, device: &Device, dt
 pub fn prediction_logits(logits: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))
+}
+
+/// The logits and targets of the batch's trained positions only, with those positions' indices
+/// into the `(b·(t−1))` predictions (row `i / (t−1)`): with a large vocabulary and prompts that
+/// are not trained, the output head over every position would dominate a step.
+pub fn trained_logits(
+    model: &CausalLm,
+    hidden: &Tensor,
+    batch: &Batch,
+    ctx: &ForwardCtx,
+) -> Result<(Tensor, Tensor, Vec<u32>)> {
+    let (b, t, h) = hidden.dims3()?;
+    let predicting = hidden.narrow(1, 0, t - 1)?.reshape((b * (t - 1), h))?;
+    let index: Vec<u32> = batch.host_mask.iter().enumerate().filter(|(_, &m)| m == 1).map(|(i, _)| i as u32).collect();
+    let selected = Tensor::from_vec(index.clone(), index.len(), model.device())?;
+    let logits = model.logits(&predicting.index_select(&selected, 0)?, ctx)?;
+    Ok((logits, batch.targets.index_select(&selected, 0)?, index))
 }

@@ -59,7 +59,7 @@ pub fn save(
     if let Some(reference) = reference {
         let tensors: HashMap<String, Tensor> = [("train", &reference.train), ("validation", &reference.validation)]
             .into_iter()
-            .map(|(k, v)| Ok((k.to_string(), super::preference::to_tensor(v)?)))
+            .map(|(k, v)| Ok((k.to_string(), Tensor::new(v.as_slice(), &Device::Cpu)?)))
             .collect::<candle_core::Result<_>>()?;
         candle_core::safetensors::save(&tensors, staging.join(REFERENCE_FILE))?;
     }

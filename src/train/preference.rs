@@ -8,10 +8,10 @@
 //! fine-tuning: the weights before training), kept per example and saved with checkpoints, so no
 //! second model is ever held (TRL's `precompute_ref_log_probs`).
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::batch::{make_batch, Batch};
+use super::batch::{make_batch, trained_logits, Batch};
 use crate::data::packing::Sequence;
 use crate::models::fused::label_log_probs;
 use crate::models::llama::CausalLm;
@@ -192,13 +192,9 @@ pub fn sequence_log_probs(
     chosen_rows: usize,
     ctx: &ForwardCtx,
 ) -> Result<(Tensor, Vec<f32>, usize)> {
-    let (rows, t, h) = hidden.dims3()?;
-    let predicting = hidden.narrow(1, 0, t - 1)?.reshape((rows * (t - 1), h))?;
-    let index: Vec<u32> = batch.host_mask.iter().enumerate().filter(|(_, &m)| m == 1).map(|(i, _)| i as u32).collect();
+    let (rows, t, _) = hidden.dims3()?;
+    let (logits, targets, index) = trained_logits(model, hidden, batch, ctx)?;
     let row_of: Vec<usize> = index.iter().map(|&i| i as usize / (t - 1)).collect();
-    let selected = Tensor::from_vec(index.clone(), index.len(), model.device())?;
-    let logits = model.logits(&predicting.index_select(&selected, 0)?, ctx)?;
-    let targets = batch.targets.index_select(&selected, 0)?;
     let token_logps = label_log_probs(&logits, &targets)?;
     let mut counts = vec![0f32; rows];
     let mut membership = vec![0f32; rows * index.len()];
@@ -241,7 +237,7 @@ pub fn preference_loss(
     let used = if averaged { (policy / &counts_t)? } else { policy.clone() };
     let reference_used: Vec<f32> =
         reference.iter().zip(counts).map(|(&r, &n)| if averaged { r / n } else { r }).collect();
-    let reference_t = Tensor::from_vec(reference_used.clone(), rows, device)?;
+    let reference_t = Tensor::new(reference_used.as_slice(), device)?;
     let (chosen, rejected) = (used.narrow(0, 0, b)?, used.narrow(0, b, b)?);
     let sigmoid_loss = |z: &Tensor| -> Result<Tensor> {
         let loss = (log_sigmoid(z)? * -(1.0 - eps))?;
@@ -345,13 +341,10 @@ pub fn pair_reference(reference: &[f32], pairs: &[usize]) -> Vec<f32> {
     chosen.chain(pairs.iter().map(|&i| reference[2 * i + 1])).collect()
 }
 
-/// A host vector as a 1-D tensor (for checkpoints).
-pub fn to_tensor(values: &[f32]) -> Result<Tensor> {
-    Tensor::from_vec(values.to_vec(), values.len(), &Device::Cpu)?.to_dtype(DType::F32)
-}
-
 #[cfg(test)]
 mod tests {
+    use candle_core::Device;
+
     use super::*;
 
     fn loss_of(settings: DpoSettings, policy: &[f32], reference: &[f32], counts: &[f32]) -> (f64, MetricSums) {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use super::batch::make_batch;
+use super::batch::{make_batch, trained_logits};
 use super::checkpoint::{self, ReferenceLogps, TrainState};
 use super::config::TrainConfig;
 use super::eval::{evaluate, EvalMetrics};
@@ -28,8 +28,7 @@ use crate::rng::Rng;
 pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summary, TrainError> {
     let device = config.device.open().map_err(|e| TrainError::Config(e.to_string()))?;
     let prepared = prepare(config, &device)?;
-    let items = if prepared.pairs { prepared.train.len() / 2 } else { prepared.train.len() };
-    let micro_per_epoch = items.div_ceil(config.batch_size);
+    let micro_per_epoch = prepared.items().div_ceil(config.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(config.gradient_accumulation_steps) as u64;
     let mut total_steps = steps_per_epoch * u64::from(config.epochs);
     if let Some(max) = config.max_steps {
@@ -137,8 +136,7 @@ impl Run<'_> {
         let steps_at_start = self.state.step;
         while self.state.epoch < self.config.epochs {
             let epoch = self.state.epoch;
-            let items = if self.prepared.pairs { self.prepared.train.len() / 2 } else { self.prepared.train.len() };
-            let mut order: Vec<usize> = (0..items).collect();
+            let mut order: Vec<usize> = (0..self.prepared.items()).collect();
             Rng::derive(self.config.seed, &format!("epoch-{epoch}")).shuffle(&mut order);
             let micro: Vec<&[usize]> = order.chunks(self.config.batch_size).collect();
             let groups: Vec<&[&[usize]]> = micro.chunks(self.config.gradient_accumulation_steps).collect();
@@ -248,7 +246,7 @@ impl Run<'_> {
             // Only trained positions need logits: with a large vocabulary and prompts that are not
             // trained (chat), the output head over every position would dominate the step.
             let head = |hidden: &Tensor| -> candle_core::Result<_> {
-                let (logits, targets) = trained_logits(model, hidden, batch, &ctx)?;
+                let (logits, targets, _) = trained_logits(model, hidden, batch, &ctx)?;
                 let ones = Tensor::ones(targets.dims1()?, DType::F32, model.device())?;
                 let loss = (masked_cross_entropy_sum(&logits, &targets, &ones)? / trained as f64)?;
                 Ok((loss, count_correct(&logits, &targets)?))
@@ -388,21 +386,6 @@ fn accumulate(grads: &mut HashMap<String, Tensor>, part: Vec<(String, Tensor)>) 
         grads.insert(name, sum);
     }
     Ok(())
-}
-
-/// The logits and targets of the batch's trained positions only.
-fn trained_logits(
-    model: &crate::models::llama::CausalLm,
-    hidden: &Tensor,
-    batch: &super::batch::Batch,
-    ctx: &ForwardCtx,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let (b, t, h) = hidden.dims3()?;
-    let predicting = hidden.narrow(1, 0, t - 1)?.reshape((b * (t - 1), h))?;
-    let index: Vec<u32> = batch.host_mask.iter().enumerate().filter(|(_, &m)| m == 1).map(|(i, _)| i as u32).collect();
-    let index = Tensor::from_vec(index.clone(), index.len(), model.device())?;
-    let logits = model.logits(&predicting.index_select(&index, 0)?, ctx)?;
-    Ok((logits, batch.targets.index_select(&index, 0)?))
 }
 
 /// How many positions the argmax of `logits` predicts right.

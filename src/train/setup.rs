@@ -27,6 +27,17 @@ pub struct Prepared {
     pub lora_plan: Option<LoraPlan>,
 }
 
+impl Prepared {
+    /// What an epoch shuffles and batches: examples, or pairs in a preference run.
+    pub fn items(&self) -> usize {
+        if self.pairs {
+            self.train.len() / 2
+        } else {
+            self.train.len()
+        }
+    }
+}
+
 pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainError> {
     config.validate().map_err(TrainError::Config)?;
     let model_config =
