@@ -16,10 +16,20 @@ pub fn is_valid_suffix(suffix: &str) -> bool {
         && suffix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-/// `ft:<base>:<project>:<suffix or empty>:<job id without "ftjob-">`.
+/// `ft:<base>:<project>:<suffix or empty>:<job id without "ftjob-">`. A job that starts from a
+/// fine-tuned model names the base model at the root of the chain, as OpenAI does.
 pub fn fine_tuned_model_name(base: &str, project: &str, suffix: Option<&str>, job_id: &str) -> String {
     let job = job_id.strip_prefix(JOB_ID_PREFIX).unwrap_or(job_id);
-    format!("ft:{base}:{project}:{}:{job}", suffix.unwrap_or(""))
+    format!("ft:{}:{project}:{}:{job}", root_base_model(base), suffix.unwrap_or(""))
+}
+
+/// The catalog base model under `model`: `model` itself, or `<base>` of `ft:<base>:…` (base
+/// names cannot hold a `:`).
+pub fn root_base_model(model: &str) -> &str {
+    match model.strip_prefix("ft:") {
+        Some(rest) => rest.split(':').next().unwrap_or(rest),
+        None => model,
+    }
 }
 
 /// The name of the checkpoint saved at `step` of the model `model`.
@@ -79,6 +89,10 @@ mod tests {
     #[test]
     fn a_missing_suffix_leaves_its_field_empty() {
         assert_eq!(fine_tuned_model_name("org/base", "default", None, "ftjob-x9"), "ft:org/base:default::x9");
+        let parent = "ft:org/base:default:v1:x9";
+        assert_eq!(root_base_model(parent), "org/base");
+        assert_eq!(root_base_model("org/base"), "org/base");
+        assert_eq!(fine_tuned_model_name(parent, "default", Some("v2"), "ftjob-y1"), "ft:org/base:default:v2:y1");
     }
 
     #[test]

@@ -58,8 +58,10 @@ async fn train_job(
 ) -> Result<Option<JobOutcome>, JobFailure> {
     let owner = executor.owner.as_str();
     let plan: JobPlan = serde_json::from_str(&job.hyperparameters).map_err(JobFailure::platform)?;
-    let model_dir =
-        context.model_dir(&job.model).await.map_err(|m| JobFailure::user("model_not_available", m, Some("model")))?;
+    let model_dir = context
+        .model_dir(&job.project_id, &job.model)
+        .await
+        .map_err(|m| JobFailure::user("model_not_available", m, Some("model")))?;
     let dir = job_dir(context, &job.id);
     let data_dir = dir.join("data");
     tokio::fs::create_dir_all(&data_dir).await.map_err(JobFailure::platform)?;

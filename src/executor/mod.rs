@@ -7,7 +7,7 @@ mod artifacts;
 mod base_model;
 pub use artifacts::download_files;
 pub(crate) use base_model::download_once;
-pub use base_model::local_model_dir;
+pub use base_model::{local_model_dir, ModelSources};
 mod bridge;
 pub use bridge::{JobSignals, CONTROL_POLL};
 mod job;
@@ -87,9 +87,15 @@ impl ExecutorContext {
         self.settings.lease.as_secs().max(1) as i64
     }
 
-    /// The local directory of a base model, or why it cannot be trained here.
-    async fn model_dir(&self, name: &str) -> Result<PathBuf, String> {
-        local_model_dir(&self.catalog, self.storage.as_ref(), name, &self.settings.work_dir.join("base-models")).await
+    /// The local directory of the model to train, or why it cannot be trained here: `name` is a
+    /// base model or a fine-tuned model of `project`.
+    async fn model_dir(&self, project: &str, name: &str) -> Result<PathBuf, String> {
+        let sources = ModelSources {
+            catalog: &self.catalog,
+            storage: self.storage.as_ref(),
+            fine_tuned: Some((self.store.as_ref(), project)),
+        };
+        local_model_dir(sources, name, &self.settings.work_dir.join("base-models")).await
     }
 }
 

@@ -71,8 +71,10 @@ pub async fn stage_file(
 
 async fn check(context: &ExecutorContext, job: &JobRecord) -> Result<JobPlan, JobFailure> {
     let request: HyperparametersRequest = serde_json::from_str(&job.hyperparameters).map_err(JobFailure::platform)?;
-    let model_dir =
-        context.model_dir(&job.model).await.map_err(|m| JobFailure::user("model_not_available", m, Some("model")))?;
+    let model_dir = context
+        .model_dir(&job.project_id, &job.model)
+        .await
+        .map_err(|m| JobFailure::user("model_not_available", m, Some("model")))?;
     let data_dir = job_dir(context, &job.id).join("data");
     tokio::fs::create_dir_all(&data_dir).await.map_err(JobFailure::platform)?;
     let train = stage_file(context, job, &job.training_file, "training_file", &data_dir).await?;

@@ -88,3 +88,17 @@ fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<(), TrainError> {
     }
     Ok(())
 }
+
+/// A LoRA adapter directory folded into its base: a model directory at `out` whose weights are
+/// `W + scale · B·A` (f32), with the base's tokenizer files.
+pub fn merge_adapter_dir(base: &Path, adapter: &Path, out: &Path) -> anyhow::Result<()> {
+    use crate::models::config::ModelConfig;
+    use crate::models::llama::Adaptation;
+    use crate::peft::lora::LoraPlan;
+    let (config, norms, tensors) = crate::peft::adapter::load_adapter(adapter, &Device::Cpu)?;
+    let plan = LoraPlan { config, seed: 0, trainable: false, train_norms: norms, loaded: Some(tensors) };
+    let weights = crate::models::weights::load_model_weights(base, candle_core::DType::F32, &Device::Cpu)?;
+    let model = CausalLm::new(ModelConfig::from_file(&base.join("config.json"))?, weights, Adaptation::Lora(&plan))?;
+    write_model_dir(out, &model, crate::peft::merge::merged_tensors(&model)?, base)?;
+    Ok(())
+}
