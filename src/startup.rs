@@ -57,7 +57,7 @@ pub async fn build_state(
         );
     }
     let inference = Arc::new(
-        Inference::new(settings.catalog.clone(), storage.clone(), settings.inference.clone())
+        Inference::new(settings.catalog.clone(), store.clone(), storage.clone(), settings.inference.clone())
             .context("--serve-device")?,
     );
     Ok(AppState {

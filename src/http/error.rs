@@ -43,6 +43,8 @@ pub enum ErrorCode {
     UnknownFile,
     ModelNotSupported,
     ModelNotOwned,
+    /// A fine-tuned model that others were trained from, which serve on top of it.
+    ModelInUse,
     InvalidFileFormat,
     UnsupportedMethod,
     InvalidHyperparameters,
@@ -89,6 +91,7 @@ impl ErrorCode {
             UnknownFile => ("file_not_found", REQ, BAD),
             ModelNotSupported => ("model_not_supported", REQ, BAD),
             ModelNotOwned => ("model_not_owned", REQ, StatusCode::FORBIDDEN),
+            ModelInUse => ("model_in_use", REQ, StatusCode::CONFLICT),
             InvalidFileFormat => ("invalid_file_format", REQ, BAD),
             UnsupportedMethod => ("unsupported_method", REQ, BAD),
             InvalidHyperparameters => ("invalid_hyperparameters", REQ, BAD),

@@ -169,10 +169,11 @@ pub async fn resolve(state: &AppState, caller: &Caller, name: &str) -> Result<Ta
             let model = state.store.get_model(&caller.project_id, &parsed.model).await?;
             let model = model.ok_or_else(|| model_not_found(name))?;
             let source = WeightsSource::Stored { prefix: model.storage_key };
+            let (id, base, project) = (model.id, model.base_model, model.project_id);
             Ok(if ["lora", "bottleneck", "prefix"].contains(&model.method.as_str()) {
-                Target::Adapter { id: model.id, base: model.base_model, source }
+                Target::Adapter { id, base, project, source }
             } else {
-                Target::Full { id: model.id, base: model.base_model, source }
+                Target::Full { id, base, project, source }
             })
         }
         Some(_) => {
@@ -181,11 +182,11 @@ pub async fn resolve(state: &AppState, caller: &Caller, name: &str) -> Result<Ta
             let plan: JobPlan = serde_json::from_str(&job.hyperparameters).map_err(ApiError::internal)?;
             let lora = plan.lora.is_some() || plan.adapter_size.is_some() || plan.prefix_length.is_some();
             let source = WeightsSource::Checkpoint { prefix: checkpoint.storage_key, plan: Box::new(plan) };
-            let id = name.to_string();
+            let (id, base, project) = (name.to_string(), job.model, job.project_id);
             Ok(if lora {
-                Target::Adapter { id, base: job.model, source }
+                Target::Adapter { id, base, project, source }
             } else {
-                Target::Full { id, base: job.model, source }
+                Target::Full { id, base, project, source }
             })
         }
     }

@@ -14,7 +14,7 @@ use crate::db::{FileRecord, JobRecord, NewEvent};
 use crate::domain::file::FilePurpose;
 use crate::domain::hyperparameters::{HyperparametersRequest, MethodType};
 use crate::domain::job::JobStatus;
-use crate::domain::model_name::{is_valid_suffix, MAX_SUFFIX_LEN};
+use crate::domain::model_name::{is_valid_suffix, parse_fine_tuned_name, root_base_model, MAX_SUFFIX_LEN};
 use crate::ids::{new_id, unix_now};
 
 const FIELDS: [&str; 8] =
@@ -45,8 +45,12 @@ pub async fn create_job(
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Json<JobObject>, ApiError> {
     let request = parse_request(body)?;
-    check_base_model(&state.catalog, &request.model)?;
-    check_quantization(&state.catalog, &request.model, &request.hyperparameters).await?;
+    if request.model.starts_with("ft:") {
+        check_fine_tuned_start(&state, &caller, &request.model).await?;
+    } else {
+        check_base_model(&state.catalog, &request.model)?;
+    }
+    check_quantization(&state.catalog, root_base_model(&request.model), &request.hyperparameters).await?;
     let training = find_training_data(&state, &caller, &request.training_file, "training_file", request.method).await?;
     if let Some(id) = &request.validation_file {
         let validation = find_training_data(&state, &caller, id, "validation_file", request.method).await?;
@@ -215,15 +219,45 @@ fn check_metadata(value: Value) -> Result<Map<String, Value>, ApiError> {
     Ok(metadata)
 }
 
+fn unsupported_model(why: String) -> ApiError {
+    ApiError::new(ErrorCode::ModelNotSupported, why).with_param("model")
+}
+
+/// A job may continue from a fine-tuned model of the caller's project, as OpenAI allows, when
+/// that model's weights can be made whole: a fully fine-tuned model, or a LoRA adapter (merged
+/// into its base). The base at the root must still be trainable here.
+async fn check_fine_tuned_start(state: &AppState, caller: &Caller, name: &str) -> Result<(), ApiError> {
+    let unknown = || {
+        ApiError::new(
+            ErrorCode::UnknownModel,
+            format!("no fine-tuned model named {name:?} in this project; GET /v1/models lists them"),
+        )
+        .with_param("model")
+    };
+    let parsed = parse_fine_tuned_name(name).ok_or_else(unknown)?;
+    if parsed.checkpoint_step.is_some() {
+        return Err(unsupported_model(format!(
+            "{name} is a checkpoint; a job starts from a base model or from a job's fine-tuned model ({})",
+            parsed.model
+        )));
+    }
+    let model = state.store.get_model(&caller.project_id, &parsed.model).await?.ok_or_else(unknown)?;
+    if model.method != "lora" && model.method != "full" {
+        return Err(unsupported_model(format!(
+            "{name} is a {} adapter, which adds layers or positions that cannot be merged into the base weights; \
+             a job starts from a base model, a LoRA model or a fully fine-tuned model",
+            model.method
+        )));
+    }
+    check_base_model(&state.catalog, root_base_model(name))
+}
+
 /// The model must be a base model this deployment can train today.
 fn check_base_model(catalog: &Catalog, name: &str) -> Result<(), ApiError> {
     const TRAINABLE: &str = "only base models in a Hugging Face directory or a GGUF file (`path:`, `storage:` or \
                              `gguf:` in the model catalog, or `--base-model NAME=PATH`) are trainable today";
-    let unsupported = |why: String| ApiError::new(ErrorCode::ModelNotSupported, why).with_param("model");
+    let unsupported = unsupported_model;
     let Some(base) = catalog.get(name) else {
-        if name.starts_with("ft:") {
-            return Err(unsupported(format!("continuing from a fine-tuned model is not supported yet; {TRAINABLE}")));
-        }
         return Err(ApiError::new(
             ErrorCode::UnknownModel,
             format!("no base model named {name:?}; GET /v1/models lists them"),

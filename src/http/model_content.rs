@@ -20,9 +20,7 @@ use crate::executor::plan::JobPlan;
 use crate::models::config::ModelConfig;
 use crate::models::llama::{Adaptation, CausalLm};
 use crate::models::weights::load_model_weights;
-use crate::peft::adapter::{load_adapter, save_adapter};
-use crate::peft::lora::LoraPlan;
-use crate::peft::merge::merged_tensors;
+use crate::peft::adapter::save_adapter;
 use crate::storage::tar::{tar_stream, TarEntry};
 use crate::storage::StorageError;
 use crate::train::output::write_model_dir;
@@ -80,10 +78,24 @@ pub async fn download_model(
         }
     };
     let work = tempfile::tempdir().map_err(ApiError::internal)?;
-    let base_dir =
-        crate::executor::local_model_dir(&state.catalog, state.storage.as_ref(), &base, &work.path().join("base"))
-            .await
-            .map_err(|m| ApiError::new(ErrorCode::ModelNotSupported, m).with_param("model"))?;
+    // The base is read for checkpoints and merges only (a stored model or adapter is packaged as
+    // is); it comes from the cache serving uses, so a fetched or merged base is made once.
+    let base_dir = match &source {
+        Source::Stored { lora: false, .. } => None,
+        Source::Stored { lora: true, .. } if !merged => None,
+        _ => {
+            let sources = crate::executor::ModelSources {
+                catalog: &state.catalog,
+                storage: state.storage.as_ref(),
+                fine_tuned: Some((state.store.as_ref(), &caller.project_id)),
+            };
+            let cache = state.inference.settings().work_dir.join("base-models");
+            let dir = crate::executor::local_model_dir(sources, &base, &cache)
+                .await
+                .map_err(|m| ApiError::new(ErrorCode::ModelNotSupported, m).with_param("model"))?;
+            Some(dir)
+        }
+    };
     let prefix = match &source {
         Source::Stored { prefix, .. } | Source::Checkpoint { prefix, .. } => prefix.clone(),
     };
@@ -98,10 +110,11 @@ pub async fn download_model(
     }
     let out = work.path().join("out");
     let base_name = base.clone();
-    let dir = tokio::task::spawn_blocking(move || package(&source, &src, &out, &base_dir, &base_name, merged))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| ApiError::internal(anyhow::anyhow!("packaging the model failed: {e}")))?;
+    let dir =
+        tokio::task::spawn_blocking(move || package(&source, &src, &out, base_dir.as_deref(), &base_name, merged))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("packaging the model failed: {e}")))?;
     archive(dir, work, &name).await
 }
 
@@ -146,14 +159,17 @@ fn package(
     source: &Source,
     src: &Path,
     out: &Path,
-    base_dir: &Path,
+    base_dir: Option<&Path>,
     base: &str,
     merged: bool,
 ) -> candle_core::Result<PathBuf> {
+    let base_dir = || base_dir.ok_or_else(|| candle_core::Error::Msg("the base model was not fetched".into()));
     let adapter_dir = match source {
         Source::Stored { lora: false, .. } => return Ok(src.to_path_buf()),
+        Source::Stored { lora: true, .. } if !merged => return Ok(src.to_path_buf()),
         Source::Stored { lora: true, .. } => src.to_path_buf(),
         Source::Checkpoint { plan, .. } => {
+            let base_dir = base_dir()?;
             let trainable = candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?;
             if let Some(length) = plan.prefix_length {
                 let config = ModelConfig::from_file(&base_dir.join("config.json"))
@@ -191,11 +207,8 @@ fn package(
     if !merged {
         return Ok(adapter_dir);
     }
-    let (config, norms, tensors) = load_adapter(&adapter_dir, &Device::Cpu)?;
-    let plan = LoraPlan { config, seed: 0, trainable: false, train_norms: norms, loaded: Some(tensors) };
-    let model = base_model(base_dir, Adaptation::Lora(&plan))?;
     let merged_dir = out.join("merged");
-    write_model_dir(&merged_dir, &model, merged_tensors(&model)?, base_dir)
+    crate::train::output::merge_adapter_dir(base_dir()?, &adapter_dir, &merged_dir)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     Ok(merged_dir)
 }

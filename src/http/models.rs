@@ -44,7 +44,7 @@ impl From<ModelRecord> for ModelObject {
             object: "model",
             created: model.created_at,
             owned_by: model.project_id,
-            root: model.base_model.clone(),
+            root: crate::domain::model_name::root_base_model(&model.base_model).to_string(),
             parent: Some(model.base_model),
         }
     }
@@ -76,7 +76,7 @@ pub async fn retrieve_model(
             object: "model",
             created: checkpoint.created_at,
             owned_by: job.project_id.clone(),
-            root: job.model.clone(),
+            root: crate::domain::model_name::root_base_model(&job.model).to_string(),
             parent: Some(job_model_name(&state, &job).await?),
         }));
     }
@@ -120,6 +120,22 @@ pub async fn delete_model(
         return Err(ApiError::new(
             ErrorCode::ModelNotOwned,
             format!("{name} is a base model of this deployment; only fine-tuned models can be deleted"),
+        )
+        .with_param("model"));
+    }
+    // Models trained from this one are served and downloaded on top of it.
+    let children: Vec<String> = state
+        .store
+        .list_models(&caller.project_id)
+        .await?
+        .into_iter()
+        .filter(|m| m.base_model == name)
+        .map(|m| m.id)
+        .collect();
+    if !children.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::ModelInUse,
+            format!("{name} is the base of {}; delete those models first", children.join(", ")),
         )
         .with_param("model"));
     }

@@ -10,18 +10,22 @@ use candle_core::{Device, Tensor};
 
 use super::{Inference, ServeError, WeightsSource};
 use crate::data::tokenizer::ChatTokenizer;
-use crate::executor::local_model_dir;
+use crate::executor::{local_model_dir, ModelSources};
 use crate::infer::engine::Engine;
 use crate::models::llama::{Adaptation, CausalLm, ServingAdapter};
 use crate::models::weights::load_inference_model;
 use crate::peft::adapter::load_adapter;
 
-/// The local directory of a catalog base model (fetched from storage into the cache if needed).
-async fn base_dir(inference: &Inference, name: &str) -> Result<PathBuf, ServeError> {
+/// The local directory of a catalog base model, or of a fine-tuned model of `project` that
+/// another was trained from (fetched from storage, or merged, into the cache if needed).
+async fn base_dir(inference: &Inference, project: Option<&str>, name: &str) -> Result<PathBuf, ServeError> {
     let cache = inference.settings.work_dir.join("base-models");
-    local_model_dir(&inference.catalog, inference.storage.as_ref(), name, &cache)
-        .await
-        .map_err(ServeError::NotSupported)
+    let sources = ModelSources {
+        catalog: &inference.catalog,
+        storage: inference.storage.as_ref(),
+        fine_tuned: project.map(|p| (inference.store.as_ref(), p)),
+    };
+    local_model_dir(sources, name, &cache).await.map_err(ServeError::NotSupported)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, ServeError> {
@@ -33,8 +37,8 @@ fn read_model(dir: &Path, adaptation: Adaptation<'_>, device: &Device) -> anyhow
     Ok(load_inference_model(dir, adaptation, device)?)
 }
 
-pub async fn base_engine(inference: &Inference, name: &str) -> Result<Engine, ServeError> {
-    let dir = base_dir(inference, name).await?;
+pub async fn base_engine(inference: &Inference, project: Option<&str>, name: &str) -> Result<Engine, ServeError> {
+    let dir = base_dir(inference, project, name).await?;
     let started = std::time::Instant::now();
     let settings = inference.settings.clone();
     let device = inference.device.clone();
@@ -55,9 +59,9 @@ pub async fn full_engine(
     inference: &Inference,
     id: &str,
     base: &str,
+    project: &str,
     source: &WeightsSource,
 ) -> Result<Engine, ServeError> {
-    let base = base_dir(inference, base).await?;
     let id_owned = id.to_string();
     let device = inference.device.clone();
     match source {
@@ -66,16 +70,21 @@ pub async fn full_engine(
             let dir = crate::executor::download_once(inference.storage.as_ref(), prefix.trim_end_matches('/'), &cache)
                 .await
                 .context("fetching the fine-tuned model from storage")?;
+            // Outputs carry their tokenizer; the base is only looked for when one does not.
+            let tokenizer_dir = match dir.join("tokenizer.json").exists() {
+                true => dir.clone(),
+                false => base_dir(inference, Some(project), base).await?,
+            };
             let settings = inference.settings.clone();
             blocking(move || {
                 let model = read_model(&dir, Adaptation::None, &device)?;
-                let tokenizer =
-                    ChatTokenizer::from_dir(if dir.join("tokenizer.json").exists() { &dir } else { &base })?;
+                let tokenizer = ChatTokenizer::from_dir(&tokenizer_dir)?;
                 Ok(Engine::start(&id_owned, model, tokenizer, settings.engine)?)
             })
             .await
         }
         WeightsSource::Checkpoint { prefix, .. } => {
+            let base = base_dir(inference, Some(project), base).await?;
             let trainable = fetch_checkpoint(inference, prefix).await?;
             let settings = inference.settings.clone();
             blocking(move || {

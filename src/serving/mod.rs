@@ -47,10 +47,11 @@ pub enum WeightsSource {
 pub enum Target {
     /// A base model of the catalog.
     Base { name: String },
-    /// A LoRA adapter, served over its base's engine.
-    Adapter { id: String, base: String, source: WeightsSource },
+    /// An adapter, served over its base's engine. The base is a catalog model or, for a job that
+    /// continued from a fine-tuned model, that model (of `project`).
+    Adapter { id: String, base: String, project: String, source: WeightsSource },
     /// A fully fine-tuned model or checkpoint, with an engine of its own.
-    Full { id: String, base: String, source: WeightsSource },
+    Full { id: String, base: String, project: String, source: WeightsSource },
 }
 
 /// Why a model cannot be served; the message is for the user.
@@ -64,6 +65,8 @@ pub enum ServeError {
 
 pub struct Inference {
     catalog: Arc<Catalog>,
+    /// Where the fine-tuned models that others were trained from are looked up.
+    store: Arc<dyn crate::db::Store>,
     storage: Arc<dyn ArtifactStore>,
     settings: InferenceSettings,
     device: candle_core::Device,
@@ -75,11 +78,12 @@ impl Inference {
     /// Opens the serving device, or says why it cannot be used.
     pub fn new(
         catalog: Arc<Catalog>,
+        store: Arc<dyn crate::db::Store>,
         storage: Arc<dyn ArtifactStore>,
         settings: InferenceSettings,
     ) -> Result<Self, crate::device::DeviceError> {
         let device = settings.device.open()?;
-        Ok(Self { catalog, storage, settings, device, engines: LruCells::new(), adapters: LruCells::new() })
+        Ok(Self { catalog, store, storage, settings, device, engines: LruCells::new(), adapters: LruCells::new() })
     }
 
     pub fn settings(&self) -> &InferenceSettings {
@@ -88,14 +92,18 @@ impl Inference {
 
     /// The engine that runs `target`, loading its model on first use.
     pub async fn engine(&self, target: &Target) -> Result<Arc<Engine>, ServeError> {
+        // A fine-tuned base of an adapter is the same model as that model served on its own.
         let key = match target {
-            Target::Base { name } | Target::Adapter { base: name, .. } => format!("base:{name}"),
+            Target::Base { name } => format!("base:{name}"),
+            Target::Adapter { base, .. } if base.starts_with("ft:") => format!("full:{base}"),
+            Target::Adapter { base, .. } => format!("base:{base}"),
             Target::Full { id, .. } => format!("full:{id}"),
         };
         let load = || async move {
             match target {
-                Target::Base { name } | Target::Adapter { base: name, .. } => load::base_engine(self, name).await,
-                Target::Full { id, base, source } => load::full_engine(self, id, base, source).await,
+                Target::Base { name } => load::base_engine(self, None, name).await,
+                Target::Adapter { base, project, .. } => load::base_engine(self, Some(project), base).await,
+                Target::Full { id, base, project, source } => load::full_engine(self, id, base, project, source).await,
             }
         };
         let max = self.settings.max_models.max(1);
@@ -104,7 +112,7 @@ impl Inference {
 
     /// The adapter of `target` (none for base and fully fine-tuned models), loaded on first use.
     pub async fn adapter(&self, target: &Target, engine: &Engine) -> Result<Option<Arc<ServingAdapter>>, ServeError> {
-        let Target::Adapter { id, base, source } = target else { return Ok(None) };
+        let Target::Adapter { id, base, source, .. } = target else { return Ok(None) };
         let budget = self.settings.adapter_cache_bytes;
         let adapter = self
             .adapters
