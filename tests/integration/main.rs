@@ -5,6 +5,7 @@
 mod auth;
 mod bench_cli;
 mod checkpointing;
+mod continuing;
 mod devices;
 mod errors;
 mod files;

@@ -67,6 +67,36 @@ def main(base_url: str) -> None:
     assert done.fine_tuned_model in models, models
     assert client.models.retrieve(done.fine_tuned_model).parent == "tiny-llama"
     assert client.fine_tuning.jobs.retrieve(other.id).status == "cancelled"
+
+    # Preference tuning on top of the supervised model, as the SDK sends it.
+    pairs = "".join(
+        json.dumps({
+            "input": {"messages": [{"role": "user", "content": f"What is code {i}?"}]},
+            "preferred_output": [{"role": "assistant", "content": f"Code {i} is blue."}],
+            "non_preferred_output": [{"role": "assistant", "content": f"Code {i} is red."}],
+        }) + "\n"
+        for i in range(4)
+    ).encode()
+    preferences = client.files.create(file=("prefs.jsonl", pairs), purpose="fine-tune")
+    dpo = client.fine_tuning.jobs.create(
+        model=done.fine_tuned_model, training_file=preferences.id, suffix="dpo",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 1, "batch_size": 2}}},
+    )
+    assert dpo.model == done.fine_tuned_model, dpo
+    dpo_done = wait(client, dpo.id, {"succeeded", "failed", "cancelled"})
+    assert dpo_done.status == "succeeded", dpo_done
+    assert dpo_done.fine_tuned_model.startswith("ft:tiny-llama:default:dpo:"), dpo_done
+    tuned = client.models.retrieve(dpo_done.fine_tuned_model)
+    assert tuned.parent == done.fine_tuned_model, tuned
+    answer = client.chat.completions.create(
+        model=dpo_done.fine_tuned_model, messages=[{"role": "user", "content": "What is code 2?"}], max_tokens=4
+    )
+    assert answer.choices[0].message.content, answer
+    try:
+        client.models.delete(done.fine_tuned_model)
+        raise AssertionError("a model that another was trained from was deleted")
+    except openai.ConflictError as err:
+        assert err.code == "model_in_use", err
     print("openai SDK", openai.__version__, "job run: ok")
 
 
