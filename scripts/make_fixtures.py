@@ -3,7 +3,7 @@
 
 Writes, under --out (default: tests/fixtures next to this repository's scripts/):
 
-  models/<name>/            llama, llama3, mistral, qwen2: config.json, model.safetensors,
+  models/<name>/            llama, llama3, mistral, qwen2, qwen3: config.json, model.safetensors,
                             generation_config.json, tokenizer.json, tokenizer_config.json,
                             reference.safetensors, lora/ (PEFT adapter); llama also lora-rs/
   models/llama-sharded/     the llama weights again, split into several shards + index
@@ -156,6 +156,15 @@ MODEL_SPECS = {
         extra_specials=["<|im_start|>", "<|im_end|>"], eos_extra="<|im_end|>",
         config=dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                     tie_word_embeddings=True, use_sliding_window=False),
+        rslora=False,
+    ),
+    # Qwen3: per-head RMSNorm on queries and keys (q_norm/k_norm, perturbed like every norm),
+    # no q/k/v biases, untied head (so the head's gradient is checked too).
+    "qwen3": dict(
+        arch="Qwen3ForCausalLM", seed=500, template=QWEN2_TEMPLATE, add_bos=False, qwen2_pretokenizer=True,
+        extra_specials=["<|im_start|>", "<|im_end|>"], eos_extra="<|im_end|>",
+        config=dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                    tie_word_embeddings=False, use_sliding_window=False, attention_bias=False),
         rslora=False,
     ),
 }
