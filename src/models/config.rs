@@ -1,5 +1,5 @@
 //! The Llama-family architecture as Hugging Face's `config.json` describes it (Llama 2/3, Mistral,
-//! Qwen2, SmolLM): one struct, with the per-family differences resolved at load time.
+//! Qwen2, Qwen3, SmolLM): one struct, with the per-family differences resolved at load time.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -50,6 +50,8 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     pub qkv_bias: bool,
     pub o_bias: bool,
+    /// RMSNorm over each query and key head before RoPE (Qwen3's `q_norm`/`k_norm`).
+    pub qk_norm: bool,
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -111,9 +113,9 @@ impl ModelConfig {
 
     pub fn from_json(raw: Value) -> Result<Self, ConfigError> {
         let c: RawConfig = serde_json::from_value(raw.clone())?;
-        if !matches!(c.model_type.as_str(), "llama" | "mistral" | "qwen2") {
+        if !matches!(c.model_type.as_str(), "llama" | "mistral" | "qwen2" | "qwen3") {
             return Err(ConfigError::Unsupported(format!(
-                "model_type {:?} (supported: llama, mistral, qwen2)",
+                "model_type {:?} (supported: llama, mistral, qwen2, qwen3)",
                 c.model_type
             )));
         }
@@ -132,8 +134,8 @@ impl ModelConfig {
             c.rope_theta.or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64)).unwrap_or(10_000.0);
         let sliding_window = match c.model_type.as_str() {
             "mistral" => c.sliding_window,
-            "qwen2" if c.use_sliding_window == Some(true) => {
-                return Err(ConfigError::Unsupported("Qwen2 with use_sliding_window".into()))
+            "qwen2" | "qwen3" if c.use_sliding_window == Some(true) => {
+                return Err(ConfigError::Unsupported(format!("{} with use_sliding_window", c.model_type)))
             }
             _ => None,
         };
@@ -145,6 +147,7 @@ impl ModelConfig {
         Ok(Self {
             qkv_bias: c.model_type == "qwen2" || c.attention_bias,
             o_bias: c.attention_bias,
+            qk_norm: c.model_type == "qwen3",
             model_type: c.model_type,
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,

@@ -109,7 +109,9 @@ impl Builder<'_> {
                 tensor = saved.to_device(tensor.device())?.to_dtype(tensor.dtype())?;
             }
         }
-        let is_norm = name.ends_with("norm.weight");
+        // The norms LoRA may train are PEFT's `modules_to_save` (Qwen3's per-head norms are not).
+        let leaf = name.rsplit('.').nth(1).unwrap_or_default();
+        let is_norm = crate::peft::adapter::NORM_MODULES.contains(&leaf);
         let train = self.full() || (is_norm && matches!(self.adaptation, Adaptation::Lora(p) if p.train_norms));
         if train {
             self.trainable.add(name, &tensor, decay)
@@ -207,6 +209,14 @@ impl CausalLm {
                     heads: config.num_heads,
                     kv_heads: config.num_kv_heads,
                     head_dim: config.head_dim,
+                    qk_norm: match config.qk_norm {
+                        true => Some((
+                            b.param(&format!("{p}.self_attn.q_norm.weight"), &[config.head_dim], false)?,
+                            b.param(&format!("{p}.self_attn.k_norm.weight"), &[config.head_dim], false)?,
+                        )),
+                        false => None,
+                    },
+                    eps: config.rms_norm_eps,
                 },
                 post_norm: b.param(&format!("{p}.post_attention_layernorm.weight"), &[h], false)?,
                 mlp: Mlp {
@@ -366,6 +376,10 @@ impl CausalLm {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), layer.input_norm.tensor().clone()));
             out.push((format!("{p}.post_attention_layernorm.weight"), layer.post_norm.tensor().clone()));
+            if let Some((q_norm, k_norm)) = &layer.attention.qk_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), q_norm.tensor().clone()));
+                out.push((format!("{p}.self_attn.k_norm.weight"), k_norm.tensor().clone()));
+            }
         }
         for (module, linear) in self.linear_modules() {
             out.push((format!("{module}.weight"), linear.weight.dense()?));

@@ -19,6 +19,9 @@ pub(super) struct Attention {
     pub(super) heads: usize,
     pub(super) kv_heads: usize,
     pub(super) head_dim: usize,
+    /// Qwen3's RMSNorm over each query and key head (weights of `head_dim`), before RoPE.
+    pub(super) qk_norm: Option<(Param, Param)>,
+    pub(super) eps: f64,
 }
 
 pub(super) struct Mlp {
@@ -81,6 +84,13 @@ impl Block {
 }
 
 impl Attention {
+    /// Queries and keys (any layout with the head dimension last) through their per-head norms,
+    /// where the architecture has them.
+    pub(super) fn head_norms(&self, q: Tensor, k: Tensor) -> Result<(Tensor, Tensor)> {
+        let Some((q_norm, k_norm)) = &self.qk_norm else { return Ok((q, k)) };
+        Ok((rms_norm(&q, q_norm.tensor(), self.eps)?, rms_norm(&k, k_norm.tensor(), self.eps)?))
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
         &self,
@@ -96,8 +106,10 @@ impl Attention {
         if cache.is_none() && prefix.is_none() && crate::models::attention::supported(x) {
             // Training and evaluation: one fused node over the projections' own layout.
             let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim));
-            let q = split(self.q.forward(x, ctx)?, self.heads)?;
-            let k = split(self.k.forward(x, ctx)?, self.kv_heads)?;
+            let (q, k) = self.head_norms(
+                split(self.q.forward(x, ctx)?, self.heads)?,
+                split(self.k.forward(x, ctx)?, self.kv_heads)?,
+            )?;
             let v = split(self.v.forward(x, ctx)?, self.kv_heads)?;
             let out = crate::models::attention::attention(&q, &k, &v, cos, sin, mask)?;
             return self.o.forward(&out, ctx);
@@ -105,8 +117,10 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = apply_rope(&heads(self.q.forward(x, ctx)?, self.heads)?, cos, sin)?;
-        let mut k = apply_rope(&heads(self.k.forward(x, ctx)?, self.kv_heads)?, cos, sin)?;
+        let (q, k) = self
+            .head_norms(heads(self.q.forward(x, ctx)?, self.heads)?, heads(self.k.forward(x, ctx)?, self.kv_heads)?)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let mut k = apply_rope(&k, cos, sin)?;
         let mut v = heads(self.v.forward(x, ctx)?, self.kv_heads)?;
         if let Some((slot, max)) = cache {
             (k, v) = LayerCache::append(slot, &k, &v, max)?;

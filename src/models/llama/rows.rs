@@ -31,6 +31,9 @@ struct LayerAdapter {
     linears: [Option<LoraPair>; 7],
     input_norm: Option<Tensor>,
     post_norm: Option<Tensor>,
+    /// Qwen3's per-head query and key norms, when the adapter trained them.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
 }
 
 /// A PEFT LoRA adapter prepared for serving over a shared base model.
@@ -109,6 +112,10 @@ impl ServingAdapter {
                 norm_override(&format!("model.layers.{i}.input_layernorm.weight"), block.input_norm.tensor())?;
             layer.post_norm =
                 norm_override(&format!("model.layers.{i}.post_attention_layernorm.weight"), block.post_norm.tensor())?;
+            if let Some((q_norm, k_norm)) = &block.attention.qk_norm {
+                layer.q_norm = norm_override(&format!("model.layers.{i}.self_attn.q_norm.weight"), q_norm.tensor())?;
+                layer.k_norm = norm_override(&format!("model.layers.{i}.self_attn.k_norm.weight"), k_norm.tensor())?;
+            }
         }
         let norm = norm_override("model.norm.weight", model.norm.tensor())?;
         let mut extra: Vec<&str> = tensors.keys().filter(|k| !used.contains(*k)).map(String::as_str).collect();
@@ -255,6 +262,19 @@ impl CausalLm {
             let q = lin(0, &att.q, &normed)?;
             let k = lin(1, &att.k, &normed)?;
             let v = lin(2, &att.v, &normed)?;
+            let (q, k) = match &att.qk_norm {
+                Some((q_norm, k_norm)) => {
+                    let per_head = |y: &Tensor, n: usize, w: &Tensor, pick: fn(&LayerAdapter) -> Option<&Tensor>| {
+                        let y = y.reshape((total, n, att.head_dim))?;
+                        norm_rows(&y, w, rows, &spans, eps, |a| pick(&a.layers[li]))?.reshape((total, n * att.head_dim))
+                    };
+                    (
+                        per_head(&q, att.heads, q_norm.tensor(), |l| l.q_norm.as_ref())?,
+                        per_head(&k, att.kv_heads, k_norm.tensor(), |l| l.k_norm.as_ref())?,
+                    )
+                }
+                None => (q, k),
+            };
             // RoPE for every token at once; then each row attends against its own cache.
             let all_heads = |y: &Tensor, n: usize| -> Result<Tensor> {
                 y.reshape((1, total, n, att.head_dim))?.transpose(1, 2)?.contiguous()
