@@ -8,6 +8,7 @@ mod checkpointing;
 mod continuing;
 mod devices;
 mod errors;
+mod families;
 mod files;
 mod gguf;
 mod helpers;

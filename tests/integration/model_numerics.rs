@@ -15,7 +15,7 @@ use ferrotune::models::ForwardCtx;
 use ferrotune::peft::adapter::load_adapter;
 use ferrotune::peft::lora::LoraPlan;
 
-pub const MODELS: [&str; 4] = ["llama", "llama3", "mistral", "qwen2"];
+pub const MODELS: [&str; 5] = ["llama", "llama3", "mistral", "qwen2", "qwen3"];
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
