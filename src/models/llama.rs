@@ -109,9 +109,9 @@ impl Builder<'_> {
                 tensor = saved.to_device(tensor.device())?.to_dtype(tensor.dtype())?;
             }
         }
-        // The norms LoRA may train are PEFT's `modules_to_save` (Qwen3's per-head norms are not).
-        let leaf = name.rsplit('.').nth(1).unwrap_or_default();
-        let is_norm = crate::peft::adapter::NORM_MODULES.contains(&leaf);
+        // PEFT matches `modules_to_save` by suffix, so its `norm` also covers Qwen3's per-head
+        // `q_norm`/`k_norm`: LoRA's trained norms are every module whose name ends in `norm`.
+        let is_norm = name.ends_with("norm.weight");
         let train = self.full() || (is_norm && matches!(self.adaptation, Adaptation::Lora(p) if p.train_norms));
         if train {
             self.trainable.add(name, &tensor, decay)

@@ -29,7 +29,7 @@ fn serving_adapter(model: &ferrotune::models::llama::CausalLm, name: &str) -> Se
 /// Greedy decoding of several sequences at once, each with its own adapter (or none), through
 /// `forward_rows`: the first step prefills every prompt together, then every step decodes one
 /// token per row.
-fn greedy_rows(
+pub(crate) fn greedy_rows(
     model: &ferrotune::models::llama::CausalLm,
     prompts: &[(Vec<u32>, Option<&ServingAdapter>)],
     steps: usize,

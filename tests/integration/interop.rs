@@ -63,9 +63,12 @@ fn load(dir: &Path, adaptation: Adaptation<'_>) -> CausalLm {
 #[test]
 fn a_trained_lora_adapter_loads_in_peft_with_the_same_logits() {
     let Some(python) = torch_python() else { return };
-    for (name, method, train_norms) in
-        [("llama", Method::Lora, false), ("qwen2", Method::Lora, true), ("llama", Method::Qlora, false)]
-    {
+    for (name, method, train_norms) in [
+        ("llama", Method::Lora, false),
+        ("qwen2", Method::Lora, true),
+        ("qwen3", Method::Lora, true),
+        ("llama", Method::Qlora, false),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let mut config = crate::training::config_for(dir.path(), method, name);
         config.epochs = 2;
@@ -89,14 +92,17 @@ fn a_trained_lora_adapter_loads_in_peft_with_the_same_logits() {
 #[test]
 fn a_fully_fine_tuned_model_loads_in_transformers_with_the_same_logits() {
     let Some(python) = torch_python() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = crate::training::config_for(dir.path(), Method::Full, "llama3");
-    config.epochs = 2;
-    config.learning_rate = 1e-3;
-    let output = train(&config, &mut Silent).unwrap().output.unwrap();
-    let expected = dir.path().join("expected.safetensors");
-    write_expected(&load(&output, Adaptation::None), &expected);
-    check(&python, &["--model", output.to_str().unwrap(), "--expect", expected.to_str().unwrap()]);
+    // qwen3: the per-head query/key norms are trained and written back.
+    for name in ["llama3", "qwen3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::training::config_for(dir.path(), Method::Full, name);
+        config.epochs = 2;
+        config.learning_rate = 1e-3;
+        let output = train(&config, &mut Silent).unwrap().output.unwrap();
+        let expected = dir.path().join("expected.safetensors");
+        write_expected(&load(&output, Adaptation::None), &expected);
+        check(&python, &["--model", output.to_str().unwrap(), "--expect", expected.to_str().unwrap()]);
+    }
 }
 
 /// Also without a warning from PEFT.

@@ -228,7 +228,13 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         one_plain_step(&lora, &ids);
         assert_eq!(nonzero_gradients(&lora, &ids), Vec::<String>::new(), "{name}: LoRA with norms");
         let count = lora.trainable.params.len();
-        assert_eq!(count, 2 * 7 * 2 + 2 * 2 + 1, "{name}: A and B for 7 modules x 2 layers, plus 5 norms");
+        // Qwen3 adds each layer's per-head q_norm and k_norm (PEFT's `norm` matches them too).
+        let head_norms = if name == "qwen3" { 2 * 2 } else { 0 };
+        assert_eq!(
+            count,
+            2 * 7 * 2 + 2 * 2 + 1 + head_norms,
+            "{name}: A and B for 7 modules x 2 layers, plus the norms"
+        );
 
         // QLoRA: the same adapters over the projections quantized to q8_0.
         let plan = LoraPlan {
