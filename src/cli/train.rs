@@ -3,16 +3,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::models::config::ModelConfig;
-use crate::models::llama::{Adaptation, CausalLm};
-use crate::models::weights::load_model_weights;
-use crate::peft::adapter::load_adapter;
-use crate::peft::lora::LoraPlan;
-use crate::peft::merge::merged_tensors;
-use crate::train::output::write_model_dir;
 use crate::train::{spawn_training, Observer, Progress, StopReason, TrainConfig};
 
 /// Shows a progress bar with loss, learning rate and ETA, and prints evaluations.
@@ -118,13 +110,7 @@ pub fn train(config_path: &Path, device: Option<&str>) -> anyhow::Result<()> {
 
 /// Folds a LoRA adapter into its base model and writes a full model directory.
 pub fn merge(base: &Path, adapter: &Path, output: &Path) -> anyhow::Result<()> {
-    let device = candle_core::Device::Cpu;
-    let config = ModelConfig::from_file(&base.join("config.json"))?;
-    let (lora, norms, tensors) = load_adapter(adapter, &device).context("could not read the adapter")?;
-    let weights = load_model_weights(base, candle_core::DType::F32, &device)?;
-    let plan = LoraPlan { config: lora, seed: 0, trainable: false, train_norms: norms, loaded: Some(tensors) };
-    let model = CausalLm::new(config, weights, Adaptation::Lora(&plan))?;
-    write_model_dir(output, &model, merged_tensors(&model)?, base)?;
+    crate::train::output::merge_adapter_dir(base, adapter, output)?;
     println!("merged model written to {}", output.display());
     Ok(())
 }

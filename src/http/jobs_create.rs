@@ -256,7 +256,6 @@ async fn check_fine_tuned_start(state: &AppState, caller: &Caller, name: &str) -
 fn check_base_model(catalog: &Catalog, name: &str) -> Result<(), ApiError> {
     const TRAINABLE: &str = "only base models in a Hugging Face directory or a GGUF file (`path:`, `storage:` or \
                              `gguf:` in the model catalog, or `--base-model NAME=PATH`) are trainable today";
-    let unsupported = unsupported_model;
     let Some(base) = catalog.get(name) else {
         return Err(ApiError::new(
             ErrorCode::UnknownModel,
@@ -267,7 +266,7 @@ fn check_base_model(catalog: &Catalog, name: &str) -> Result<(), ApiError> {
     match &base.source {
         ModelSource::Directory(_) | ModelSource::Storage(_) | ModelSource::Gguf(_) => Ok(()),
         ModelSource::Hub(_) => {
-            Err(unsupported(format!("base model {name:?} is a Hugging Face Hub model; {TRAINABLE}")))
+            Err(unsupported_model(format!("base model {name:?} is a Hugging Face Hub model; {TRAINABLE}")))
         }
     }
 }

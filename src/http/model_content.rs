@@ -83,18 +83,13 @@ pub async fn download_model(
     let base_dir = match &source {
         Source::Stored { lora: false, .. } => None,
         Source::Stored { lora: true, .. } if !merged => None,
-        _ => {
-            let sources = crate::executor::ModelSources {
-                catalog: &state.catalog,
-                storage: state.storage.as_ref(),
-                fine_tuned: Some((state.store.as_ref(), &caller.project_id)),
-            };
-            let cache = state.inference.settings().work_dir.join("base-models");
-            let dir = crate::executor::local_model_dir(sources, &base, &cache)
+        _ => Some(
+            state
+                .inference
+                .model_dir(Some(&caller.project_id), &base)
                 .await
-                .map_err(|m| ApiError::new(ErrorCode::ModelNotSupported, m).with_param("model"))?;
-            Some(dir)
-        }
+                .map_err(|m| ApiError::new(ErrorCode::ModelNotSupported, m).with_param("model"))?,
+        ),
     };
     let prefix = match &source {
         Source::Stored { prefix, .. } | Source::Checkpoint { prefix, .. } => prefix.clone(),

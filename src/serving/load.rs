@@ -10,22 +10,13 @@ use candle_core::{Device, Tensor};
 
 use super::{Inference, ServeError, WeightsSource};
 use crate::data::tokenizer::ChatTokenizer;
-use crate::executor::{local_model_dir, ModelSources};
 use crate::infer::engine::Engine;
 use crate::models::llama::{Adaptation, CausalLm, ServingAdapter};
 use crate::models::weights::load_inference_model;
 use crate::peft::adapter::load_adapter;
 
-/// The local directory of a catalog base model, or of a fine-tuned model of `project` that
-/// another was trained from (fetched from storage, or merged, into the cache if needed).
 async fn base_dir(inference: &Inference, project: Option<&str>, name: &str) -> Result<PathBuf, ServeError> {
-    let cache = inference.settings.work_dir.join("base-models");
-    let sources = ModelSources {
-        catalog: &inference.catalog,
-        storage: inference.storage.as_ref(),
-        fine_tuned: project.map(|p| (inference.store.as_ref(), p)),
-    };
-    local_model_dir(sources, name, &cache).await.map_err(ServeError::NotSupported)
+    inference.model_dir(project, name).await.map_err(ServeError::NotSupported)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, ServeError> {

@@ -90,6 +90,18 @@ impl Inference {
         &self.settings
     }
 
+    /// The local directory of a catalog base model, or of a fine-tuned model of `project`
+    /// (fetched from storage, or merged, into this process's model cache once), or why it cannot
+    /// be used (a message for the user).
+    pub async fn model_dir(&self, project: Option<&str>, name: &str) -> Result<PathBuf, String> {
+        let sources = crate::executor::ModelSources {
+            catalog: &self.catalog,
+            storage: self.storage.as_ref(),
+            fine_tuned: project.map(|p| (self.store.as_ref(), p)),
+        };
+        crate::executor::local_model_dir(sources, name, &self.settings.work_dir.join("base-models")).await
+    }
+
     /// The engine that runs `target`, loading its model on first use.
     pub async fn engine(&self, target: &Target) -> Result<Arc<Engine>, ServeError> {
         // A fine-tuned base of an adapter is the same model as that model served on its own.

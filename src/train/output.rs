@@ -95,7 +95,10 @@ pub fn merge_adapter_dir(base: &Path, adapter: &Path, out: &Path) -> anyhow::Res
     use crate::models::config::ModelConfig;
     use crate::models::llama::Adaptation;
     use crate::peft::lora::LoraPlan;
-    let (config, norms, tensors) = crate::peft::adapter::load_adapter(adapter, &Device::Cpu)?;
+    let (config, norms, tensors) = anyhow::Context::context(
+        crate::peft::adapter::load_adapter(adapter, &Device::Cpu),
+        "could not read the adapter",
+    )?;
     let plan = LoraPlan { config, seed: 0, trainable: false, train_norms: norms, loaded: Some(tensors) };
     let weights = crate::models::weights::load_model_weights(base, candle_core::DType::F32, &Device::Cpu)?;
     let model = CausalLm::new(ModelConfig::from_file(&base.join("config.json"))?, weights, Adaptation::Lora(&plan))?;
