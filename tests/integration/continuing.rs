@@ -17,7 +17,7 @@ use crate::model_numerics::fixture;
 use crate::preference::{preference_accuracy, unit_pair, unit_pairs_jsonl};
 
 /// The model in `dir` (a Hugging Face directory), with the PEFT adapter in `adapter` if given.
-fn model_from(dir: &Path, adapter: Option<&Path>) -> CausalLm {
+pub fn model_from(dir: &Path, adapter: Option<&Path>) -> CausalLm {
     let config = ferrotune::models::config::ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let weights = ferrotune::models::weights::load_model_weights(dir, DType::F32, &Device::Cpu).unwrap();
     let plan = adapter.map(|a| {
@@ -47,6 +47,16 @@ async fn finished(app: &TestApp, id: &str, backend: Backend) -> Value {
             .await;
     assert_eq!(status(&job), "succeeded", "{backend:?}: {job}");
     job
+}
+
+/// What `model` answers to `prompt` by greedy decoding here, rendered and decoded as chat does.
+pub fn local_answer(model: &CausalLm, tokenizer: &ChatTokenizer, prompt: &str) -> String {
+    let messages = json!([{"role": "user", "content": prompt}]);
+    let text = tokenizer.apply_chat_template(&messages, None, true).unwrap();
+    let ids = tokenizer.encode(&text, false).unwrap();
+    let stop: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
+    let out = ferrotune::infer::generate::generate_greedy(model, &ids, 12, &stop).unwrap();
+    tokenizer.decode(&out, true).unwrap()
 }
 
 async fn chat(app: &TestApp, model: &str, prompt: &str) -> String {
@@ -159,9 +169,15 @@ async fn a_lora_job_trains_on_a_fully_fine_tuned_model() {
     let composed = logits(&model_from(parent_dir.path(), Some(adapter.path())));
     let diff = max_abs_diff(&composed, &logits(&model_from(merged.path(), None)));
     assert!(diff < 1e-4, "merged download vs full parent + adapter: {diff}");
-    assert!(!chat(&app, &child, "What is code number 3?").await.is_empty());
-    // Served over the parent's engine: the parent served on its own shares it.
-    assert!(!chat(&app, &parent, "What is code number 3?").await.is_empty());
+    // Served over the parent's engine (which the parent served on its own shares): each answers
+    // what its weights answer here.
+    let tokenizer = ChatTokenizer::from_dir(parent_dir.path()).unwrap();
+    let question = "What is code number 3?";
+    let child_answer = local_answer(&model_from(parent_dir.path(), Some(adapter.path())), &tokenizer, question);
+    let parent_answer = local_answer(&model_from(parent_dir.path(), None), &tokenizer, question);
+    assert_ne!(child_answer, parent_answer, "the adapter changes the answer");
+    assert_eq!(chat(&app, &child, question).await, child_answer);
+    assert_eq!(chat(&app, &parent, question).await, parent_answer);
 }
 
 /// A model row (no files unless `files`) of `project`, as a finished job would leave it.

@@ -57,7 +57,7 @@ async fn a_qwen3_model_learns_through_a_job_and_serves_what_it_learned() {
 /// `k_norm` too) decodes in batched serving exactly as the training-path model does.
 #[test]
 fn a_qwen3_adapter_with_trained_norms_serves_like_its_training_model() {
-    use ferrotune::models::llama::{Adaptation, CausalLm, ServingAdapter};
+    use ferrotune::models::llama::ServingAdapter;
     let dir = tempfile::tempdir().unwrap();
     let mut config = crate::training::config_for(dir.path(), ferrotune::train::Method::Lora, "qwen3");
     config.epochs = 2;
@@ -66,23 +66,8 @@ fn a_qwen3_adapter_with_trained_norms_serves_like_its_training_model() {
     let output = ferrotune::train::train(&config, &mut ferrotune::train::Silent).unwrap().output.unwrap();
     let (lora, norms, tensors) = ferrotune::peft::adapter::load_adapter(&output, &candle_core::Device::Cpu).unwrap();
     assert!(norms && tensors.keys().any(|k| k.ends_with("self_attn.q_norm.weight")), "the per-head norms are saved");
-    let load = |adaptation: Adaptation<'_>| {
-        let dir = fixture("qwen3");
-        let config = ferrotune::models::config::ModelConfig::from_file(&dir.join("config.json")).unwrap();
-        let weights =
-            ferrotune::models::weights::load_model_weights(&dir, candle_core::DType::F32, &candle_core::Device::Cpu)
-                .unwrap();
-        CausalLm::new(config, weights, adaptation).unwrap()
-    };
-    let plan = ferrotune::peft::lora::LoraPlan {
-        config: lora.clone(),
-        seed: 0,
-        trainable: false,
-        train_norms: true,
-        loaded: Some(tensors.clone()),
-    };
-    let adapted = load(Adaptation::Lora(&plan));
-    let base = load(Adaptation::None);
+    let adapted = crate::continuing::model_from(&fixture("qwen3"), Some(&output));
+    let base = crate::continuing::model_from(&fixture("qwen3"), None);
     let serving = ServingAdapter::from_peft(&base, &lora, &tensors).unwrap();
     let prompt: Vec<u32> = (0..6u32).map(|i| 40 + i * 17).collect();
     let expected = ferrotune::infer::generate::generate_greedy(&adapted, &prompt, 10, &[]).unwrap();
