@@ -1,5 +1,5 @@
 //! The Llama-family architecture as Hugging Face's `config.json` describes it (Llama 2/3, Mistral,
-//! Qwen2, Qwen3, SmolLM): one struct, with the per-family differences resolved at load time.
+//! Qwen2, Qwen3, Phi-3, SmolLM): one struct, with the per-family differences resolved at load time.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -29,6 +29,15 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// LongRoPE (Phi-3 128k, Phi-3.5): per-frequency divisors, `short` while a forward's longest
+    /// position is within `original_max_position_embeddings`, `long` beyond it; cos and sin are
+    /// multiplied by `attention_factor`.
+    LongRope {
+        short: Vec<f64>,
+        long: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +62,9 @@ pub struct ModelConfig {
     /// RMSNorm over each query and key head before RoPE (Qwen3's `q_norm`/`k_norm`).
     pub qk_norm: bool,
     pub mlp_bias: bool,
+    /// Phi-3's fused projections: one `qkv_proj` (queries, keys, values in that order) and one
+    /// `gate_up_proj` (gate, then up) instead of separate linears.
+    pub fused_projections: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// The original file, kept to write it back unchanged next to fine-tuned weights.
@@ -87,6 +99,8 @@ struct RawConfig {
     mlp_bias: bool,
     #[serde(default = "default_act")]
     hidden_act: String,
+    partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<Value>,
 }
@@ -113,11 +127,18 @@ impl ModelConfig {
 
     pub fn from_json(raw: Value) -> Result<Self, ConfigError> {
         let c: RawConfig = serde_json::from_value(raw.clone())?;
-        if !matches!(c.model_type.as_str(), "llama" | "mistral" | "qwen2" | "qwen3") {
+        if !matches!(c.model_type.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
             return Err(ConfigError::Unsupported(format!(
-                "model_type {:?} (supported: llama, mistral, qwen2, qwen3)",
+                "model_type {:?} (supported: llama, mistral, qwen2, qwen3, phi3)",
                 c.model_type
             )));
+        }
+        let rope = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
+        let partial = c.partial_rotary_factor.or_else(|| rope.and_then(|r| r.get("partial_rotary_factor")?.as_f64()));
+        if partial.is_some_and(|f| f != 1.0) {
+            return Err(ConfigError::Unsupported(
+                "partial_rotary_factor other than 1 (rotary on part of each head)".into(),
+            ));
         }
         if c.hidden_act != "silu" {
             return Err(ConfigError::Unsupported(format!("hidden_act {:?} (only silu)", c.hidden_act)));
@@ -129,11 +150,10 @@ impl ModelConfig {
             ));
         }
         // transformers 5 keeps rope settings in `rope_parameters`; older files in `rope_scaling`.
-        let rope = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
         let rope_theta =
             c.rope_theta.or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64)).unwrap_or(10_000.0);
         let sliding_window = match c.model_type.as_str() {
-            "mistral" => c.sliding_window,
+            "mistral" | "phi3" => c.sliding_window,
             "qwen2" | "qwen3" if c.use_sliding_window == Some(true) => {
                 return Err(ConfigError::Unsupported(format!("{} with use_sliding_window", c.model_type)))
             }
@@ -144,10 +164,12 @@ impl ModelConfig {
             Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_u64).map(|n| n as u32).collect(),
             _ => Vec::new(),
         };
+        let rope_scaling = parse_rope_scaling(rope, &c)?;
         Ok(Self {
             qkv_bias: c.model_type == "qwen2" || c.attention_bias,
             o_bias: c.attention_bias,
             qk_norm: c.model_type == "qwen3",
+            fused_projections: c.model_type == "phi3",
             model_type: c.model_type,
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
@@ -158,7 +180,7 @@ impl ModelConfig {
             head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
             rms_norm_eps: c.rms_norm_eps,
             rope_theta,
-            rope_scaling: parse_rope_scaling(rope)?,
+            rope_scaling,
             max_position_embeddings: c.max_position_embeddings,
             tie_word_embeddings: c.tie_word_embeddings,
             sliding_window,
@@ -170,7 +192,18 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(rope: Option<&Value>) -> Result<RopeScaling, ConfigError> {
+impl ModelConfig {
+    /// The linear modules of one decoder layer, by PEFT name (what `all-linear` expands to).
+    pub fn linear_modules(&self) -> &'static [&'static str] {
+        if self.fused_projections {
+            &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+        } else {
+            &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        }
+    }
+}
+
+fn parse_rope_scaling(rope: Option<&Value>, c: &RawConfig) -> Result<RopeScaling, ConfigError> {
     let Some(rope) = rope.filter(|r| r.is_object()) else { return Ok(RopeScaling::None) };
     let kind = rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
     let number = |key: &str| {
@@ -187,6 +220,47 @@ fn parse_rope_scaling(rope: Option<&Value>) -> Result<RopeScaling, ConfigError> 
             high_freq_factor: number("high_freq_factor")?,
             original_max_position_embeddings: number("original_max_position_embeddings")?,
         }),
-        other => Err(ConfigError::Unsupported(format!("rope scaling {other:?} (supported: default, linear, llama3)"))),
+        "longrope" | "su" => {
+            let factors = |key: &str| -> Result<Vec<f64>, ConfigError> {
+                let list =
+                    rope.get(key).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_f64).collect());
+                match list {
+                    Some(list)
+                        if Vec::len(&list) == c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads) / 2 =>
+                    {
+                        Ok(list)
+                    }
+                    _ => Err(ConfigError::Unsupported(format!("longrope `{key}` must list head_dim / 2 numbers"))),
+                }
+            };
+            // transformers 5 moves `original_max_position_embeddings` into the rope settings;
+            // Phi-3's own files have it at the top level.
+            let original = rope
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize)
+                .or(c.original_max_position_embeddings)
+                .ok_or_else(|| ConfigError::Unsupported("longrope without original_max_position_embeddings".into()))?;
+            // As transformers' `_compute_longrope_parameters`: the factor defaults to the context
+            // extension ratio, the attention factor to sqrt(1 + ln(factor) / ln(original)).
+            let factor = rope
+                .get("factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(c.max_position_embeddings as f64 / original as f64);
+            let attention_factor = rope.get("attention_factor").and_then(Value::as_f64).unwrap_or(if factor <= 1.0 {
+                1.0
+            } else {
+                (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+            });
+            Ok(RopeScaling::LongRope {
+                short: factors("short_factor")?,
+                long: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            })
+        }
+        other => Err(ConfigError::Unsupported(format!(
+            "rope scaling {other:?} (supported: default, linear, llama3, longrope)"
+        ))),
     }
 }

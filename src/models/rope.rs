@@ -1,43 +1,86 @@
-//! Rotary position embeddings: the cos/sin tables, with Llama 3 and linear frequency scaling as in
-//! transformers' `ROPE_INIT_FUNCTIONS`.
+//! Rotary position embeddings: the cos/sin tables, with Llama 3, linear and LongRoPE frequency
+//! scaling as in transformers' `ROPE_INIT_FUNCTIONS`.
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::config::{ModelConfig, RopeScaling};
 
-/// cos and sin for every position up to `max_positions`, `(positions, head_dim)`.
+/// cos and sin for every position up to `max_positions`, `(positions, head_dim)`; with LongRoPE
+/// the short-context rows come first and the long-context rows after them.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     cos: Tensor,
     sin: Tensor,
+    max_positions: usize,
+    /// LongRoPE: a forward whose longest sequence exceeds this many tokens uses the long rows.
+    short_up_to: Option<usize>,
 }
 
 impl RopeTables {
     pub fn new(config: &ModelConfig, max_positions: usize, device: &Device) -> Result<Self> {
-        let inv_freq = inverse_frequencies(config);
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(max_positions * half * 2);
-        let mut sin = Vec::with_capacity(max_positions * half * 2);
-        for position in 0..max_positions {
-            // Like transformers: the angle is position × inv_freq in f32, duplicated for both halves.
-            let angles: Vec<f32> = inv_freq.iter().map(|f| position as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
+        let (sets, scale, short_up_to) = match &config.rope_scaling {
+            RopeScaling::LongRope { short, long, original_max_position_embeddings, attention_factor } => (
+                vec![inverse_frequencies(config, Some(short)), inverse_frequencies(config, Some(long))],
+                *attention_factor as f32,
+                Some(*original_max_position_embeddings),
+            ),
+            _ => (vec![inverse_frequencies(config, None)], 1.0, None),
+        };
+        let half = sets[0].len();
+        let mut cos = Vec::with_capacity(sets.len() * max_positions * half * 2);
+        let mut sin = Vec::with_capacity(sets.len() * max_positions * half * 2);
+        for inv_freq in &sets {
+            for position in 0..max_positions {
+                // Like transformers: the angle is position × inv_freq in f32, duplicated for both
+                // halves; cos and sin then times the attention factor.
+                let angles: Vec<f32> = inv_freq.iter().map(|f| position as f32 * f).collect();
+                for _ in 0..2 {
+                    cos.extend(angles.iter().map(|a| a.cos() * scale));
+                    sin.extend(angles.iter().map(|a| a.sin() * scale));
+                }
             }
         }
-        let shape = (max_positions, half * 2);
-        Ok(Self { cos: Tensor::from_vec(cos, shape, device)?, sin: Tensor::from_vec(sin, shape, device)? })
+        let shape = (sets.len() * max_positions, half * 2);
+        Ok(Self {
+            cos: Tensor::from_vec(cos, shape, device)?,
+            sin: Tensor::from_vec(sin, shape, device)?,
+            max_positions,
+            short_up_to,
+        })
     }
 
     pub fn max_positions(&self) -> usize {
-        self.cos.dims()[0]
+        self.max_positions
+    }
+
+    /// The table row of `position` in a forward whose longest sequence has `seq_len` tokens
+    /// (transformers switches LongRoPE's frequencies on the forward's largest position).
+    pub fn row(&self, position: usize, seq_len: usize) -> u32 {
+        match self.short_up_to {
+            Some(limit) if seq_len > limit => (self.max_positions + position) as u32,
+            _ => position as u32,
+        }
     }
 
     /// cos and sin at `positions (b, t)` as `(b, 1, t, head_dim)`, in `dtype`.
     pub fn at(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let (b, t) = positions.dims2()?;
-        let flat = positions.flatten_all()?;
+        match self.short_up_to {
+            Some(limit) => {
+                let longest = positions.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize + 1;
+                if longest <= limit {
+                    return self.at_rows(positions, dtype);
+                }
+                let offset = Tensor::new(self.max_positions as u32, positions.device())?;
+                self.at_rows(&positions.broadcast_add(&offset)?, dtype)
+            }
+            None => self.at_rows(positions, dtype),
+        }
+    }
+
+    /// cos and sin at table rows `rows (b, t)` (see [`RopeTables::row`]) as `(b, 1, t, head_dim)`.
+    pub fn at_rows(&self, rows: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (b, t) = rows.dims2()?;
+        let flat = rows.flatten_all()?;
         let pick = |table: &Tensor| -> Result<Tensor> {
             let d = table.dim(1)?;
             table.index_select(&flat, 0)?.reshape((b, 1, t, d))?.to_dtype(dtype)
@@ -46,13 +89,18 @@ impl RopeTables {
     }
 }
 
-/// `1 / theta^(2i/d)` for i in 0..d/2, then scaled; computed in f32 as transformers does.
-fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
+/// `1 / theta^(2i/d)` for i in 0..d/2, then scaled (LongRoPE's `divisors` for its set); computed
+/// in f32 as transformers does.
+fn inverse_frequencies(config: &ModelConfig, divisors: Option<&[f64]>) -> Vec<f32> {
     let dim = config.head_dim;
     let base = config.rope_theta as f32;
     let inv: Vec<f32> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect();
+    if let Some(divisors) = divisors {
+        // transformers: 1 / (factor · base^(2i/d)).
+        return (0..dim / 2).map(|i| 1.0 / (divisors[i] as f32 * base.powf((2 * i) as f32 / dim as f32))).collect();
+    }
     match config.rope_scaling {
-        RopeScaling::None => inv,
+        RopeScaling::None | RopeScaling::LongRope { .. } => inv,
         RopeScaling::Linear { factor } => inv.iter().map(|f| f / factor as f32).collect(),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
             let (factor, low, high, old) = (
