@@ -190,7 +190,9 @@ fn package(
                 .into_iter()
                 .map(|(k, v)| if k.starts_with("base_model.") { (k, v) } else { (format!("base_model.model.{k}"), v) })
                 .collect();
-            save_adapter(&adapter_dir, &lora.lora_config(), base, &tensors, lora.train_norms)?;
+            let config = ModelConfig::from_file(&base_dir.join("config.json"))
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            save_adapter(&adapter_dir, &lora.lora_config(), base, config.linear_modules(), &tensors, lora.train_norms)?;
             for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
                 if base_dir.join(file).exists() {
                     std::fs::copy(base_dir.join(file), adapter_dir.join(file))?;

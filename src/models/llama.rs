@@ -27,7 +27,7 @@ mod block;
 mod checkpointed;
 mod prefixed;
 mod rows;
-use block::{Attention, Block, Mlp};
+use block::{Attention, Block, GateUp, Mlp, Qkv};
 pub use checkpointed::Checkpointed;
 pub use rows::{Row, ServingAdapter};
 
@@ -45,8 +45,6 @@ pub enum Adaptation<'a> {
     /// Prefix tuning: trained (or loaded) key/value vectors before every input, base frozen.
     Prefix(&'a PrefixPlan),
 }
-
-pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 pub struct CausalLm {
     pub config: ModelConfig,
@@ -195,6 +193,7 @@ impl CausalLm {
         let mut b = Builder { weights, quantized, like, adaptation, trainable: TrainableParams::default(), lora_init };
         let (h, v) = (config.hidden_size, config.vocab_size);
         let (q_out, kv_out) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
+        let inter = config.intermediate_size;
         let embed = b.param("model.embed_tokens.weight", &[v, h], true)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
@@ -202,9 +201,20 @@ impl CausalLm {
             layers.push(Block {
                 input_norm: b.param(&format!("{p}.input_layernorm.weight"), &[h], false)?,
                 attention: Attention {
-                    q: b.linear(&format!("{p}.self_attn.q_proj"), h, q_out, config.qkv_bias)?,
-                    k: b.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, config.qkv_bias)?,
-                    v: b.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, config.qkv_bias)?,
+                    qkv: if config.fused_projections {
+                        Qkv::Fused(b.linear(
+                            &format!("{p}.self_attn.qkv_proj"),
+                            h,
+                            q_out + 2 * kv_out,
+                            config.qkv_bias,
+                        )?)
+                    } else {
+                        Qkv::Separate {
+                            q: b.linear(&format!("{p}.self_attn.q_proj"), h, q_out, config.qkv_bias)?,
+                            k: b.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, config.qkv_bias)?,
+                            v: b.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, config.qkv_bias)?,
+                        }
+                    },
                     o: b.linear(&format!("{p}.self_attn.o_proj"), q_out, h, config.o_bias)?,
                     heads: config.num_heads,
                     kv_heads: config.num_kv_heads,
@@ -220,8 +230,14 @@ impl CausalLm {
                 },
                 post_norm: b.param(&format!("{p}.post_attention_layernorm.weight"), &[h], false)?,
                 mlp: Mlp {
-                    gate: b.linear(&format!("{p}.mlp.gate_proj"), h, config.intermediate_size, config.mlp_bias)?,
-                    up: b.linear(&format!("{p}.mlp.up_proj"), h, config.intermediate_size, config.mlp_bias)?,
+                    gate_up: if config.fused_projections {
+                        GateUp::Fused(b.linear(&format!("{p}.mlp.gate_up_proj"), h, 2 * inter, config.mlp_bias)?)
+                    } else {
+                        GateUp::Separate {
+                            gate: b.linear(&format!("{p}.mlp.gate_proj"), h, inter, config.mlp_bias)?,
+                            up: b.linear(&format!("{p}.mlp.up_proj"), h, inter, config.mlp_bias)?,
+                        }
+                    },
                     down: b.linear(&format!("{p}.mlp.down_proj"), config.intermediate_size, h, config.mlp_bias)?,
                 },
                 adapters: match b.adaptation {
@@ -265,6 +281,19 @@ impl CausalLm {
             }
             _ => None,
         };
+        if let Adaptation::Lora(plan) = b.adaptation {
+            // PEFT refuses such a configuration too ("Target modules ... not found").
+            let targeted = layers.iter().flat_map(Block::linears).any(|(_, l)| l.lora.is_some())
+                || lm_head.as_ref().is_some_and(|l| l.lora.is_some());
+            if !targeted {
+                candle_core::bail!(
+                    "lora target_modules {} match no linear module of this {} model (its modules: {}, lm_head)",
+                    serde_json::to_string(&plan.config.target_modules).unwrap_or_default(),
+                    config.model_type,
+                    config.linear_modules().join(", ")
+                );
+            }
+        }
         Ok(Self {
             config,
             embed,
@@ -395,9 +424,8 @@ impl CausalLm {
     pub fn linear_modules(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            for (name, linear) in layer.linears() {
-                let group = if ["gate_proj", "up_proj", "down_proj"].contains(&name) { "mlp" } else { "self_attn" };
-                out.push((format!("model.layers.{i}.{group}.{name}"), linear));
+            for (path, linear) in layer.linears() {
+                out.push((format!("model.layers.{i}.{path}"), linear));
             }
         }
         if let Some(head) = &self.lm_head {

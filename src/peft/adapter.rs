@@ -7,7 +7,6 @@ use candle_core::{Device, Result, Tensor};
 use serde_json::json;
 
 use super::lora::{LoraConfig, TargetModules};
-use crate::models::llama::LINEAR_MODULES;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -18,11 +17,13 @@ pub const PROVENANCE_FILE: &str = "ferrotune.json";
 /// Module names saved whole (PEFT `modules_to_save`) when norms are trained with LoRA.
 pub const NORM_MODULES: [&str; 3] = ["input_layernorm", "post_attention_layernorm", "norm"];
 
-/// Writes an adapter that PEFT's `PeftModel.from_pretrained` loads.
+/// Writes an adapter that PEFT's `PeftModel.from_pretrained` loads; `linear_modules` are the
+/// base model's layer linears (what `all-linear` stands for).
 pub fn save_adapter(
     dir: &Path,
     config: &LoraConfig,
     base_model: &str,
+    linear_modules: &[&str],
     tensors: &HashMap<String, Tensor>,
     trained_norms: bool,
 ) -> Result<()> {
@@ -30,7 +31,7 @@ pub fn save_adapter(
     let targets: Vec<String> = match &config.target_modules {
         TargetModules::List(list) => list.clone(),
         // PEFT records `all-linear` expanded to the module names it matched.
-        TargetModules::Keyword(k) if k == "all-linear" => LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
+        TargetModules::Keyword(k) if k == "all-linear" => linear_modules.iter().map(|s| s.to_string()).collect(),
         TargetModules::Keyword(single) => vec![single.clone()],
     };
     let document = json!({

@@ -41,7 +41,8 @@ pub fn write(prepared: &Prepared, config: &TrainConfig) -> Result<PathBuf, Train
                     })
                     .collect();
             let base = config.model.display().to_string();
-            save_adapter(&dir, &config.lora.lora_config(), &base, &tensors, config.lora.train_norms)?;
+            let modules = prepared.model.config.linear_modules();
+            save_adapter(&dir, &config.lora.lora_config(), &base, modules, &tensors, config.lora.train_norms)?;
             copy_tokenizer_files(&config.model, &dir)?;
         }
         Method::Bottleneck => {

@@ -1,8 +1,9 @@
-//! One decoder layer: pre-norm grouped-query attention and a SwiGLU MLP, each optionally followed
+//! One decoder layer: pre-norm grouped-query attention and a SwiGLU MLP (separate or fused
+//! projections), each optionally followed
 //! by a bottleneck adapter, for the training forward (fused attention when it applies) and the
 //! cached generation forward.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, D};
 
 use crate::models::bottleneck::Bottleneck;
 use crate::models::kv_cache::LayerCache;
@@ -11,10 +12,25 @@ use crate::models::ops::{apply_rope, repeat_kv, rms_norm};
 use crate::models::params::Param;
 use crate::models::ForwardCtx;
 
+/// Applies one linear module (by its PEFT name) to an input: plainly in training, with each row's
+/// adapter delta in batched serving.
+pub(super) type Apply<'a> = dyn Fn(&'static str, &Linear, &Tensor) -> Result<Tensor> + 'a;
+
+/// The query, key and value projections: three linears, or Phi-3's one `qkv_proj` whose output
+/// holds the queries, keys and values in that order.
+pub(super) enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// The MLP's gate and up projections: two linears, or Phi-3's one `gate_up_proj` (gate first).
+pub(super) enum GateUp {
+    Separate { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 pub(super) struct Attention {
-    pub(super) q: Linear,
-    pub(super) k: Linear,
-    pub(super) v: Linear,
+    pub(super) qkv: Qkv,
     pub(super) o: Linear,
     pub(super) heads: usize,
     pub(super) kv_heads: usize,
@@ -25,9 +41,23 @@ pub(super) struct Attention {
 }
 
 pub(super) struct Mlp {
-    pub(super) gate: Linear,
-    pub(super) up: Linear,
+    pub(super) gate_up: GateUp,
     pub(super) down: Linear,
+}
+
+impl Mlp {
+    /// `down(silu(gate(x)) · up(x))`.
+    pub(super) fn forward(&self, x: &Tensor, apply: &Apply<'_>) -> Result<Tensor> {
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate, up } => (apply("gate_proj", gate, x)?, apply("up_proj", up, x)?),
+            GateUp::Fused(linear) => {
+                let both = apply("gate_up_proj", linear, x)?;
+                let half = both.dim(D::Minus1)? / 2;
+                (both.narrow(D::Minus1, 0, half)?, both.narrow(D::Minus1, half, half)?)
+            }
+        };
+        apply("down_proj", &self.down, &crate::models::fused::swiglu(&gate, &up)?)
+    }
 }
 
 pub(super) struct Block {
@@ -60,30 +90,45 @@ impl Block {
         }
         let x = (x + attended)?;
         let normed = rms_norm(&x, self.post_norm.tensor(), eps)?;
-        let mlp = &self.mlp;
-        let gated = crate::models::fused::swiglu(&mlp.gate.forward(&normed, ctx)?, &mlp.up.forward(&normed, ctx)?)?;
-        let mut out = mlp.down.forward(&gated, ctx)?;
+        let mut out = self.mlp.forward(&normed, &|_, linear: &Linear, x: &Tensor| linear.forward(x, ctx))?;
         if let Some((_, adapter)) = adapters {
             out = adapter.forward(&out, ctx)?;
         }
         x + out
     }
 
-    pub(super) fn linears(&self) -> [(&'static str, &Linear); 7] {
-        let a = &self.attention;
-        [
-            ("q_proj", &a.q),
-            ("k_proj", &a.k),
-            ("v_proj", &a.v),
-            ("o_proj", &a.o),
-            ("gate_proj", &self.mlp.gate),
-            ("up_proj", &self.mlp.up),
-            ("down_proj", &self.mlp.down),
-        ]
+    /// The layer's linear modules by their path under the layer (`self_attn.q_proj`, ...).
+    pub(super) fn linears(&self) -> Vec<(&'static str, &Linear)> {
+        let mut out = match &self.attention.qkv {
+            Qkv::Separate { q, k, v } => {
+                vec![("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v)]
+            }
+            Qkv::Fused(qkv) => vec![("self_attn.qkv_proj", qkv)],
+        };
+        out.push(("self_attn.o_proj", &self.attention.o));
+        match &self.mlp.gate_up {
+            GateUp::Separate { gate, up } => out.extend([("mlp.gate_proj", gate), ("mlp.up_proj", up)]),
+            GateUp::Fused(gate_up) => out.push(("mlp.gate_up_proj", gate_up)),
+        }
+        out.push(("mlp.down_proj", &self.mlp.down));
+        out
     }
 }
 
 impl Attention {
+    /// Queries, keys and values `(..., heads·head_dim)`, `(..., kv_heads·head_dim)` twice.
+    pub(super) fn project(&self, x: &Tensor, apply: &Apply<'_>) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.qkv {
+            Qkv::Separate { q, k, v } => Ok((apply("q_proj", q, x)?, apply("k_proj", k, x)?, apply("v_proj", v, x)?)),
+            Qkv::Fused(linear) => {
+                let all = apply("qkv_proj", linear, x)?;
+                let (q_width, kv_width) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                let part = |start: usize, width: usize| all.narrow(D::Minus1, start, width)?.contiguous();
+                Ok((part(0, q_width)?, part(q_width, kv_width)?, part(q_width + kv_width, kv_width)?))
+            }
+        }
+    }
+
     /// Queries and keys (any layout with the head dimension last) through their per-head norms,
     /// where the architecture has them.
     pub(super) fn head_norms(&self, q: Tensor, k: Tensor) -> Result<(Tensor, Tensor)> {
@@ -103,25 +148,22 @@ impl Attention {
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.project(x, &|_, linear: &Linear, x: &Tensor| linear.forward(x, ctx))?;
         if cache.is_none() && prefix.is_none() && crate::models::attention::supported(x) {
             // Training and evaluation: one fused node over the projections' own layout.
             let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim));
-            let (q, k) = self.head_norms(
-                split(self.q.forward(x, ctx)?, self.heads)?,
-                split(self.k.forward(x, ctx)?, self.kv_heads)?,
-            )?;
-            let v = split(self.v.forward(x, ctx)?, self.kv_heads)?;
+            let (q, k) = self.head_norms(split(q, self.heads)?, split(k, self.kv_heads)?)?;
+            let v = split(v, self.kv_heads)?;
             let out = crate::models::attention::attention(&q, &k, &v, cos, sin, mask)?;
             return self.o.forward(&out, ctx);
         }
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let (q, k) = self
-            .head_norms(heads(self.q.forward(x, ctx)?, self.heads)?, heads(self.k.forward(x, ctx)?, self.kv_heads)?)?;
+        let (q, k) = self.head_norms(heads(q, self.heads)?, heads(k, self.kv_heads)?)?;
         let q = apply_rope(&q, cos, sin)?;
         let mut k = apply_rope(&k, cos, sin)?;
-        let mut v = heads(self.v.forward(x, ctx)?, self.kv_heads)?;
+        let mut v = heads(v, self.kv_heads)?;
         if let Some((slot, max)) = cache {
             (k, v) = LayerCache::append(slot, &k, &v, max)?;
         }

@@ -27,8 +27,8 @@ struct LoraPair {
 
 #[derive(Debug, Clone, Default)]
 struct LayerAdapter {
-    /// In [`super::LINEAR_MODULES`] order.
-    linears: [Option<LoraPair>; 7],
+    /// By module name (`q_proj`, `qkv_proj`, ...).
+    linears: HashMap<&'static str, LoraPair>,
     input_norm: Option<Tensor>,
     post_norm: Option<Tensor>,
     /// Qwen3's per-head query and key norms, when the adapter trained them.
@@ -87,9 +87,10 @@ impl ServingAdapter {
         let mut layers = Vec::with_capacity(model.layers.len());
         for (i, block) in model.layers.iter().enumerate() {
             let mut layer = LayerAdapter::default();
-            for (slot, (name, linear)) in layer.linears.iter_mut().zip(block.linears()) {
-                let group = if ["gate_proj", "up_proj", "down_proj"].contains(&name) { "mlp" } else { "self_attn" };
-                *slot = pair(&format!("model.layers.{i}.{group}.{name}"), linear)?;
+            for (path, linear) in block.linears() {
+                if let Some(lora) = pair(&format!("model.layers.{i}.{path}"), linear)? {
+                    layer.linears.insert(path.rsplit('.').next().unwrap_or(path), lora);
+                }
             }
             layers.push(layer);
         }
@@ -242,26 +243,25 @@ impl CausalLm {
             }
             spans.push((ids.len(), t));
             ids.extend_from_slice(row.tokens);
-            positions.extend((past..past + t).map(|p| p as u32));
+            // Each row picks its own RoPE rows (LongRoPE switches on the row's own length).
+            positions.extend((past..past + t).map(|p| self.rope.row(p, past + t)));
         }
         let total = ids.len();
         let groups = self.groups(rows, &spans, total)?;
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let positions = Tensor::from_vec(positions, (1, total), &self.device)?;
-        let (cos, sin) = self.rope.at(&positions, self.dtype)?;
+        let (cos, sin) = self.rope.at_rows(&positions, self.dtype)?;
         let eps = self.config.rms_norm_eps;
         let ctx = ForwardCtx::inference();
         let mut x = self.embed.tensor().index_select(&ids, 0)?;
         for (li, block) in self.layers.iter().enumerate() {
             let normed =
                 norm_rows(&x, block.input_norm.tensor(), rows, &spans, eps, |a| a.layers[li].input_norm.as_ref())?;
-            let lin = |k: usize, linear: &Linear, input: &Tensor| -> Result<Tensor> {
-                with_adapters(linear.forward(input, &ctx)?, input, &groups, |a| a.layers[li].linears[k].as_ref())
+            let apply = |name: &'static str, linear: &Linear, input: &Tensor| -> Result<Tensor> {
+                with_adapters(linear.forward(input, &ctx)?, input, &groups, |a| a.layers[li].linears.get(name))
             };
             let att = &block.attention;
-            let q = lin(0, &att.q, &normed)?;
-            let k = lin(1, &att.k, &normed)?;
-            let v = lin(2, &att.v, &normed)?;
+            let (q, k, v) = att.project(&normed, &apply)?;
             let (q, k) = match &att.qk_norm {
                 Some((q_norm, k_norm)) => {
                     let per_head = |y: &Tensor, n: usize, w: &Tensor, pick: fn(&LayerAdapter) -> Option<&Tensor>| {
@@ -326,14 +326,12 @@ impl CausalLm {
                 outs.push(out);
             }
             let attended = if outs.len() == 1 { outs.pop().expect("one row") } else { Tensor::cat(&outs, 0)? };
-            let attended = lin(3, &att.o, &attended)?;
+            let attended = apply("o_proj", &att.o, &attended)?;
             let attended = with_bottlenecks(attended, &groups, &ctx, |a| a.bottlenecks.get(li).map(|b| &b.0))?;
             x = (x + attended)?;
             let normed =
                 norm_rows(&x, block.post_norm.tensor(), rows, &spans, eps, |a| a.layers[li].post_norm.as_ref())?;
-            let mlp = &block.mlp;
-            let gated = (lin(4, &mlp.gate, &normed)?.silu()? * lin(5, &mlp.up, &normed)?)?;
-            let out = lin(6, &mlp.down, &gated)?;
+            let out = block.mlp.forward(&normed, &apply)?;
             let out = with_bottlenecks(out, &groups, &ctx, |a| a.bottlenecks.get(li).map(|b| &b.1))?;
             x = (x + out)?;
         }
