@@ -3,7 +3,7 @@
 
 Writes, under --out (default: tests/fixtures next to this repository's scripts/):
 
-  models/<name>/            llama, llama3, mistral, qwen2, qwen3: config.json, model.safetensors,
+  models/<name>/            llama, llama3, mistral, qwen2, qwen3, phi3: config.json, model.safetensors,
                             generation_config.json, tokenizer.json, tokenizer_config.json,
                             reference.safetensors, lora/ (PEFT adapter); llama also lora-rs/
   models/llama-sharded/     the llama weights again, split into several shards + index
@@ -108,6 +108,21 @@ QWEN2_TEMPLATE = (
     "{%- endif %}"
 )
 
+# Phi-3 style: a turn is '<|role|>\n' + content + '<|end|>\n'; a finished conversation ends in
+# eos_token, an open one with the assistant header.
+PHI3_TEMPLATE = (
+    "{%- for message in messages %}\n"
+    "{%- if message['role'] in ['system', 'user', 'assistant'] %}\n"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "{{- '<|assistant|>\\n' }}\n"
+    "{%- else %}\n"
+    "{{- eos_token }}\n"
+    "{%- endif %}"
+)
+
 # initializer_range 0.2 instead of the usual 0.02: at 0.02 the residual stream of such a
 # shallow model is almost just the token embedding, so the tied-embedding models greedily
 # repeat their last token forever (a useless KV-cache test) and top-2 logit margins get
@@ -165,6 +180,22 @@ MODEL_SPECS = {
         extra_specials=["<|im_start|>", "<|im_end|>"], eos_extra="<|im_end|>",
         config=dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                     tie_word_embeddings=False, use_sliding_window=False, attention_bias=False),
+        rslora=False,
+    ),
+    # Phi-3: fused qkv_proj and gate_up_proj (LoRA targets them by those names, as PEFT does),
+    # LongRoPE as in Phi-3-128k/Phi-3.5 with an original context of 4 tokens, so that every
+    # reference forward (10 tokens, greedy from a 6-token prompt) uses the long factors and the
+    # extra `short_logits` (first 4 tokens) the short ones; a sliding window shorter than the
+    # sequence; untied head.
+    "phi3": dict(
+        arch="Phi3ForCausalLM", seed=600, template=PHI3_TEMPLATE, add_bos=True,
+        extra_specials=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], eos_extra="<|end|>",
+        config=dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                     "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5],
+                                     "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0],
+                                     "original_max_position_embeddings": 4},
+                    original_max_position_embeddings=4, tie_word_embeddings=False, sliding_window=6),
+        lora_targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
         rslora=False,
     ),
 }
@@ -393,9 +424,10 @@ def base_references(spec, model_dir, input_ids):
     return ref
 
 
-def lora_config(rslora):
+def lora_config(spec, rslora):
     from peft import LoraConfig
-    return LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=LORA_TARGETS,
+    targets = spec.get("lora_targets", LORA_TARGETS)
+    return LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM", use_rslora=rslora)
 
 
@@ -406,7 +438,7 @@ def make_adapter(spec, model_dir, adapter_dir, rslora):
     seeds = seeds_for(spec)
     base = load_model(spec, model_dir)
     torch.manual_seed(seeds["rslora_init" if rslora else "lora_init"])
-    peft_model = get_peft_model(base, lora_config(rslora))
+    peft_model = get_peft_model(base, lora_config(spec, rslora))
     gen = torch.Generator().manual_seed(seeds["rslora_b" if rslora else "lora_b"])
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -495,6 +527,20 @@ def check_rope_scaling(spec, model_dir, input_ids, logits):
     assert all(bands.values()) and diff > 1e-3, "llama3 rope scaling is not exercised"
 
 
+def check_longrope(spec, model_dir, input_ids, logits):
+    """Logits of a forward no longer than the original context (LongRoPE's short factors),
+    checked to differ from the same positions in the full forward (long factors), or a Rust
+    test could pass with one set of factors for both."""
+    short = spec["config"]["rope_parameters"]["original_max_position_embeddings"]
+    model = load_model(spec, model_dir)
+    with torch.no_grad():
+        short_logits = model(input_ids=input_ids[:, :short]).logits
+    diff = (short_logits - logits[:, :short]).abs().max().item()
+    print(f"  longrope: first {short} positions, short vs long factors logits max |diff| {diff:.3e}")
+    assert diff > 1e-3, "longrope short and long factors give the same logits"
+    return short_logits
+
+
 def check_tied_embeddings(spec, model_dir, ref):
     """With tied embeddings transformers neither saves lm_head.weight nor lists it as a
     parameter, so its gradient is folded into grad.model.embed_tokens.weight."""
@@ -577,6 +623,8 @@ def write_references(spec, model_dir, vocab_size):
         check_sliding_window(spec, model_dir, input_ids, ref["logits"])
     if spec["config"]["rope_parameters"]["rope_type"] == "llama3":
         check_rope_scaling(spec, model_dir, input_ids, ref["logits"])
+    if spec["config"]["rope_parameters"]["rope_type"] == "longrope":
+        ref["short_logits"] = check_longrope(spec, model_dir, input_ids, ref["logits"])
 
     lora_dir = os.path.join(model_dir, "lora")
     make_adapter(spec, model_dir, lora_dir, rslora=False)

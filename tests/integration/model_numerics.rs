@@ -15,7 +15,7 @@ use ferrotune::models::ForwardCtx;
 use ferrotune::peft::adapter::load_adapter;
 use ferrotune::peft::lora::LoraPlan;
 
-pub const MODELS: [&str; 5] = ["llama", "llama3", "mistral", "qwen2", "qwen3"];
+pub const MODELS: [&str; 6] = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3"];
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
@@ -102,6 +102,20 @@ fn logits_with_a_lora_adapter_equal_peft() {
     let model = load("llama", |_| AdaptationSpec::Lora(saved_adapter("llama", "lora-rs", false)));
     let diff = max_abs_diff(&logits(&model, &input_ids(&reference)), &reference["rslora_logits"]);
     assert!(diff <= 1e-4, "rsLoRA: max |logits - peft| = {diff}");
+}
+
+/// LongRoPE (the phi3 fixture): a forward no longer than the original context uses the short
+/// factors, a longer one the long factors, as transformers switches them.
+#[test]
+fn longrope_switches_to_the_long_factors_past_the_original_context() {
+    let reference = reference("phi3");
+    let model = load("phi3", |_| AdaptationSpec::None);
+    let short = reference["short_logits"].dim(1).unwrap();
+    let ids = input_ids(&reference).narrow(1, 0, short).unwrap();
+    let diff = max_abs_diff(&logits(&model, &ids), &reference["short_logits"]);
+    assert!(diff <= 1e-4, "short context: max |logits - transformers| = {diff}");
+    let long = reference["logits"].narrow(1, 0, short).unwrap();
+    assert!(max_abs_diff(&long, &reference["short_logits"]) > 1e-2, "the two factor sets differ here");
 }
 
 #[test]
@@ -230,10 +244,13 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         let count = lora.trainable.params.len();
         // Qwen3 adds each layer's per-head q_norm and k_norm (PEFT's `norm` matches them too).
         let head_norms = if name == "qwen3" { 2 * 2 } else { 0 };
+        // Seven linears per layer, or Phi-3's four (fused qkv_proj and gate_up_proj).
+        let modules = lora.config.linear_modules().len();
+        assert_eq!(modules, if name == "phi3" { 4 } else { 7 }, "{name}");
         assert_eq!(
             count,
-            2 * 7 * 2 + 2 * 2 + 1 + head_norms,
-            "{name}: A and B for 7 modules x 2 layers, plus the norms"
+            2 * modules * 2 + 2 * 2 + 1 + head_norms,
+            "{name}: A and B for every module x 2 layers, plus the norms"
         );
 
         // QLoRA: the same adapters over the projections quantized to q8_0.

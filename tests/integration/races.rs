@@ -90,7 +90,7 @@ async fn stored_model(app: &TestApp, name: &str) -> ModelRecord {
         use_rslora: false,
     };
     let tensors = std::collections::HashMap::new();
-    ferrotune::peft::adapter::save_adapter(dir.path(), &config, "tiny-llama", &tensors, false).unwrap();
+    ferrotune::peft::adapter::save_adapter(dir.path(), &config, "tiny-llama", &["q_proj"], &tensors, false).unwrap();
     let job_id = name.rsplit(':').next().unwrap();
     let model = ModelRecord {
         id: name.to_string(),
