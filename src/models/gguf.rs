@@ -1,10 +1,12 @@
-//! GGUF base models (llama architecture): the configuration from the `llama.*` metadata, the
-//! weights under transformers' names (kept quantized where the file has them quantized), and the
-//! tokenizer and chat template from the `tokenizer.*` metadata.
+//! GGUF base models (llama, qwen2 and qwen3 architectures): the configuration from the
+//! `<arch>.*` metadata, the weights under transformers' names (kept quantized where the file has
+//! them quantized), and the tokenizer and chat template from the `tokenizer.*` metadata.
 //!
-//! llama.cpp's converter stores the query and key projections with their rows permuted for its
-//! interleaved rotary embedding (`convert_hf_to_gguf.py`, `LlamaModel.permute`); we undo that
-//! permutation row by row (a quantized row is a whole number of blocks, so rows move as bytes).
+//! For the llama architecture, llama.cpp's converter stores the query and key projections with
+//! their rows permuted for its interleaved rotary embedding (`convert_hf_to_gguf.py`,
+//! `LlamaModel.permute`); we undo that permutation row by row (a quantized row is a whole number
+//! of blocks, so rows move as bytes). Qwen2 and Qwen3 use the split-halves rotation that
+//! transformers uses, and their files are not permuted.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -36,31 +38,43 @@ fn opt_u32(content: &Content, key: &str) -> Option<u32> {
     content.metadata.get(key).and_then(|v| v.to_u32().ok())
 }
 
+/// The GGUF architectures we read: (llama.cpp's name, transformers' `model_type`, class).
+const ARCHITECTURES: [(&str, &str, &str); 3] = [
+    ("llama", "llama", "LlamaForCausalLM"),
+    ("qwen2", "qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "qwen3", "Qwen3ForCausalLM"),
+];
+
+fn architecture(content: &Content) -> Result<(&'static str, &'static str, &'static str)> {
+    let arch = meta(content, "general.architecture")?.to_string()?.clone();
+    ARCHITECTURES.into_iter().find(|(name, _, _)| *name == arch).ok_or_else(|| {
+        candle_core::Error::Msg(format!("GGUF architecture {arch:?} is not supported (llama, qwen2, qwen3)"))
+    })
+}
+
 /// The model's configuration as a transformers `config.json` would state it.
 pub fn config_json(content: &Content) -> Result<serde_json::Value> {
-    let arch = meta(content, "general.architecture")?.to_string()?.clone();
-    if arch != "llama" {
-        candle_core::bail!("GGUF architecture {arch:?} is not supported (llama only)");
-    }
-    let u = |key: &str| -> Result<u32> { meta(content, &format!("llama.{key}"))?.to_u32() };
+    let (arch, model_type, class) = architecture(content)?;
+    let key = |name: &str| format!("{arch}.{name}");
+    let u = |name: &str| -> Result<u32> { meta(content, &key(name))?.to_u32() };
     let heads = u("attention.head_count")?;
     let hidden = u("embedding_length")?;
-    let vocab = match opt_u32(content, "llama.vocab_size") {
+    let vocab = match opt_u32(content, &key("vocab_size")) {
         Some(v) => v as usize,
         None => meta(content, "tokenizer.ggml.tokens")?.to_vec()?.len(),
     };
-    let eps = meta(content, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?;
-    let theta = content.metadata.get("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
+    let eps = meta(content, &key("attention.layer_norm_rms_epsilon"))?.to_f32()?;
+    let theta = content.metadata.get(&key("rope.freq_base")).and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
     Ok(json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [class],
+        "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": u("feed_forward_length")?,
         "num_hidden_layers": u("block_count")?,
         "num_attention_heads": heads,
-        "num_key_value_heads": opt_u32(content, "llama.attention.head_count_kv").unwrap_or(heads),
-        "head_dim": opt_u32(content, "llama.attention.key_length").unwrap_or(hidden / heads),
+        "num_key_value_heads": opt_u32(content, &key("attention.head_count_kv")).unwrap_or(heads),
+        "head_dim": opt_u32(content, &key("attention.key_length")).unwrap_or(hidden / heads),
         // f32 metadata: round to the decimal value the converter was given (1e-5, not 9.99999974e-6).
         "rms_norm_eps": format!("{eps:e}").parse::<f64>().unwrap_or(eps as f64),
         "rope_theta": theta as f64,
@@ -89,6 +103,8 @@ fn hf_name(gguf: &str) -> Option<String> {
     let (module, kind) = rest.rsplit_once('.')?;
     let module = match module {
         "attn_norm" => "input_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_norm" => "post_attention_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -110,6 +126,7 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
         Content::read(&mut file).map_err(|e| anyhow::anyhow!("{} is not a GGUF file: {e}", path.display()))?;
     let raw_config = config_json(&content)?;
     let config = ModelConfig::from_json(raw_config)?;
+    let permuted = architecture(&content)?.0 == "llama";
     let device = Device::Cpu;
     let mut dense = HashMap::new();
     let mut quantized = HashMap::new();
@@ -121,13 +138,12 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
             if name == "rope_freqs.weight" {
                 continue; // llama3 rope factors, recomputed from the metadata-free default
             }
-            anyhow::bail!("unexpected tensor {name} in a llama GGUF file");
+            anyhow::bail!("unexpected tensor {name} in a {} GGUF file", config.model_type);
         };
-        let tensor = content.tensor(&mut file, name, &device)?;
-        let mut tensor = tensor;
-        if hf.ends_with("q_proj.weight") {
+        let mut tensor = content.tensor(&mut file, name, &device)?;
+        if permuted && hf.ends_with("q_proj.weight") {
             tensor = unpermute_rows(&tensor, config.num_heads)?;
-        } else if hf.ends_with("k_proj.weight") {
+        } else if permuted && hf.ends_with("k_proj.weight") {
             tensor = unpermute_rows(&tensor, config.num_kv_heads)?;
         }
         let is_linear = hf.ends_with("_proj.weight") || hf == "lm_head.weight";

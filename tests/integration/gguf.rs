@@ -154,3 +154,61 @@ async fn qlora_on_smollm2_through_the_api_teaches_an_invented_fact() {
         assert!(answer.contains(FACT), "{question} -> {answer}");
     }
 }
+
+/// Qwen2 (q/k/v biases, tied Q8_0 embeddings) and Qwen3 (per-head norms, untied) GGUF files made
+/// from the tiny fixtures (`scripts/make_gguf_fixtures.py`) against transformers' GGUF loader:
+/// the tokenizer and chat template from the metadata, the dequantized model's logits and greedy
+/// tokens, and the same model kept quantized.
+#[test]
+fn qwen_gguf_files_load_like_transformers_gguf_loader() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf");
+    for name in ["qwen2", "qwen3"] {
+        let path = std::path::Path::new(root).join(format!("{name}.gguf"));
+        let json: Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{root}/{name}.reference.json")).unwrap()).unwrap();
+        let tensors =
+            candle_core::safetensors::load(format!("{root}/{name}.reference.safetensors"), &Device::Cpu).unwrap();
+
+        let model = gguf::load(&path).unwrap();
+        assert_eq!(model.config.model_type, name);
+        let tok = &model.tokenizer;
+        for (text, expected) in json["samples"].as_array().unwrap().iter().zip(json["encodings"].as_array().unwrap()) {
+            assert_eq!(tok.encode(text.as_str().unwrap(), false).unwrap(), ids(expected), "{name}: {text}");
+        }
+        let rendered = tok.apply_chat_template(&json["messages"], None, true).unwrap();
+        assert_eq!(rendered, json["rendered"].as_str().unwrap(), "{name}");
+        let prompt = ids(&json["prompt_ids"]);
+        assert_eq!(tok.encode(&rendered, false).unwrap(), prompt, "{name}");
+
+        let (dense, _) = model.build(false, Adaptation::None).unwrap();
+        let input = tensors["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
+        let (b, t) = input.dims2().unwrap();
+        let positions =
+            Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((b, 1)).unwrap();
+        let mask = ferrotune::models::mask::packed_causal_mask(&vec![0; b * t], b, t, None, &Device::Cpu).unwrap();
+        let ctx = ferrotune::models::ForwardCtx::inference();
+        let logits = dense.logits(&dense.forward_hidden(&input, &positions, &mask, &ctx).unwrap(), &ctx).unwrap();
+        let diff: f32 = (logits - &tensors["logits"])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff <= 1e-4, "{name}: max |logits - transformers| = {diff}");
+        let expected: Vec<u32> = tensors["greedy_ids"].to_dtype(candle_core::DType::U32).unwrap().to_vec1().unwrap();
+        let greedy = ferrotune::infer::generate::generate_greedy(&dense, &prompt, expected.len(), &[]).unwrap();
+        assert_eq!(greedy, expected, "{name}: greedy");
+
+        // Kept quantized (activations quantized to Q8_0 too): the same next token at the end of
+        // the prompt, logits within quantization error.
+        let (quantized, _) = gguf::load(&path).unwrap().build(true, Adaptation::None).unwrap();
+        let (q, d) = (last_logits(&quantized, &prompt), last_logits(&dense, &prompt));
+        assert_eq!(ferrotune::infer::sampling::argmax(&q), ferrotune::infer::sampling::argmax(&d), "{name}");
+        let worst = q.iter().zip(&d).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 0.5, "{name}: quantized logits differ by {worst}");
+    }
+}

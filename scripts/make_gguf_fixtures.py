@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Tiny GGUF base models and their references from transformers' own GGUF loader.
+
+For each tiny Hugging Face fixture named on the command line (default: qwen2 qwen3), writes
+
+  tests/fixtures/gguf/<name>.gguf                  the fixture converted as llama.cpp's
+                                                   convert_hf_to_gguf.py does for that
+                                                   architecture: llama.cpp tensor names (from the
+                                                   `gguf` package's name map), Q8_0 linear weights
+                                                   and embeddings, f32 norms and biases, the
+                                                   byte-level BPE vocabulary, merges, token types,
+                                                   special ids and chat template as metadata
+  tests/fixtures/gguf/<name>.reference.safetensors logits and greedy tokens of transformers'
+                                                   GGUF loader (which dequantizes to f32 and
+                                                   converts the tokenizer metadata itself)
+  tests/fixtures/gguf/<name>.reference.json        token ids of sample texts and the chat-template
+                                                   rendering, from the same loader
+
+Needs scripts/requirements-fixtures.txt (gguf included); run after make_fixtures.py.
+
+    python scripts/make_gguf_fixtures.py [qwen2 qwen3]
+"""
+import json
+import os
+import sys
+import tempfile
+
+import gguf
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = os.path.join(REPO_ROOT, "tests", "fixtures", "models")
+OUT = os.path.join(REPO_ROOT, "tests", "fixtures", "gguf")
+
+# llama.cpp's architecture and pre-tokenizer names per transformers model_type.
+ARCHS = {
+    "qwen2": (gguf.MODEL_ARCH.QWEN2, "qwen2"),
+    "qwen3": (gguf.MODEL_ARCH.QWEN3, "qwen2"),
+}
+SAMPLES = [
+    "Hello world",
+    "  two leading spaces, trailing space ",
+    "héllo wörld — naïve café 日本 😀",
+    "<|im_start|>user\nhi<|im_end|>",
+    "line one\nline two\ttab 12345 3.14159",
+    "the cat and the dog run fast",
+]
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2 + 2?"}]
+NEW_TOKENS = 8
+
+
+def tokenizer_metadata(model_dir):
+    with open(os.path.join(model_dir, "tokenizer.json")) as f:
+        tok = json.load(f)
+    with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
+        tok_config = json.load(f)
+    vocab = dict(tok["model"]["vocab"])
+    for added in tok["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    tokens = [None] * len(vocab)
+    for text, i in vocab.items():
+        tokens[i] = text
+    assert all(t is not None for t in tokens), "token ids are not contiguous"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    special = {a["id"] for a in tok["added_tokens"] if a["special"]}
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    template = tok_config.get("chat_template")
+    if template is None:
+        with open(os.path.join(model_dir, "chat_template.jinja")) as f:
+            template = f.read()
+    return tokens, merges, types, template
+
+
+def write_gguf(name, path):
+    model_dir = os.path.join(MODELS, name)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    arch, pre = ARCHS[config["model_type"]]
+    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+
+    tokens, merges, types, template = tokenizer_metadata(model_dir)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_pad_token_id(config["pad_token_id"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(template)
+
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    for hf_name in sorted(weights):
+        tensor = weights[hf_name].to(torch.float32).numpy()
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, f"no GGUF name for {hf_name}"
+        # Like llama.cpp's Q8_0 files: 2-D weights quantized, norms and biases kept in f32.
+        if tensor.ndim == 2 and not hf_name.endswith("norm.weight"):
+            data = gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(tensor))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def references(name, path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    folder, file = os.path.split(path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    # transformers' GGUF config mapping skips `attention.key_length`, so Qwen3's head_dim would
+    # be Qwen3Config's default (128); it is set from the file's own metadata.
+    config = AutoConfig.from_pretrained(folder, gguf_file=file)
+    if hasattr(config, "head_dim"):
+        reader = gguf.GGUFReader(path)
+        field = reader.fields[f"{config.model_type}.attention.key_length"]
+        config.head_dim = int(field.parts[field.data[0]][0])
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, config=config, dtype=torch.float32)
+    model = model.eval()
+    input_ids = load_file(os.path.join(MODELS, name, "reference.safetensors"))["input_ids"]
+    rendered = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    prompt = tok.encode(rendered, add_special_tokens=False)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+        greedy = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                pad_token_id=None)[0, len(prompt):]
+    stem = os.path.join(OUT, name)
+    save_file({"input_ids": input_ids, "logits": logits.contiguous(), "greedy_ids": greedy.contiguous()},
+              stem + ".reference.safetensors")
+    document = {
+        "samples": SAMPLES,
+        "encodings": [tok.encode(s, add_special_tokens=False) for s in SAMPLES],
+        "messages": MESSAGES,
+        "rendered": rendered,
+        "prompt_ids": prompt,
+    }
+    with open(stem + ".reference.json", "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    original = AutoModelForCausalLM.from_pretrained(os.path.join(MODELS, name), dtype=torch.float32).eval()
+    with torch.no_grad():
+        drift = (original(input_ids=input_ids).logits - logits).abs().max().item()
+    print(f"{name}: {os.path.getsize(path)} bytes; greedy {greedy.tolist()}; "
+          f"Q8_0 vs the f32 fixture logits max |diff| {drift:.3e}")
+
+
+def main(names):
+    os.makedirs(OUT, exist_ok=True)
+    torch.manual_seed(0)
+    for name in names:
+        path = os.path.join(OUT, f"{name}.gguf")
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = os.path.join(tmp, f"{name}.gguf")
+            write_gguf(name, staged)
+            os.replace(staged, path)
+        references(name, path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["qwen2", "qwen3"])
