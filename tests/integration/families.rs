@@ -6,30 +6,55 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::helpers::{backends, test_catalog, TestApp};
 use crate::jobs_e2e::{create_job, download_tar, job_request, status, upload_qa, wait_for};
 use crate::model_numerics::fixture;
 
-#[tokio::test]
-async fn a_qwen3_model_learns_through_a_job_and_serves_what_it_learned() {
+/// A LoRA job on fixture `family` (catalog name `tiny-<family>`, its `config.json` updated with
+/// `config`) succeeds on every backend, the model answers what it was taught, and its merged
+/// download is a `family` directory holding `weight` (a tensor only that family has).
+async fn learns_through_a_job_and_serves_what_it_learned(family: &str, weight: &str, config: serde_json::Value) {
+    let copy = tempfile::tempdir().unwrap();
+    let source = ferrotune::catalog::ModelSource::Directory(copy.path().to_path_buf());
+    for entry in std::fs::read_dir(fixture(family)).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let path = copy.path().join("config.json");
+    let mut document: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (key, value) in config.as_object().unwrap() {
+        document[key] = value.clone();
+    }
+    std::fs::write(&path, document.to_string()).unwrap();
+    job_learns(family, source, weight, json!({})).await;
+}
+
+/// A job (`hyperparameters` added to the usual LoRA ones) on `source` as `tiny-<family>`.
+async fn job_learns(family: &str, source: ferrotune::catalog::ModelSource, weight: &str, hyperparameters: Value) {
     for backend in backends() {
+        let base = format!("tiny-{family}");
         let mut app = TestApp::spawn_with(backend, |settings| {
             let mut catalog = test_catalog();
-            catalog.add("tiny-qwen3", ferrotune::catalog::ModelSource::Directory(fixture("qwen3"))).unwrap();
+            catalog.add(&base, source.clone()).unwrap();
             settings.catalog = Arc::new(catalog);
         })
         .await;
         app.start_executors(1);
         let file = upload_qa(&app).await;
         let mut request = job_request(&file, 30, 4, 0);
-        request["model"] = json!("tiny-qwen3");
+        request["model"] = json!(base);
+        for (key, value) in hyperparameters.as_object().unwrap() {
+            request["method"]["supervised"]["hyperparameters"][key] = value.clone();
+        }
         let id = create_job(&app, &request).await;
         let job = wait_for(&app, &id, Duration::from_secs(300), |j| ["succeeded", "failed"].contains(&status(j))).await;
-        assert_eq!(status(&job), "succeeded", "{backend:?}: {job}");
+        assert_eq!(status(&job), "succeeded", "{family} {backend:?}: {job}");
         let model = job["fine_tuned_model"].as_str().unwrap();
-        assert!(model.starts_with("ft:tiny-qwen3:"), "{model}");
+        assert!(model.starts_with(&format!("ft:{base}:")), "{model}");
 
         let messages = json!([{"role": "user", "content": "What is code number 3?"}]);
         let body = json!({"model": model, "messages": messages, "max_tokens": 16, "temperature": 0});
@@ -37,20 +62,43 @@ async fn a_qwen3_model_learns_through_a_job_and_serves_what_it_learned() {
         assert_eq!(response.status, StatusCode::OK, "{}", response.text());
         let answer = response.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string();
         // What it was taught (a tiny model may run on past the turn's end within max_tokens).
-        assert!(answer.starts_with("The code is cloud."), "{backend:?}: {answer:?}");
+        assert!(answer.starts_with("The code is cloud."), "{family} {backend:?}: {answer:?}");
 
-        // The merged download is a Qwen3 directory with the per-head norms, loadable as a base.
+        // The merged download is a directory of the same family, loadable as a base.
         let merged = download_tar(&app, model, "?format=merged").await;
         let config = ferrotune::models::config::ModelConfig::from_file(&merged.path().join("config.json")).unwrap();
-        assert!(config.qk_norm && config.model_type == "qwen3");
+        assert_eq!(config.model_type, family);
         let weights = ferrotune::models::weights::load_model_weights(
             merged.path(),
             candle_core::DType::F32,
             &candle_core::Device::Cpu,
         )
         .unwrap();
-        assert!(weights.contains_key("model.layers.1.self_attn.k_norm.weight"));
+        assert!(weights.contains_key(weight), "{family}: {weight} in the merged model");
     }
+}
+
+#[tokio::test]
+async fn a_qwen3_model_learns_through_a_job_and_serves_what_it_learned() {
+    learns_through_a_job_and_serves_what_it_learned("qwen3", "model.layers.1.self_attn.k_norm.weight", json!({})).await;
+}
+
+/// A Qwen3 GGUF base (Q8_0, `tests/fixtures/gguf`): QLoRA over the weights kept quantized.
+#[tokio::test]
+async fn a_qwen3_gguf_base_learns_with_qlora_through_a_job() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/qwen3.gguf");
+    let weight = "model.layers.1.self_attn.q_norm.weight";
+    job_learns("qwen3", ferrotune::catalog::ModelSource::Gguf(path), weight, json!({"training_type": "qlora"})).await;
+}
+
+/// Phi-3: LoRA on the fused `qkv_proj` and `gate_up_proj` (what `all-linear` means there), with
+/// LongRoPE. The fixture's 6-token sliding window (there to test the window against transformers)
+/// hides the question's number from the answer in a 2-layer model, so the job's base has a
+/// window of 32, like Phi-3-mini's 2047 longer than its conversations.
+#[tokio::test]
+async fn a_phi3_model_learns_through_a_job_and_serves_what_it_learned() {
+    let weight = "model.layers.1.mlp.gate_up_proj.weight";
+    learns_through_a_job_and_serves_what_it_learned("phi3", weight, json!({"sliding_window": 32})).await;
 }
 
 /// A Qwen3 LoRA adapter that trained the norms (PEFT's `norm` covers the per-head `q_norm` and
