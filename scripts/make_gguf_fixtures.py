@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Tiny GGUF base models and their references from transformers' own GGUF loader.
 
-For each tiny Hugging Face fixture named on the command line (default: qwen2 qwen3), writes
+For each name on the command line (default: qwen2 qwen3 llama-spm), writes
 
-  tests/fixtures/gguf/<name>.gguf                  the fixture converted as llama.cpp's
+  tests/fixtures/gguf/<name>.gguf                  a model fixture converted as llama.cpp's
                                                    convert_hf_to_gguf.py does for that
                                                    architecture: llama.cpp tensor names (from the
                                                    `gguf` package's name map), Q8_0 linear weights
@@ -16,9 +16,15 @@ For each tiny Hugging Face fixture named on the command line (default: qwen2 qwe
   tests/fixtures/gguf/<name>.reference.json        token ids of sample texts and the chat-template
                                                    rendering, from the same loader
 
+qwen2 and qwen3 are those fixtures with their byte-level BPE vocabularies ("gpt2"). llama-spm is
+the mistral fixture's weights as llama.cpp writes a Mistral or Llama 2 file: architecture
+`llama` (query and key rows permuted for llama.cpp's interleaved rotation, no sliding window)
+with a SentencePiece-style vocabulary ("llama": pieces with `\u2581` for spaces, `<0xHH>` byte
+tokens, scores instead of merges), trained here on the fixtures' corpus.
+
 Needs scripts/requirements-fixtures.txt (gguf included); run after make_fixtures.py.
 
-    python scripts/make_gguf_fixtures.py [qwen2 qwen3]
+    python scripts/make_gguf_fixtures.py [qwen2 qwen3 llama-spm]
 """
 import json
 import os
@@ -34,11 +40,20 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(REPO_ROOT, "tests", "fixtures", "models")
 OUT = os.path.join(REPO_ROOT, "tests", "fixtures", "gguf")
 
-# llama.cpp's architecture and pre-tokenizer names per transformers model_type.
-ARCHS = {
-    "qwen2": (gguf.MODEL_ARCH.QWEN2, "qwen2"),
-    "qwen3": (gguf.MODEL_ARCH.QWEN3, "qwen2"),
+# name: (model fixture, llama.cpp architecture, byte-level pre-tokenizer or None for SentencePiece)
+FIXTURES = {
+    "qwen2": ("qwen2", gguf.MODEL_ARCH.QWEN2, "qwen2"),
+    "qwen3": ("qwen3", gguf.MODEL_ARCH.QWEN3, "qwen2"),
+    "llama-spm": ("mistral", gguf.MODEL_ARCH.LLAMA, None),
 }
+# Mistral-Instruct's template shape: turns in [INST] ... [/INST], BOS once, EOS after answers.
+SPM_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{- '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+SPACE = "\u2581"
 SAMPLES = [
     "Hello world",
     "  two leading spaces, trailing space ",
@@ -46,8 +61,11 @@ SAMPLES = [
     "<|im_start|>user\nhi<|im_end|>",
     "line one\nline two\ttab 12345 3.14159",
     "the cat and the dog run fast",
+    "Café über naïve año: 😀 unseen ǅ bytes",
+    " a",
 ]
-MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2 + 2?"}]
+MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
+            {"role": "user", "content": "And 3 + 3?"}]
 NEW_TOKENS = 8
 
 
@@ -73,11 +91,40 @@ def tokenizer_metadata(model_dir):
     return tokens, merges, types, template
 
 
+def sentencepiece_vocabulary(size):
+    """A SentencePiece-style BPE vocabulary of exactly `size` pieces, as llama.cpp stores Llama 2's:
+    <unk> <s> </s>, the 256 byte tokens <0x00>..<0xFF>, then pieces in the order BPE learned them,
+    each scored minus its id (earlier merges rank higher), with token types unknown (2), control
+    (3), byte (6) and normal (1)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from make_fixtures import build_corpus
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=specials, show_progress=False,
+                                  limit_alphabet=120)
+    tok.train_from_iterator(build_corpus(), trainer)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    assert len(vocab) == size, f"trained {len(vocab)} pieces, not {size}"
+    tokens = sorted(vocab, key=vocab.get)
+    types = [gguf.TokenType.UNKNOWN if i == 0 else gguf.TokenType.CONTROL if i < 3
+             else gguf.TokenType.BYTE if i < 259 else gguf.TokenType.NORMAL for i in range(size)]
+    scores = [0.0 if i < 259 else -float(i) for i in range(size)]
+    return tokens, scores, types
+
+
+def llama_permute(weights, heads):
+    """llama.cpp's `LlamaModel.permute`: each head's rows reordered for interleaved rotation."""
+    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
+        weights.shape)
+
+
 def write_gguf(name, path):
-    model_dir = os.path.join(MODELS, name)
+    source, arch, pre = FIXTURES[name]
+    model_dir = os.path.join(MODELS, source)
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
-    arch, pre = ARCHS[config["model_type"]]
     weights = load_file(os.path.join(model_dir, "model.safetensors"))
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_context_length(config["max_position_embeddings"])
@@ -88,25 +135,46 @@ def write_gguf(name, path):
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_key_length(config["head_dim"])
-    writer.add_value_length(config["head_dim"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    if arch == gguf.MODEL_ARCH.LLAMA:
+        writer.add_rope_dimension_count(config["head_dim"])
+    else:
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
 
-    tokens, merges, types, template = tokenizer_metadata(model_dir)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(config["bos_token_id"])
-    writer.add_eos_token_id(config["eos_token_id"])
-    writer.add_pad_token_id(config["pad_token_id"])
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(template)
+    if pre is not None:
+        tokens, merges, types, template = tokenizer_metadata(model_dir)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(config["bos_token_id"])
+        writer.add_eos_token_id(config["eos_token_id"])
+        writer.add_pad_token_id(config["pad_token_id"])
+        writer.add_add_bos_token(False)
+        writer.add_chat_template(template)
+    else:
+        tokens, scores, types = sentencepiece_vocabulary(config["vocab_size"])
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+        writer.add_chat_template(SPM_TEMPLATE)
 
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     for hf_name in sorted(weights):
         tensor = weights[hf_name].to(torch.float32).numpy()
+        if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("q_proj.weight"):
+            tensor = llama_permute(tensor, config["num_attention_heads"])
+        elif arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("k_proj.weight"):
+            tensor = llama_permute(tensor, config["num_key_value_heads"])
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, f"no GGUF name for {hf_name}"
         # Like llama.cpp's Q8_0 files: 2-D weights quantized, norms and biases kept in f32.
@@ -128,13 +196,13 @@ def references(name, path):
     # transformers' GGUF config mapping skips `attention.key_length`, so Qwen3's head_dim would
     # be Qwen3Config's default (128); it is set from the file's own metadata.
     config = AutoConfig.from_pretrained(folder, gguf_file=file)
-    if hasattr(config, "head_dim"):
-        reader = gguf.GGUFReader(path)
-        field = reader.fields[f"{config.model_type}.attention.key_length"]
+    field = gguf.GGUFReader(path).fields.get(f"{config.model_type}.attention.key_length")
+    if field is not None:
         config.head_dim = int(field.parts[field.data[0]][0])
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, config=config, dtype=torch.float32)
     model = model.eval()
-    input_ids = load_file(os.path.join(MODELS, name, "reference.safetensors"))["input_ids"]
+    source = FIXTURES[name][0]
+    input_ids = load_file(os.path.join(MODELS, source, "reference.safetensors"))["input_ids"]
     rendered = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     prompt = tok.encode(rendered, add_special_tokens=False)
     with torch.no_grad():
@@ -148,6 +216,8 @@ def references(name, path):
     document = {
         "samples": SAMPLES,
         "encodings": [tok.encode(s, add_special_tokens=False) for s in SAMPLES],
+        "with_special_tokens": [tok.encode(s) for s in SAMPLES],
+        "decoded": [tok.decode(tok.encode(s, add_special_tokens=False)) for s in SAMPLES],
         "messages": MESSAGES,
         "rendered": rendered,
         "prompt_ids": prompt,
@@ -155,7 +225,9 @@ def references(name, path):
     with open(stem + ".reference.json", "w", encoding="utf-8") as f:
         json.dump(document, f, indent=1, ensure_ascii=False)
         f.write("\n")
-    original = AutoModelForCausalLM.from_pretrained(os.path.join(MODELS, name), dtype=torch.float32).eval()
+    # Without the sliding window, which a llama-architecture file does not carry.
+    original = AutoModelForCausalLM.from_pretrained(os.path.join(MODELS, source), dtype=torch.float32,
+                                                    sliding_window=None).eval()
     with torch.no_grad():
         drift = (original(input_ids=input_ids).logits - logits).abs().max().item()
     print(f"{name}: {os.path.getsize(path)} bytes; greedy {greedy.tolist()}; "
@@ -175,4 +247,4 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["qwen2", "qwen3"])
+    main(sys.argv[1:] or list(FIXTURES))

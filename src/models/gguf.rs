@@ -218,55 +218,89 @@ fn pre_tokenizer(pre: &str) -> anyhow::Result<serde_json::Value> {
     })
 }
 
-/// The tokenizer (`tokenizer.json` equivalent) and chat template from GGUF metadata.
+/// The tokenizer (`tokenizer.json` equivalent) and chat template from GGUF metadata: byte-level
+/// BPE (`tokenizer.ggml.model = "gpt2"`) or SentencePiece-style BPE (`"llama"`: Llama 2, Mistral,
+/// Mixtral), built as transformers' GGUF loader builds them.
 pub fn tokenizer(content: &Content) -> anyhow::Result<ChatTokenizer> {
     let model = meta(content, "tokenizer.ggml.model")?.to_string()?.clone();
-    if model != "gpt2" {
-        anyhow::bail!("GGUF tokenizer model {model:?} is not supported (byte-level BPE, \"gpt2\", only)");
-    }
-    let tokens: Vec<String> = meta(content, "tokenizer.ggml.tokens")?
-        .to_vec()?
-        .iter()
-        .map(|v| v.to_string().cloned())
-        .collect::<Result<_>>()?;
-    let merges: Vec<String> = meta(content, "tokenizer.ggml.merges")?
-        .to_vec()?
-        .iter()
-        .map(|v| v.to_string().cloned())
-        .collect::<Result<_>>()?;
+    let strings = |key: &str| -> anyhow::Result<Vec<String>> {
+        Ok(meta(content, key)?.to_vec()?.iter().map(|v| v.to_string().cloned()).collect::<Result<_>>()?)
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
     let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
         Some(v) => v.to_vec()?.iter().map(|t| t.to_i32()).collect::<Result<_>>()?,
         None => vec![1; tokens.len()],
     };
-    let pre =
-        content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map_or("default", |s| s.as_str());
+    let token = |key: &str| opt_u32(content, key).and_then(|id| tokens.get(id as usize).cloned());
     let vocab: serde_json::Map<String, serde_json::Value> =
         tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-    // Control (3) and user-defined (4) tokens are matched whole, before the BPE.
-    let added: Vec<serde_json::Value> = tokens
-        .iter()
-        .zip(&types)
-        .enumerate()
-        .filter(|(_, (_, &t))| t == 3 || t == 4)
-        .map(|(i, (content, &t))| {
-            json!({"id": i, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": t == 4, "special": t == 3})
-        })
-        .collect();
-    let document = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre_tokenizer(pre)?,
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges},
-    });
+    let document = match model.as_str() {
+        "gpt2" => {
+            let pre = content
+                .metadata
+                .get("tokenizer.ggml.pre")
+                .and_then(|v| v.to_string().ok())
+                .map_or("default", |s| s.as_str());
+            json!({
+                "version": "1.0", "truncation": null, "padding": null,
+                "added_tokens": added_tokens(&tokens, &types, |t| t == 4),
+                "normalizer": null,
+                "pre_tokenizer": pre_tokenizer(pre)?,
+                "post_processor": null,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                          "vocab": vocab, "merges": strings("tokenizer.ggml.merges")?},
+            })
+        }
+        "llama" => {
+            let merges = match content.metadata.get("tokenizer.ggml.merges") {
+                Some(_) => strings("tokenizer.ggml.merges")?.into_iter().map(serde_json::Value::from).collect(),
+                None => {
+                    let scores: Vec<f32> = meta(content, "tokenizer.ggml.scores")?
+                        .to_vec()?
+                        .iter()
+                        .map(|v| v.to_f32())
+                        .collect::<Result<_>>()?;
+                    sentencepiece_merges(&tokens, &scores)
+                }
+            };
+            // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
+            let add_bos =
+                content.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+            let post_processor = match token("tokenizer.ggml.bos_token_id") {
+                Some(bos) if add_bos => {
+                    let id = opt_u32(content, "tokenizer.ggml.bos_token_id");
+                    json!({"type": "TemplateProcessing",
+                        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                        "special_tokens": {bos.clone(): {"id": bos, "ids": [id], "tokens": [bos]}}})
+                }
+                _ => serde_json::Value::Null,
+            };
+            json!({
+                "version": "1.0", "truncation": null, "padding": null,
+                "added_tokens": added_tokens(&tokens, &types, |_| false),
+                "normalizer": null,
+                // transformers' LlamaTokenizer (not legacy): a `▁` before the text's first piece.
+                "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+                "post_processor": post_processor,
+                "decoder": {"type": "Sequence", "decoders": [
+                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                    {"type": "ByteFallback"}, {"type": "Fuse"},
+                    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                          "vocab": vocab, "merges": merges},
+            })
+        }
+        other => anyhow::bail!(
+            "GGUF tokenizer model {other:?} is not supported (byte-level BPE \"gpt2\", SentencePiece BPE \"llama\")"
+        ),
+    };
     let tokenizer: tokenizers::Tokenizer =
         document.to_string().parse().map_err(|e| anyhow::anyhow!("building the GGUF tokenizer: {e}"))?;
-    let token = |key: &str| opt_u32(content, key).and_then(|id| tokens.get(id as usize).cloned());
     let mut special = Vec::new();
     for (name, key) in [
         ("bos_token", "tokenizer.ggml.bos_token_id"),
@@ -283,6 +317,44 @@ pub fn tokenizer(content: &Content) -> anyhow::Result<ChatTokenizer> {
         None => Vec::new(),
     };
     Ok(ChatTokenizer::new(tokenizer, special, templates)?)
+}
+
+/// Control (type 3) and user-defined (type 4) tokens, matched whole before the model runs;
+/// `normalized(type)` says which see the normalizer.
+fn added_tokens(tokens: &[String], types: &[i32], normalized: impl Fn(i32) -> bool) -> Vec<serde_json::Value> {
+    tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, &t))| t == 3 || t == 4)
+        .map(|(i, (content, &t))| {
+            json!({"id": i, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": normalized(t), "special": t == 3})
+        })
+        .collect()
+}
+
+/// The merges a SentencePiece BPE vocabulary implies (llama.cpp's files store scores, not merges):
+/// every split of every token into two tokens, ranked by the merged token's score, best first, ties
+/// by the halves' lengths, then in vocabulary order (transformers' `generate_merges`).
+fn sentencepiece_merges(tokens: &[String], scores: &[f32]) -> Vec<serde_json::Value> {
+    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let mut merges: Vec<(usize, usize, f32)> = Vec::new();
+    for (token, &score) in tokens.iter().zip(scores) {
+        let mut local: Vec<(usize, usize, f32)> = token
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| Some((*index.get(&token[..at])?, *index.get(&token[at..])?, score)))
+            .collect();
+        local.sort_by_key(|&(l, r, _)| (l, r));
+        merges.extend(local);
+    }
+    let chars = |i: usize| tokens[i].chars().count();
+    // Stable, descending by (score, left length, right length).
+    merges.sort_by(|a, b| {
+        b.2.total_cmp(&a.2).then_with(|| chars(b.0).cmp(&chars(a.0))).then_with(|| chars(b.1).cmp(&chars(a.1)))
+    });
+    merges.into_iter().map(|(l, r, _)| json!([tokens[l], tokens[r]])).collect()
 }
 
 impl GgufModel {

@@ -155,14 +155,16 @@ async fn qlora_on_smollm2_through_the_api_teaches_an_invented_fact() {
     }
 }
 
-/// Qwen2 (q/k/v biases, tied Q8_0 embeddings) and Qwen3 (per-head norms, untied) GGUF files made
-/// from the tiny fixtures (`scripts/make_gguf_fixtures.py`) against transformers' GGUF loader:
-/// the tokenizer and chat template from the metadata, the dequantized model's logits and greedy
-/// tokens, and the same model kept quantized.
+/// GGUF files made from the tiny fixtures (`scripts/make_gguf_fixtures.py`) against
+/// transformers' GGUF loader: Qwen2 (q/k/v biases, tied Q8_0 embeddings) and Qwen3 (per-head
+/// norms) with byte-level BPE vocabularies, and a Mistral-shaped `llama` file (permuted q/k rows)
+/// with a SentencePiece vocabulary (scores, no merges; byte fallback). Checked: the tokenizer and
+/// chat template from the metadata, the dequantized model's logits and greedy tokens, and the same
+/// model kept quantized.
 #[test]
-fn qwen_gguf_files_load_like_transformers_gguf_loader() {
+fn tiny_gguf_files_load_like_transformers_gguf_loader() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf");
-    for name in ["qwen2", "qwen3"] {
+    for (name, model_type) in [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("llama-spm", "llama")] {
         let path = std::path::Path::new(root).join(format!("{name}.gguf"));
         let json: Value =
             serde_json::from_str(&std::fs::read_to_string(format!("{root}/{name}.reference.json")).unwrap()).unwrap();
@@ -170,10 +172,16 @@ fn qwen_gguf_files_load_like_transformers_gguf_loader() {
             candle_core::safetensors::load(format!("{root}/{name}.reference.safetensors"), &Device::Cpu).unwrap();
 
         let model = gguf::load(&path).unwrap();
-        assert_eq!(model.config.model_type, name);
+        assert_eq!(model.config.model_type, model_type);
         let tok = &model.tokenizer;
-        for (text, expected) in json["samples"].as_array().unwrap().iter().zip(json["encodings"].as_array().unwrap()) {
-            assert_eq!(tok.encode(text.as_str().unwrap(), false).unwrap(), ids(expected), "{name}: {text}");
+        for (i, text) in json["samples"].as_array().unwrap().iter().enumerate() {
+            let text = text.as_str().unwrap();
+            let expected = ids(&json["encodings"][i]);
+            assert_eq!(tok.encode(text, false).unwrap(), expected, "{name}: {text:?}");
+            // With special tokens: BOS where the vocabulary's metadata asks for it (SentencePiece).
+            assert_eq!(tok.encode(text, true).unwrap(), ids(&json["with_special_tokens"][i]), "{name}: {text:?}");
+            let decoded = json["decoded"][i].as_str().unwrap();
+            assert_eq!(tok.decode(&expected, false).unwrap(), decoded, "{name}: decoding {text:?}");
         }
         let rendered = tok.apply_chat_template(&json["messages"], None, true).unwrap();
         assert_eq!(rendered, json["rendered"].as_str().unwrap(), "{name}");
