@@ -22,10 +22,43 @@ pub fn supported(x: &Tensor) -> bool {
     x.dtype() == DType::F32 && x.device().is_cpu()
 }
 
+/// How attention logits are formed from `q·k`: times `scale` (usually `1/sqrt(d)`), then, with a
+/// soft-cap `c` (Gemma 2), `c · tanh(x / c)`, before the mask.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Logits {
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+impl Logits {
+    /// `1/sqrt(d)`, uncapped.
+    pub fn standard(head_dim: usize) -> Self {
+        Self { scale: 1.0 / (head_dim as f32).sqrt(), softcap: None }
+    }
+
+    /// The same on a tensor of `q·kᵀ` (the composite paths).
+    pub fn apply(&self, scores: &Tensor) -> Result<Tensor> {
+        let scores = (scores * self.scale as f64)?;
+        match self.softcap {
+            Some(c) => (scores / c as f64)?.tanh()? * c as f64,
+            None => Ok(scores),
+        }
+    }
+}
+
 /// Attention of `q (b, t, heads, d)` over `k`, `v` `(b, t, kv_heads, d)`, rotating `q` and `k` by
-/// `cos`/`sin` `(b, 1, t, d)` (transformers' `rotate_half` convention) and adding `mask`
-/// `(b or 1, 1, t, t)`. Returns `(b, t, heads·d)`. Differentiable in `q`, `k` and `v`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// `cos`/`sin` `(b, 1, t, d)` (transformers' `rotate_half` convention), forming the logits as
+/// `logits` says and adding `mask` `(b or 1, 1, t, t)`. Returns `(b, t, heads·d)`. Differentiable
+/// in `q`, `k` and `v`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+    logits: Logits,
+) -> Result<Tensor> {
     let (b, t, heads, d) = q.dims4()?;
     let (kb, kt, kv_heads, kd) = k.dims4()?;
     if (kb, kt, kd) != (b, t, d) || v.dims() != k.dims() || kv_heads == 0 || heads % kv_heads != 0 || d % 2 != 0 {
@@ -45,6 +78,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor,
         sin: sin.contiguous()?.detach(),
         mask: mask.to_dtype(DType::F32)?.contiguous()?.detach(),
         dims: Dims { b, t, heads, kv_heads, d, mask_batched: mb == b && b > 1 },
+        logits,
     };
     let out = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
     out.reshape((b, t, heads * d))
@@ -61,9 +95,6 @@ struct Dims {
 }
 
 impl Dims {
-    fn scale(&self) -> f32 {
-        1.0 / (self.d as f32).sqrt()
-    }
     /// Offset of row `(batch, position 0, head)` in a `(b, t, n, d)` buffer.
     fn at(&self, batch: usize, n: usize, head: usize) -> usize {
         (batch * self.t * n + head) * self.d
@@ -75,6 +106,7 @@ struct Attention {
     sin: Tensor,
     mask: Tensor,
     dims: Dims,
+    logits: Logits,
 }
 
 /// A pointer shared by tasks that write disjoint parts of one buffer.
@@ -165,8 +197,19 @@ unsafe fn mm(
 }
 
 impl Attention {
-    /// The probabilities `P (t × t)` of head `head` of batch `batch`, into `p`.
-    fn probabilities(&self, qr: &[f32], kr: &[f32], mask: &[f32], batch: usize, head: usize, p: &mut [f32]) {
+    /// The probabilities `P (t × t)` of head `head` of batch `batch`, into `p`; with a soft-cap and
+    /// `slopes`, also `1 − tanh²(x / c)` of every logit (the cap's derivative), into `slopes`.
+    #[allow(clippy::too_many_arguments)]
+    fn probabilities(
+        &self,
+        qr: &[f32],
+        kr: &[f32],
+        mask: &[f32],
+        batch: usize,
+        head: usize,
+        p: &mut [f32],
+        slopes: Option<&mut [f32]>,
+    ) {
         let Dims { t, heads, kv_heads, d, .. } = self.dims;
         let group = head / (heads / kv_heads);
         let q = &qr[self.dims.at(batch, heads, head)..];
@@ -182,9 +225,19 @@ impl Attention {
                 (heads * d, 1),
                 k.as_ptr(),
                 (1, kv_heads * d),
-                self.dims.scale(),
+                self.logits.scale,
             )
         };
+        if let Some(c) = self.logits.softcap {
+            match slopes {
+                Some(slopes) => p.iter_mut().zip(slopes.iter_mut()).for_each(|(s, slope)| {
+                    let tanh = (*s / c).tanh();
+                    *s = c * tanh;
+                    *slope = 1.0 - tanh * tanh;
+                }),
+                None => p.iter_mut().for_each(|s| *s = c * (*s / c).tanh()),
+            }
+        }
         let mask = if self.dims.mask_batched { &mask[batch * t * t..(batch + 1) * t * t] } else { &mask[..t * t] };
         for (row, mask) in p.chunks_exact_mut(t).zip(mask.chunks_exact(t)) {
             row.iter_mut().zip(mask).for_each(|(s, m)| *s += m);
@@ -227,7 +280,7 @@ impl CustomOp3 for Attention {
             || vec![0f32; t * t],
             |p, task| {
                 let (batch, head) = (task / heads, task % heads);
-                self.probabilities(&qr, &kr, &mask, batch, head, p);
+                self.probabilities(&qr, &kr, &mask, batch, head, p, None);
                 let group = head / (heads / kv_heads);
                 let v = &v[self.dims.at(batch, kv_heads, group)..];
                 // O = P · V, written into this head's columns of the output rows.
@@ -258,19 +311,20 @@ impl CustomOp3 for Attention {
         let mask = values(&self.mask)?;
         let Dims { b, t, heads, kv_heads, d, .. } = self.dims;
         let per_group = heads / kv_heads;
-        let scale = self.dims.scale();
+        let scale = self.logits.scale;
         // dQ is written head by head; dK and dV accumulate over a group's heads.
         let (mut dq, mut dk, mut dv) =
             (super::fastmath::for_overwrite(q.len()), vec![0f32; k.len()], vec![0f32; v.len()]);
         let (dq_p, dk_p, dv_p) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
         // One task per (batch, key/value head): it owns that head's dK and dV and its query heads' dQ.
+        let capped = self.logits.softcap.is_some();
         (0..b * kv_heads).into_par_iter().for_each_init(
-            || (vec![0f32; t * t], vec![0f32; t * t]),
-            |(p, dp), task| {
+            || (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; if capped { t * t } else { 0 }]),
+            |(p, dp, slopes), task| {
                 let (batch, group) = (task / kv_heads, task % kv_heads);
                 let kv_at = self.dims.at(batch, kv_heads, group);
                 for head in group * per_group..(group + 1) * per_group {
-                    self.probabilities(&qr, &kr, &mask, batch, head, p);
+                    self.probabilities(&qr, &kr, &mask, batch, head, p, capped.then_some(&mut slopes[..]));
                     let q_at = self.dims.at(batch, heads, head);
                     let go = g[q_at..].as_ptr();
                     unsafe {
@@ -292,6 +346,10 @@ impl CustomOp3 for Attention {
                     for (dp, p) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
                         let dot: f32 = dp.iter().zip(p.iter()).map(|(a, b)| a * b).sum();
                         dp.iter_mut().zip(p.iter()).for_each(|(dp, p)| *dp = p * (*dp - dot));
+                    }
+                    if capped {
+                        // Through the cap: d(c·tanh(x/c))/dx = 1 − tanh²(x/c).
+                        dp.iter_mut().zip(slopes.iter()).for_each(|(dp, slope)| *dp *= slope);
                     }
                     unsafe {
                         // dQ = scale · dS · K;  dK += scale · dSᵀ · Q (both on the rotated values).
@@ -345,22 +403,36 @@ mod tests {
     }
 
     /// The composite computation the model used before: heads first, RoPE, `repeat_kv`, softmax.
-    fn composite(q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
+    fn composite(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        logits: Logits,
+    ) -> Tensor {
         let (b, t, heads, d) = q.dims4().unwrap();
         let kv = k.dims4().unwrap().2;
         let q = apply_rope(&q.transpose(1, 2).unwrap().contiguous().unwrap(), cos, sin).unwrap();
         let k = apply_rope(&k.transpose(1, 2).unwrap().contiguous().unwrap(), cos, sin).unwrap();
         let v = v.transpose(1, 2).unwrap().contiguous().unwrap();
         let (k, v) = (repeat_kv(&k, heads / kv).unwrap(), repeat_kv(&v, heads / kv).unwrap());
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap().broadcast_add(mask).unwrap();
+        let scores = logits.apply(&q.matmul(&k.t().unwrap()).unwrap()).unwrap().broadcast_add(mask).unwrap();
         let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
         probs.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, t, heads * d)).unwrap()
     }
 
     /// Values and all three gradients equal the composite ops', with grouped-query heads, a
-    /// per-sequence (packed) mask and positions that restart inside a row.
+    /// per-sequence (packed) mask and positions that restart inside a row; with the standard
+    /// logits and with Gemma 2's (another scale, a soft-cap small enough to bind).
     #[test]
     fn fused_attention_matches_the_composite_ops_forward_and_backward() {
+        check_against_composite(Logits::standard(8));
+        check_against_composite(Logits { scale: 0.6, softcap: Some(1.5) });
+    }
+
+    fn check_against_composite(logits: Logits) {
         let device = Device::Cpu;
         let (b, t, heads, kv, d) = (2, 7, 4, 2, 8);
         let q = Var::randn(0f32, 1.0, (b, t, heads, d), &device).unwrap();
@@ -377,8 +449,8 @@ mod tests {
         let segments = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1];
         let mask = crate::models::mask::packed_causal_mask(&segments, b, t, None, &device).unwrap();
 
-        let fused = attention(&q, &k, &v, &cos, &sin, &mask).unwrap();
-        let reference = composite(&q, &k, &v, &cos, &sin, &mask);
+        let fused = attention(&q, &k, &v, &cos, &sin, &mask, logits).unwrap();
+        let reference = composite(&q, &k, &v, &cos, &sin, &mask, logits);
         assert!(max_diff(&fused, &reference) < 1e-5, "{}", max_diff(&fused, &reference));
 
         let c = Tensor::randn(0f32, 1.0, (b, t, heads * d), &device).unwrap();
