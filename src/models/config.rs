@@ -1,5 +1,6 @@
 //! The Llama-family architecture as Hugging Face's `config.json` describes it (Llama 2/3, Mistral,
-//! Qwen2, Qwen3, Phi-3, SmolLM): one struct, with the per-family differences resolved at load time.
+//! Qwen2, Qwen3, Phi-3, Gemma 2/3, SmolLM): one struct, with the per-family differences resolved
+//! at load time.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -65,10 +66,30 @@ pub struct ModelConfig {
     /// Phi-3's fused projections: one `qkv_proj` (queries, keys, values in that order) and one
     /// `gate_up_proj` (gate, then up) instead of separate linears.
     pub fused_projections: bool,
+    /// Gemma 2/3's variations on the layer (`None` for the other families).
+    pub gemma: Option<Gemma>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// The original file, kept to write it back unchanged next to fine-tuned weights.
     pub raw: Value,
+}
+
+/// What Gemma 2 and 3 change: RMSNorm scales by `1 + w`; embeddings are multiplied by
+/// `sqrt(hidden)`; each sublayer has a norm before and after it (`input_layernorm` /
+/// `post_attention_layernorm`, `pre_feedforward_layernorm` / `post_feedforward_layernorm`); the MLP
+/// gates with tanh-approximated GELU; and the fields below.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma {
+    /// Attention logits are `q·k × attention_scale` (`query_pre_attn_scalar^-1/2`).
+    pub attention_scale: f64,
+    /// Gemma 2: `c · tanh(x / c)` on the attention logits and on the output logits.
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    /// Per layer, whether it attends only within `window` tokens (`layer_types`).
+    pub sliding_layers: Vec<bool>,
+    pub window: usize,
+    /// Gemma 3: the sliding layers' RoPE (theta, scaling); the others use the model's.
+    pub local_rope: Option<(f64, RopeScaling)>,
 }
 
 #[derive(Deserialize)]
@@ -89,8 +110,7 @@ struct RawConfig {
     rope_parameters: Option<Value>,
     #[serde(default = "default_max_positions")]
     max_position_embeddings: usize,
-    #[serde(default)]
-    tie_word_embeddings: bool,
+    tie_word_embeddings: Option<bool>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     #[serde(default)]
@@ -101,6 +121,14 @@ struct RawConfig {
     hidden_act: String,
     partial_rotary_factor: Option<f64>,
     original_max_position_embeddings: Option<usize>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    layer_types: Option<Vec<String>>,
+    sliding_window_pattern: Option<usize>,
+    rope_local_base_freq: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<Value>,
 }
@@ -127,12 +155,18 @@ impl ModelConfig {
 
     pub fn from_json(raw: Value) -> Result<Self, ConfigError> {
         let c: RawConfig = serde_json::from_value(raw.clone())?;
-        if !matches!(c.model_type.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
+        const SUPPORTED: [&str; 7] = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"];
+        if !SUPPORTED.contains(&c.model_type.as_str()) {
             return Err(ConfigError::Unsupported(format!(
-                "model_type {:?} (supported: llama, mistral, qwen2, qwen3, phi3)",
-                c.model_type
+                "model_type {:?} (supported: {})",
+                c.model_type,
+                SUPPORTED.join(", ")
             )));
         }
+        let gemma = match c.model_type.as_str() {
+            "gemma2" | "gemma3_text" => Some(gemma(&c)?),
+            _ => None,
+        };
         let rope = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
         let partial = c.partial_rotary_factor.or_else(|| rope.and_then(|r| r.get("partial_rotary_factor")?.as_f64()));
         if partial.is_some_and(|f| f != 1.0) {
@@ -140,7 +174,7 @@ impl ModelConfig {
                 "partial_rotary_factor other than 1 (rotary on part of each head)".into(),
             ));
         }
-        if c.hidden_act != "silu" {
+        if gemma.is_none() && c.hidden_act != "silu" {
             return Err(ConfigError::Unsupported(format!("hidden_act {:?} (only silu)", c.hidden_act)));
         }
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
@@ -150,8 +184,18 @@ impl ModelConfig {
             ));
         }
         // transformers 5 keeps rope settings in `rope_parameters`; older files in `rope_scaling`.
-        let rope_theta =
-            c.rope_theta.or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64)).unwrap_or(10_000.0);
+        // Gemma 3 keeps one set of rope settings per layer type; the model's own are the global ones.
+        let rope = match &gemma {
+            Some(_) if rope.is_some_and(|r| r.get("full_attention").is_some()) => {
+                rope.and_then(|r| r.get("full_attention"))
+            }
+            _ => rope,
+        };
+        let default_theta = if c.model_type == "gemma3_text" { 1_000_000.0 } else { 10_000.0 };
+        let rope_theta = c
+            .rope_theta
+            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(default_theta);
         let sliding_window = match c.model_type.as_str() {
             "mistral" | "phi3" => c.sliding_window,
             "qwen2" | "qwen3" if c.use_sliding_window == Some(true) => {
@@ -165,11 +209,13 @@ impl ModelConfig {
             _ => Vec::new(),
         };
         let rope_scaling = parse_rope_scaling(rope, &c)?;
+        let tied_by_default = gemma.is_some();
         Ok(Self {
             qkv_bias: c.model_type == "qwen2" || c.attention_bias,
             o_bias: c.attention_bias,
-            qk_norm: c.model_type == "qwen3",
             fused_projections: c.model_type == "phi3",
+            qk_norm: c.model_type == "qwen3" || c.model_type == "gemma3_text",
+            gemma,
             model_type: c.model_type,
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
@@ -182,7 +228,8 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: c.max_position_embeddings,
-            tie_word_embeddings: c.tie_word_embeddings,
+            // Gemma's configs default to a tied head; the others' to an untied one.
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(tied_by_default),
             sliding_window,
             mlp_bias: c.mlp_bias,
             bos_token_id: c.bos_token_id,
@@ -193,6 +240,37 @@ impl ModelConfig {
 }
 
 impl ModelConfig {
+    /// What RMSNorm adds to its weight before scaling: 1 for Gemma's `(1 + w)`, else 0.
+    pub fn norm_offset(&self) -> f64 {
+        if self.gemma.is_some() {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// The factor on the token embeddings (Gemma: `sqrt(hidden_size)`).
+    pub fn embed_scale(&self) -> Option<f64> {
+        self.gemma.as_ref().map(|_| (self.hidden_size as f64).sqrt())
+    }
+
+    /// Attention logits are `q·k × attention_scale()`.
+    pub fn attention_scale(&self) -> f64 {
+        self.gemma.as_ref().map_or(1.0 / (self.head_dim as f64).sqrt(), |g| g.attention_scale)
+    }
+
+    /// Gemma 2's attention-logit soft-cap.
+    pub fn attention_softcap(&self) -> Option<f64> {
+        self.gemma.as_ref().and_then(|g| g.attn_softcap)
+    }
+
+    /// The window that layer `i` alone attends within (Gemma's sliding layers); the model-wide
+    /// `sliding_window` (Mistral, Phi-3) is applied by whoever builds the mask.
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        let gemma = self.gemma.as_ref()?;
+        gemma.sliding_layers.get(i).copied().unwrap_or(false).then_some(gemma.window)
+    }
+
     /// The linear modules of one decoder layer, by PEFT name (what `all-linear` expands to).
     pub fn linear_modules(&self) -> &'static [&'static str] {
         if self.fused_projections {
@@ -201,6 +279,55 @@ impl ModelConfig {
             &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         }
     }
+}
+
+/// Gemma's settings from a Gemma 2 or Gemma 3 (text) config.
+fn gemma(c: &RawConfig) -> Result<Gemma, ConfigError> {
+    let activation = c.hidden_activation.as_deref().unwrap_or(&c.hidden_act);
+    if activation != "gelu_pytorch_tanh" {
+        return Err(ConfigError::Unsupported(format!("{} with hidden_activation {activation:?}", c.model_type)));
+    }
+    if c.use_bidirectional_attention == Some(true) {
+        return Err(ConfigError::Unsupported("use_bidirectional_attention".into()));
+    }
+    let gemma3 = c.model_type == "gemma3_text";
+    // transformers' defaults when `layer_types` is absent: Gemma 2 alternates sliding and full
+    // layers, Gemma 3 has every `sliding_window_pattern`-th layer (6) full.
+    let pattern = c.sliding_window_pattern.unwrap_or(if gemma3 { 6 } else { 2 });
+    let sliding_layers = match &c.layer_types {
+        Some(types) if types.len() == c.num_hidden_layers => types
+            .iter()
+            .map(|t| match t.as_str() {
+                "sliding_attention" => Ok(true),
+                "full_attention" => Ok(false),
+                other => Err(ConfigError::Unsupported(format!("layer type {other:?}"))),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(ConfigError::Unsupported("layer_types must list every layer".into())),
+        None => (0..c.num_hidden_layers).map(|i| (i + 1) % pattern != 0).collect(),
+    };
+    let window = c.sliding_window.unwrap_or(4096);
+    let local_rope = if gemma3 {
+        let local = c.rope_parameters.as_ref().and_then(|r| r.get("sliding_attention"));
+        let theta = local
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .or(c.rope_local_base_freq)
+            .unwrap_or(10_000.0);
+        Some((theta, parse_rope_scaling(local, c)?))
+    } else {
+        None
+    };
+    let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads) as f64;
+    Ok(Gemma {
+        attention_scale: c.query_pre_attn_scalar.unwrap_or(head_dim).powf(-0.5),
+        // Gemma 3 keeps the keys in its config but applies neither cap.
+        attn_softcap: c.attn_logit_softcapping.filter(|_| !gemma3),
+        final_softcap: c.final_logit_softcapping,
+        sliding_layers,
+        window,
+        local_rope,
+    })
 }
 
 fn parse_rope_scaling(rope: Option<&Value>, c: &RawConfig) -> Result<RopeScaling, ConfigError> {

@@ -1,7 +1,7 @@
 //! Additive attention masks: causal, optionally windowed (Mistral), and block-diagonal for packed
 //! sequences so that no token attends across an example boundary.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// A large finite negative: a fully masked row must not produce NaN (see the candle notes).
 pub const MASKED: f32 = -1e9;
@@ -43,6 +43,19 @@ pub fn incremental_causal_mask(past: usize, new: usize, window: Option<usize>, d
         }
     }
     Tensor::from_vec(mask, (1, 1, new, total), device)
+}
+
+/// `mask (b or 1, 1, t, t)` also closed to keys `window` or more positions back, by `positions
+/// (b, t)` (a packed row's positions restart with each example): a Gemma sliding layer's mask from
+/// the model's causal one.
+pub fn windowed(mask: &Tensor, positions: &Tensor, window: usize) -> Result<Tensor> {
+    let p = positions.to_dtype(DType::F32)?;
+    let (b, t) = p.dims2()?;
+    let distance = p.unsqueeze(2)?.broadcast_sub(&p.unsqueeze(1)?)?;
+    let far = distance.ge(window as f64)?;
+    let closed = Tensor::full(MASKED, (b, t, t), p.device())?;
+    let open = Tensor::zeros((b, t, t), DType::F32, p.device())?;
+    mask.broadcast_add(&far.where_cond(&closed, &open)?.unsqueeze(1)?.to_dtype(mask.dtype())?)
 }
 
 #[cfg(test)]

@@ -18,13 +18,24 @@ pub struct RopeTables {
 
 impl RopeTables {
     pub fn new(config: &ModelConfig, max_positions: usize, device: &Device) -> Result<Self> {
-        let (sets, scale, short_up_to) = match &config.rope_scaling {
+        Self::with(config.head_dim, config.rope_theta, &config.rope_scaling, max_positions, device)
+    }
+
+    /// Gemma 3's tables for its sliding layers, when they have their own settings.
+    pub fn local(config: &ModelConfig, max_positions: usize, device: &Device) -> Result<Option<Self>> {
+        let Some((theta, scaling)) = config.gemma.as_ref().and_then(|g| g.local_rope.as_ref()) else { return Ok(None) };
+        Self::with(config.head_dim, *theta, scaling, max_positions, device).map(Some)
+    }
+
+    fn with(dim: usize, theta: f64, scaling: &RopeScaling, max_positions: usize, device: &Device) -> Result<Self> {
+        let frequencies = |divisors: Option<&[f64]>| inverse_frequencies(dim, theta, scaling, divisors);
+        let (sets, scale, short_up_to) = match scaling {
             RopeScaling::LongRope { short, long, original_max_position_embeddings, attention_factor } => (
-                vec![inverse_frequencies(config, Some(short)), inverse_frequencies(config, Some(long))],
+                vec![frequencies(Some(short)), frequencies(Some(long))],
                 *attention_factor as f32,
                 Some(*original_max_position_embeddings),
             ),
-            _ => (vec![inverse_frequencies(config, None)], 1.0, None),
+            _ => (vec![frequencies(None)], 1.0, None),
         };
         let half = sets[0].len();
         let mut cos = Vec::with_capacity(sets.len() * max_positions * half * 2);
@@ -91,15 +102,14 @@ impl RopeTables {
 
 /// `1 / theta^(2i/d)` for i in 0..d/2, then scaled (LongRoPE's `divisors` for its set); computed
 /// in f32 as transformers does.
-fn inverse_frequencies(config: &ModelConfig, divisors: Option<&[f64]>) -> Vec<f32> {
-    let dim = config.head_dim;
-    let base = config.rope_theta as f32;
+fn inverse_frequencies(dim: usize, theta: f64, scaling: &RopeScaling, divisors: Option<&[f64]>) -> Vec<f32> {
+    let base = theta as f32;
     let inv: Vec<f32> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect();
     if let Some(divisors) = divisors {
         // transformers: 1 / (factor · base^(2i/d)).
         return (0..dim / 2).map(|i| 1.0 / (divisors[i] as f32 * base.powf((2 * i) as f32 / dim as f32))).collect();
     }
-    match config.rope_scaling {
+    match *scaling {
         RopeScaling::None | RopeScaling::LongRope { .. } => inv,
         RopeScaling::Linear { factor } => inv.iter().map(|f| f / factor as f32).collect(),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
