@@ -15,7 +15,6 @@ use super::bottleneck::{Bottleneck, BottleneckPlan};
 use super::config::ModelConfig;
 use super::linear::{Linear, LinearWeight, LoraWeights};
 use super::mask::incremental_causal_mask;
-use super::ops::rms_norm;
 use super::params::{Param, TrainableParams};
 use super::prefix::{Prefix, PrefixPlan};
 use super::rope::RopeTables;
@@ -27,7 +26,8 @@ mod block;
 mod checkpointed;
 mod prefixed;
 mod rows;
-use block::{Attention, Block, GateUp, Mlp, Qkv};
+use super::attention::Logits;
+use block::{Attention, Block, GateUp, Mlp, NormStyle, Qkv};
 pub use checkpointed::Checkpointed;
 pub use rows::{Row, ServingAdapter};
 
@@ -54,6 +54,9 @@ pub struct CausalLm {
     /// `None` when tied to the embeddings.
     lm_head: Option<Linear>,
     rope: RopeTables,
+    /// Gemma 3: the sliding layers' own RoPE tables.
+    local_rope: Option<RopeTables>,
+    norm_style: NormStyle,
     /// Prefix-tuning vectors, when the model has them.
     prefix: Option<Prefix>,
     /// The tied output head kept quantized (a GGUF base), used when no gradient is wanted.
@@ -72,13 +75,18 @@ struct LayerInputs {
     sin: Tensor,
     mask: Tensor,
     prefix: Option<Vec<(Tensor, Tensor)>>,
+    /// Gemma: the sliding layers' RoPE tables and windowed mask, and which layers those are.
+    sliding: Option<(Tensor, Tensor, Tensor, Vec<bool>)>,
 }
 
 impl LayerInputs {
     /// Layer `i` of the model over `x`.
-    fn forward(&self, layer: &Block, i: usize, x: &Tensor, eps: f64, ctx: &ForwardCtx) -> Result<Tensor> {
+    fn forward(&self, layer: &Block, i: usize, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let prefix = self.prefix.as_ref().map(|kv| &kv[i]);
-        layer.forward(x, &self.cos, &self.sin, &self.mask, None, prefix, eps, ctx)
+        match &self.sliding {
+            Some((cos, sin, mask, layers)) if layers[i] => layer.forward(x, cos, sin, mask, None, prefix, ctx),
+            _ => layer.forward(x, &self.cos, &self.sin, &self.mask, None, prefix, ctx),
+        }
     }
 }
 
@@ -194,10 +202,12 @@ impl CausalLm {
         let (h, v) = (config.hidden_size, config.vocab_size);
         let (q_out, kv_out) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
         let inter = config.intermediate_size;
+        let norm = NormStyle { eps: config.rms_norm_eps, offset: config.norm_offset() };
         let embed = b.param("model.embed_tokens.weight", &[v, h], true)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
+            let gemma = config.gemma.is_some();
             layers.push(Block {
                 input_norm: b.param(&format!("{p}.input_layernorm.weight"), &[h], false)?,
                 attention: Attention {
@@ -226,9 +236,23 @@ impl CausalLm {
                         )),
                         false => None,
                     },
-                    eps: config.rms_norm_eps,
+                    norm,
+                    logits: Logits {
+                        scale: config.attention_scale() as f32,
+                        softcap: config.attention_softcap().map(|c| c as f32),
+                    },
                 },
-                post_norm: b.param(&format!("{p}.post_attention_layernorm.weight"), &[h], false)?,
+                post_norm: match gemma {
+                    true => b.param(&format!("{p}.pre_feedforward_layernorm.weight"), &[h], false)?,
+                    false => b.param(&format!("{p}.post_attention_layernorm.weight"), &[h], false)?,
+                },
+                output_norms: match gemma {
+                    true => Some((
+                        b.param(&format!("{p}.post_attention_layernorm.weight"), &[h], false)?,
+                        b.param(&format!("{p}.post_feedforward_layernorm.weight"), &[h], false)?,
+                    )),
+                    false => None,
+                },
                 mlp: Mlp {
                     gate_up: if config.fused_projections {
                         GateUp::Fused(b.linear(&format!("{p}.mlp.gate_up_proj"), h, 2 * inter, config.mlp_bias)?)
@@ -239,6 +263,7 @@ impl CausalLm {
                         }
                     },
                     down: b.linear(&format!("{p}.mlp.down_proj"), config.intermediate_size, h, config.mlp_bias)?,
+                    gelu: gemma,
                 },
                 adapters: match b.adaptation {
                     Adaptation::Bottleneck(plan) => {
@@ -265,7 +290,7 @@ impl CausalLm {
                 },
             });
         }
-        let norm = b.param("model.norm.weight", &[h], false)?;
+        let final_norm = b.param("model.norm.weight", &[h], false)?;
         let tied_head = if config.tie_word_embeddings { b.quantized.remove("lm_head.weight") } else { None };
         let lm_head = if config.tie_word_embeddings {
             b.weights.remove("lm_head.weight");
@@ -274,6 +299,7 @@ impl CausalLm {
             Some(b.linear("lm_head", h, v, false)?)
         };
         let rope = RopeTables::new(&config, config.max_position_embeddings, &device)?;
+        let local_rope = RopeTables::local(&config, config.max_position_embeddings, &device)?;
         let prefix = match b.adaptation {
             Adaptation::Prefix(plan) => {
                 let like = b.like.clone();
@@ -298,9 +324,11 @@ impl CausalLm {
             config,
             embed,
             layers,
-            norm,
+            norm: final_norm,
             lm_head,
             rope,
+            local_rope,
+            norm_style: norm,
             prefix,
             tied_head,
             trainable: b.trainable,
@@ -328,35 +356,65 @@ impl CausalLm {
         let mut x = self.embed(input_ids)?;
         let inputs = self.layer_inputs(positions, mask, ctx)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = inputs.forward(layer, i, &x, self.config.rms_norm_eps, ctx)?;
+            x = inputs.forward(layer, i, &x, ctx)?;
         }
-        rms_norm(&x, self.norm.tensor(), self.config.rms_norm_eps)
+        self.final_norm(&x)
+    }
+
+    /// The norm after the last layer.
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm_style.apply(x, self.norm.tensor())
     }
 
     /// What every decoder layer of a training forward takes besides its input. With a prefix,
     /// every token also sees the prefix, which comes before position 0.
     fn layer_inputs(&self, positions: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> Result<LayerInputs> {
-        let Some(prefix) = self.prefix.as_ref().filter(|_| ctx.adapters_on()) else {
-            let (cos, sin) = self.rope.at(positions, self.dtype)?;
-            return Ok(LayerInputs { cos, sin, mask: mask.clone(), prefix: None });
+        // Gemma's sliding layers: the same causal mask, closed beyond the window.
+        let windowed = match &self.config.gemma {
+            Some(g) if g.sliding_layers.iter().any(|&s| s) => Some(super::mask::windowed(mask, positions, g.window)?),
+            _ => None,
         };
-        let kv = prefix.layers(&self.config, ctx)?;
-        let n = kv.first().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
-        let (b, _, t, _) = mask.dims4()?;
-        let mask = Tensor::cat(&[&Tensor::zeros((b, 1, t, n), mask.dtype(), mask.device())?, mask], 3)?;
-        let positions = (positions + n as f64)?;
+        let prefix = self.prefix.as_ref().filter(|_| ctx.adapters_on());
+        let kv = prefix.map(|p| p.layers(&self.config, ctx)).transpose()?;
+        let n = kv.as_ref().and_then(|kv| kv.first()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
+        // With a prefix, every token also sees the prefix, which comes before position 0.
+        let (mask, windowed, positions) = match n {
+            0 => (mask.clone(), windowed, positions.clone()),
+            n => {
+                let open = |mask: &Tensor| -> Result<Tensor> {
+                    let (b, _, t, _) = mask.dims4()?;
+                    Tensor::cat(&[&Tensor::zeros((b, 1, t, n), mask.dtype(), mask.device())?, mask], 3)
+                };
+                (open(mask)?, windowed.as_ref().map(open).transpose()?, (positions + n as f64)?)
+            }
+        };
         let (cos, sin) = self.rope.at(&positions, self.dtype)?;
-        Ok(LayerInputs { cos, sin, mask, prefix: Some(kv) })
+        let sliding = match (windowed, &self.config.gemma) {
+            (Some(windowed), Some(g)) => {
+                let (local_cos, local_sin) = match &self.local_rope {
+                    Some(rope) => rope.at(&positions, self.dtype)?,
+                    None => (cos.clone(), sin.clone()),
+                };
+                Some((local_cos, local_sin, windowed, g.sliding_layers.clone()))
+            }
+            _ => None,
+        };
+        Ok(LayerInputs { cos, sin, mask, prefix: kv, sliding })
     }
 
     /// Vocabulary logits for hidden states `(..., hidden)`.
     pub fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        match (&self.lm_head, &self.tied_head) {
-            (Some(head), _) => head.forward(hidden, ctx),
+        let logits = match (&self.lm_head, &self.tied_head) {
+            (Some(head), _) => head.forward(hidden, ctx)?,
             (None, Some(q)) if !hidden.track_op() && !self.embed.is_trainable() => {
-                super::quantized::quantized_linear(hidden, q)
+                super::quantized::quantized_linear(hidden, q)?
             }
-            (None, _) => hidden.broadcast_matmul(&self.embed.tensor().t()?),
+            (None, _) => hidden.broadcast_matmul(&self.embed.tensor().t()?)?,
+        };
+        // Gemma 2: the output logits soft-capped, `c · tanh(x / c)`.
+        match self.config.gemma.as_ref().and_then(|g| g.final_softcap) {
+            Some(c) => (logits / c)?.tanh()? * c,
+            None => Ok(logits),
         }
     }
 
@@ -374,6 +432,18 @@ impl CausalLm {
         let positions = Tensor::arange(past as u32, (past + t) as u32, &self.device)?.unsqueeze(0)?;
         let (cos, sin) = self.rope.at(&positions, self.dtype)?;
         let mask = incremental_causal_mask(past, t, self.config.sliding_window, &self.device)?.to_dtype(self.dtype)?;
+        // Gemma's sliding layers: their window, and Gemma 3's local RoPE.
+        let sliding = match &self.config.gemma {
+            Some(g) => {
+                let (cos, sin) = match &self.local_rope {
+                    Some(rope) => rope.at(&positions, self.dtype)?,
+                    None => (cos.clone(), sin.clone()),
+                };
+                let mask = incremental_causal_mask(past, t, Some(g.window), &self.device)?.to_dtype(self.dtype)?;
+                Some((cos, sin, mask))
+            }
+            None => None,
+        };
         if cache.layers.is_empty() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
@@ -382,20 +452,34 @@ impl CausalLm {
             return self.forward_cached_after(&prefix.layers(&self.config, &ctx)?, input_ids, cache);
         }
         let mut x = self.embed(input_ids)?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let max = self.rope.max_positions();
-            x = layer.forward(&x, &cos, &sin, &mask, Some((slot, max)), None, self.config.rms_norm_eps, &ctx)?;
+            let (cos, sin, mask) = match &sliding {
+                Some((cos, sin, mask)) if self.config.layer_window(i).is_some() => (cos, sin, mask),
+                _ => (&cos, &sin, &mask),
+            };
+            x = layer.forward(&x, cos, sin, mask, Some((slot, max)), None, &ctx)?;
         }
         cache.len += t;
         let last = x.narrow(1, t - 1, 1)?;
-        let hidden = rms_norm(&last, self.norm.tensor(), self.config.rms_norm_eps)?;
+        let hidden = self.final_norm(&last)?;
         self.logits(&hidden, &ctx)?.squeeze(1)
     }
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?;
-        self.embed.tensor().index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))
+        self.embed_rows(&flat)?.reshape((b, t, self.config.hidden_size))
+    }
+
+    /// Embedding rows of `ids` (flat), times Gemma's `sqrt(hidden)` (rounded to the model's
+    /// dtype first, as transformers does).
+    fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let rows = self.embed.tensor().index_select(ids, 0)?;
+        match self.config.embed_scale() {
+            Some(scale) => rows * f64::from(scale as f32),
+            None => Ok(rows),
+        }
     }
 
     /// The base weights by transformers' names (for merging and saving a full model).
@@ -403,11 +487,8 @@ impl CausalLm {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.tensor().clone())];
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), layer.input_norm.tensor().clone()));
-            out.push((format!("{p}.post_attention_layernorm.weight"), layer.post_norm.tensor().clone()));
-            if let Some((q_norm, k_norm)) = &layer.attention.qk_norm {
-                out.push((format!("{p}.self_attn.q_norm.weight"), q_norm.tensor().clone()));
-                out.push((format!("{p}.self_attn.k_norm.weight"), k_norm.tensor().clone()));
+            for (name, norm) in layer.norms() {
+                out.push((format!("{p}.{name}.weight"), norm.tensor().clone()));
             }
         }
         for (module, linear) in self.linear_modules() {

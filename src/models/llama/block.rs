@@ -1,10 +1,11 @@
-//! One decoder layer: pre-norm grouped-query attention and a SwiGLU MLP (separate or fused
-//! projections), each optionally followed
-//! by a bottleneck adapter, for the training forward (fused attention when it applies) and the
-//! cached generation forward.
+//! One decoder layer: pre-norm grouped-query attention and a gated MLP (SwiGLU, or Gemma's
+//! tanh-GELU; separate or fused projections), with Gemma's norms after each sublayer too, each
+//! optionally followed by a bottleneck adapter, for the training forward (fused attention when it
+//! applies) and the cached generation forward.
 
 use candle_core::{Result, Tensor, D};
 
+use crate::models::attention::Logits;
 use crate::models::bottleneck::Bottleneck;
 use crate::models::kv_cache::LayerCache;
 use crate::models::linear::Linear;
@@ -35,18 +36,39 @@ pub(super) struct Attention {
     pub(super) heads: usize,
     pub(super) kv_heads: usize,
     pub(super) head_dim: usize,
-    /// Qwen3's RMSNorm over each query and key head (weights of `head_dim`), before RoPE.
+    /// Qwen3's and Gemma 3's RMSNorm over each query and key head (weights of `head_dim`), before
+    /// RoPE.
     pub(super) qk_norm: Option<(Param, Param)>,
+    pub(super) norm: NormStyle,
+    pub(super) logits: Logits,
+}
+
+/// How the layer's RMSNorms scale: by `w`, or (Gemma) by `1 + w`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NormStyle {
     pub(super) eps: f64,
+    pub(super) offset: f64,
+}
+
+impl NormStyle {
+    pub(super) fn apply(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        if self.offset == 0.0 {
+            rms_norm(x, weight, self.eps)
+        } else {
+            rms_norm(x, &(weight + self.offset)?, self.eps)
+        }
+    }
 }
 
 pub(super) struct Mlp {
     pub(super) gate_up: GateUp,
     pub(super) down: Linear,
+    /// Gemma: the gate goes through tanh-approximated GELU instead of SiLU.
+    pub(super) gelu: bool,
 }
 
 impl Mlp {
-    /// `down(silu(gate(x)) · up(x))`.
+    /// `down(act(gate(x)) · up(x))`.
     pub(super) fn forward(&self, x: &Tensor, apply: &Apply<'_>) -> Result<Tensor> {
         let (gate, up) = match &self.gate_up {
             GateUp::Separate { gate, up } => (apply("gate_proj", gate, x)?, apply("up_proj", up, x)?),
@@ -56,14 +78,20 @@ impl Mlp {
                 (both.narrow(D::Minus1, 0, half)?, both.narrow(D::Minus1, half, half)?)
             }
         };
-        apply("down_proj", &self.down, &crate::models::fused::swiglu(&gate, &up)?)
+        let gated = if self.gelu { (gate.gelu()? * up)? } else { crate::models::fused::swiglu(&gate, &up)? };
+        apply("down_proj", &self.down, &gated)
     }
 }
 
 pub(super) struct Block {
     pub(super) input_norm: Param,
     pub(super) attention: Attention,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`).
     pub(super) post_norm: Param,
+    /// Gemma: norms of the attention's and the MLP's outputs (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`).
+    pub(super) output_norms: Option<(Param, Param)>,
     pub(super) mlp: Mlp,
     /// Bottleneck adapters after the attention and after the MLP.
     pub(super) adapters: Option<(Bottleneck, Bottleneck)>,
@@ -79,22 +107,45 @@ impl Block {
         mask: &Tensor,
         cache: Option<(&mut Option<LayerCache>, usize)>,
         prefix: Option<&(Tensor, Tensor)>,
-        eps: f64,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let normed = rms_norm(x, self.input_norm.tensor(), eps)?;
+        let norm = self.attention.norm;
+        let normed = norm.apply(x, self.input_norm.tensor())?;
         let mut attended = self.attention.forward(&normed, cos, sin, mask, cache, prefix, ctx)?;
+        if let Some((after_attention, _)) = &self.output_norms {
+            attended = norm.apply(&attended, after_attention.tensor())?;
+        }
         let adapters = self.adapters.as_ref().filter(|_| ctx.adapters_on());
         if let Some((adapter, _)) = adapters {
             attended = adapter.forward(&attended, ctx)?;
         }
         let x = (x + attended)?;
-        let normed = rms_norm(&x, self.post_norm.tensor(), eps)?;
+        let normed = norm.apply(&x, self.post_norm.tensor())?;
         let mut out = self.mlp.forward(&normed, &|_, linear: &Linear, x: &Tensor| linear.forward(x, ctx))?;
+        if let Some((_, after_mlp)) = &self.output_norms {
+            out = norm.apply(&out, after_mlp.tensor())?;
+        }
         if let Some((_, adapter)) = adapters {
             out = adapter.forward(&out, ctx)?;
         }
         x + out
+    }
+
+    /// The layer's norms by their path under the layer (`input_layernorm`, `self_attn.q_norm`, ...).
+    pub(super) fn norms(&self) -> Vec<(&'static str, &Param)> {
+        let mut out = vec![("input_layernorm", &self.input_norm)];
+        match &self.output_norms {
+            Some((after_attention, after_mlp)) => out.extend([
+                ("post_attention_layernorm", after_attention),
+                ("pre_feedforward_layernorm", &self.post_norm),
+                ("post_feedforward_layernorm", after_mlp),
+            ]),
+            None => out.push(("post_attention_layernorm", &self.post_norm)),
+        }
+        if let Some((q_norm, k_norm)) = &self.attention.qk_norm {
+            out.extend([("self_attn.q_norm", q_norm), ("self_attn.k_norm", k_norm)]);
+        }
+        out
     }
 
     /// The layer's linear modules by their path under the layer (`self_attn.q_proj`, ...).
@@ -133,7 +184,7 @@ impl Attention {
     /// where the architecture has them.
     pub(super) fn head_norms(&self, q: Tensor, k: Tensor) -> Result<(Tensor, Tensor)> {
         let Some((q_norm, k_norm)) = &self.qk_norm else { return Ok((q, k)) };
-        Ok((rms_norm(&q, q_norm.tensor(), self.eps)?, rms_norm(&k, k_norm.tensor(), self.eps)?))
+        Ok((self.norm.apply(&q, q_norm.tensor())?, self.norm.apply(&k, k_norm.tensor())?))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -154,7 +205,7 @@ impl Attention {
             let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim));
             let (q, k) = self.head_norms(split(q, self.heads)?, split(k, self.kv_heads)?)?;
             let v = split(v, self.kv_heads)?;
-            let out = crate::models::attention::attention(&q, &k, &v, cos, sin, mask)?;
+            let out = crate::models::attention::attention(&q, &k, &v, cos, sin, mask, self.logits)?;
             return self.o.forward(&out, ctx);
         }
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -175,8 +226,7 @@ impl Attention {
         let groups = self.heads / self.kv_heads;
         let k = repeat_kv(&k, groups)?;
         let v = repeat_kv(&v, groups)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let scores = self.logits.apply(&q.matmul(&k.t()?)?)?.broadcast_add(mask)?;
         let probs = crate::models::fused::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&out, ctx)

@@ -18,7 +18,6 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
 use super::{CausalLm, LayerInputs};
-use crate::models::ops::rms_norm;
 use crate::models::ForwardCtx;
 use crate::rng::Rng;
 
@@ -61,15 +60,14 @@ impl CausalLm {
             }
             None => None,
         };
-        let eps = self.config.rms_norm_eps;
         let mut x = embedded.detach();
         let mut saved = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             saved.push((x.clone(), ctx.rng_state()));
-            x = inputs.forward(layer, i, &x, eps, ctx)?.detach();
+            x = inputs.forward(layer, i, &x, ctx)?.detach();
         }
         let top = Var::from_tensor(&x)?;
-        let hidden = rms_norm(top.as_tensor(), self.norm.tensor(), eps)?;
+        let hidden = self.final_norm(top.as_tensor())?;
         let embedded = self.embed.is_trainable().then_some(embedded);
         Ok(Checkpointed { model: self, hidden, top, embedded, saved, inputs, prefix_graph })
     }
@@ -119,11 +117,10 @@ impl Checkpointed<'_> {
             return Ok(grads.sums);
         };
         drop(head);
-        let eps = model.config.rms_norm_eps;
         let mut prefix_grads: Vec<Option<(Tensor, Tensor)>> = vec![None; model.layers.len()];
         for (i, (layer, (input, rng))) in model.layers.iter().zip(saved).enumerate().rev() {
             let input = Var::from_tensor(&input)?;
-            let output = inputs.forward(layer, i, input.as_tensor(), eps, &ForwardCtx::replay(rng))?;
+            let output = inputs.forward(layer, i, input.as_tensor(), &ForwardCtx::replay(rng))?;
             let store = vjp(&output, &upstream)?;
             grads.add(&store)?;
             if let Some(kv) = &inputs.prefix {

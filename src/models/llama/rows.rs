@@ -9,10 +9,12 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{Result, Tensor};
 
+use super::block::NormStyle;
 use super::{CausalLm, KvCache, LayerCache, Linear};
 use crate::models::bottleneck::{Bottleneck, BottleneckPlan};
 use crate::models::mask::incremental_causal_mask;
-use crate::models::ops::{apply_rope, repeat_kv, rms_norm};
+use crate::models::ops::{apply_rope, repeat_kv};
+use crate::models::params::Param;
 use crate::models::ForwardCtx;
 use crate::peft::lora::{peft_names, LoraConfig};
 
@@ -29,11 +31,15 @@ struct LoraPair {
 struct LayerAdapter {
     /// By module name (`q_proj`, `qkv_proj`, ...).
     linears: HashMap<&'static str, LoraPair>,
-    input_norm: Option<Tensor>,
-    post_norm: Option<Tensor>,
-    /// Qwen3's per-head query and key norms, when the adapter trained them.
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
+    /// Norms the adapter trained, by their path under the layer (`input_layernorm`,
+    /// `self_attn.q_norm`, ...: [`super::block::Block::norms`]).
+    norms: HashMap<&'static str, Tensor>,
+}
+
+impl LayerAdapter {
+    fn norm(&self, name: &str) -> Option<&Tensor> {
+        self.norms.get(name)
+    }
 }
 
 /// A PEFT LoRA adapter prepared for serving over a shared base model.
@@ -109,13 +115,10 @@ impl ServingAdapter {
             Ok(Some(t.to_device(like.device())?.to_dtype(like.dtype())?))
         };
         for (i, (layer, block)) in layers.iter_mut().zip(&model.layers).enumerate() {
-            layer.input_norm =
-                norm_override(&format!("model.layers.{i}.input_layernorm.weight"), block.input_norm.tensor())?;
-            layer.post_norm =
-                norm_override(&format!("model.layers.{i}.post_attention_layernorm.weight"), block.post_norm.tensor())?;
-            if let Some((q_norm, k_norm)) = &block.attention.qk_norm {
-                layer.q_norm = norm_override(&format!("model.layers.{i}.self_attn.q_norm.weight"), q_norm.tensor())?;
-                layer.k_norm = norm_override(&format!("model.layers.{i}.self_attn.k_norm.weight"), k_norm.tensor())?;
+            for (name, base) in block.norms() {
+                if let Some(trained) = norm_override(&format!("model.layers.{i}.{name}.weight"), base.tensor())? {
+                    layer.norms.insert(name, trained);
+                }
             }
         }
         let norm = norm_override("model.norm.weight", model.norm.tensor())?;
@@ -250,13 +253,23 @@ impl CausalLm {
         let groups = self.groups(rows, &spans, total)?;
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let positions = Tensor::from_vec(positions, (1, total), &self.device)?;
-        let (cos, sin) = self.rope.at_rows(&positions, self.dtype)?;
-        let eps = self.config.rms_norm_eps;
+        let (global_cos, global_sin) = self.rope.at_rows(&positions, self.dtype)?;
+        let local = self.local_rope.as_ref().map(|rope| rope.at_rows(&positions, self.dtype)).transpose()?;
+        let style = self.norm_style;
         let ctx = ForwardCtx::inference();
-        let mut x = self.embed.tensor().index_select(&ids, 0)?;
+        let mut x = self.embed_rows(&ids)?;
+        let adapters: Vec<Option<&ServingAdapter>> = rows.iter().map(|r| r.adapter).collect();
         for (li, block) in self.layers.iter().enumerate() {
-            let normed =
-                norm_rows(&x, block.input_norm.tensor(), rows, &spans, eps, |a| a.layers[li].input_norm.as_ref())?;
+            // The layer's own window (Gemma's sliding layers) or the model's; Gemma 3's local RoPE.
+            let window = self.config.layer_window(li).or(self.config.sliding_window);
+            let (cos, sin) = match &local {
+                Some((cos, sin)) if self.config.layer_window(li).is_some() => (cos, sin),
+                _ => (&global_cos, &global_sin),
+            };
+            let norm = |x: &Tensor, base: &Param, name: &'static str| {
+                norm_rows(x, base.tensor(), &adapters, &spans, style, |a| a.layers[li].norm(name))
+            };
+            let normed = norm(&x, &block.input_norm, "input_layernorm")?;
             let apply = |name: &'static str, linear: &Linear, input: &Tensor| -> Result<Tensor> {
                 with_adapters(linear.forward(input, &ctx)?, input, &groups, |a| a.layers[li].linears.get(name))
             };
@@ -264,13 +277,12 @@ impl CausalLm {
             let (q, k, v) = att.project(&normed, &apply)?;
             let (q, k) = match &att.qk_norm {
                 Some((q_norm, k_norm)) => {
-                    let per_head = |y: &Tensor, n: usize, w: &Tensor, pick: fn(&LayerAdapter) -> Option<&Tensor>| {
-                        let y = y.reshape((total, n, att.head_dim))?;
-                        norm_rows(&y, w, rows, &spans, eps, |a| pick(&a.layers[li]))?.reshape((total, n * att.head_dim))
+                    let per_head = |y: &Tensor, n: usize, w: &Param, name: &'static str| {
+                        norm(&y.reshape((total, n, att.head_dim))?, w, name)?.reshape((total, n * att.head_dim))
                     };
                     (
-                        per_head(&q, att.heads, q_norm.tensor(), |l| l.q_norm.as_ref())?,
-                        per_head(&k, att.kv_heads, k_norm.tensor(), |l| l.k_norm.as_ref())?,
+                        per_head(&q, att.heads, q_norm, "self_attn.q_norm")?,
+                        per_head(&k, att.kv_heads, k_norm, "self_attn.k_norm")?,
                     )
                 }
                 None => (q, k),
@@ -279,11 +291,10 @@ impl CausalLm {
             let all_heads = |y: &Tensor, n: usize| -> Result<Tensor> {
                 y.reshape((1, total, n, att.head_dim))?.transpose(1, 2)?.contiguous()
             };
-            let q = apply_rope(&all_heads(&q, att.heads)?, &cos, &sin)?;
-            let k = apply_rope(&all_heads(&k, att.kv_heads)?, &cos, &sin)?;
+            let q = apply_rope(&all_heads(&q, att.heads)?, cos, sin)?;
+            let k = apply_rope(&all_heads(&k, att.kv_heads)?, cos, sin)?;
             let v = all_heads(&v, att.kv_heads)?;
             let group_size = att.heads / att.kv_heads;
-            let scale = 1.0 / (att.head_dim as f64).sqrt();
             let max_positions = self.rope.max_positions();
             let mut outs = Vec::with_capacity(rows.len());
             for (row, &(start, t)) in rows.iter_mut().zip(&spans) {
@@ -295,12 +306,9 @@ impl CausalLm {
                     max_positions,
                 )?;
                 let q = q.narrow(2, start, t)?;
-                let windowed = self.config.sliding_window.is_some_and(|w| past + t > w);
+                let windowed = window.is_some_and(|w| past + t > w);
                 let mask = if t > 1 || windowed {
-                    Some(
-                        incremental_causal_mask(past, t, self.config.sliding_window, &self.device)?
-                            .to_dtype(self.dtype)?,
-                    )
+                    Some(incremental_causal_mask(past, t, window, &self.device)?.to_dtype(self.dtype)?)
                 } else {
                     None
                 };
@@ -308,7 +316,7 @@ impl CausalLm {
                     // One query per head: group the query heads by their key/value head instead of
                     // repeating keys and values (heads h·g..h·g+g share key/value head h).
                     let q = q.contiguous()?.reshape((1, att.kv_heads, group_size, att.head_dim))?;
-                    let mut scores = (q.matmul(&keys.t()?)? * scale)?;
+                    let mut scores = att.logits.apply(&q.matmul(&keys.t()?)?)?;
                     if let Some(mask) = &mask {
                         scores = scores.broadcast_add(mask)?;
                     }
@@ -316,7 +324,7 @@ impl CausalLm {
                     probs.matmul(&values)?.reshape((1, att.heads * att.head_dim))?
                 } else {
                     let (keys, values) = (repeat_kv(&keys, group_size)?, repeat_kv(&values, group_size)?);
-                    let mut scores = (q.contiguous()?.matmul(&keys.t()?)? * scale)?;
+                    let mut scores = att.logits.apply(&q.contiguous()?.matmul(&keys.t()?)?)?;
                     if let Some(mask) = &mask {
                         scores = scores.broadcast_add(mask)?;
                     }
@@ -326,12 +334,19 @@ impl CausalLm {
                 outs.push(out);
             }
             let attended = if outs.len() == 1 { outs.pop().expect("one row") } else { Tensor::cat(&outs, 0)? };
-            let attended = apply("o_proj", &att.o, &attended)?;
+            let mut attended = apply("o_proj", &att.o, &attended)?;
+            if let Some((after_attention, _)) = &block.output_norms {
+                attended = norm(&attended, after_attention, "post_attention_layernorm")?;
+            }
             let attended = with_bottlenecks(attended, &groups, &ctx, |a| a.bottlenecks.get(li).map(|b| &b.0))?;
             x = (x + attended)?;
-            let normed =
-                norm_rows(&x, block.post_norm.tensor(), rows, &spans, eps, |a| a.layers[li].post_norm.as_ref())?;
-            let out = block.mlp.forward(&normed, &apply)?;
+            let pre_mlp =
+                if block.output_norms.is_some() { "pre_feedforward_layernorm" } else { "post_attention_layernorm" };
+            let normed = norm(&x, &block.post_norm, pre_mlp)?;
+            let mut out = block.mlp.forward(&normed, &apply)?;
+            if let Some((_, after_mlp)) = &block.output_norms {
+                out = norm(&out, after_mlp, "post_feedforward_layernorm")?;
+            }
             let out = with_bottlenecks(out, &groups, &ctx, |a| a.bottlenecks.get(li).map(|b| &b.1))?;
             x = (x + out)?;
         }
@@ -342,7 +357,7 @@ impl CausalLm {
         let last = Tensor::from_vec(last, rows.len(), &self.device)?;
         let hidden = x.index_select(&last, 0)?;
         let row_spans: Vec<(usize, usize)> = (0..rows.len()).map(|i| (i, 1)).collect();
-        let hidden = norm_rows(&hidden, self.norm.tensor(), rows, &row_spans, eps, |a| a.norm.as_ref())?;
+        let hidden = norm_rows(&hidden, self.norm.tensor(), &adapters, &row_spans, style, |a| a.norm.as_ref())?;
         let logits = self.logits(&hidden, &ctx)?;
         if self.lm_head.is_none() {
             return Ok(logits);
@@ -421,19 +436,19 @@ fn with_bottlenecks(
 fn norm_rows<'a>(
     x: &Tensor,
     base: &Tensor,
-    rows: &[Row<'a>],
+    adapters: &[Option<&'a ServingAdapter>],
     spans: &[(usize, usize)],
-    eps: f64,
+    style: NormStyle,
     pick: impl Fn(&'a ServingAdapter) -> Option<&'a Tensor>,
 ) -> Result<Tensor> {
-    let weight_of = |row: &Row<'a>| -> Option<&'a Tensor> { row.adapter.and_then(&pick) };
-    if rows.iter().all(|r| weight_of(r).is_none()) {
-        return rms_norm(x, base, eps);
+    let weight_of = |adapter: &Option<&'a ServingAdapter>| -> Option<&'a Tensor> { adapter.and_then(&pick) };
+    if adapters.iter().all(|a| weight_of(a).is_none()) {
+        return style.apply(x, base);
     }
-    let parts = rows
+    let parts = adapters
         .iter()
         .zip(spans)
-        .map(|(row, &(start, t))| rms_norm(&x.narrow(0, start, t)?, weight_of(row).unwrap_or(base), eps))
+        .map(|(adapter, &(start, t))| style.apply(&x.narrow(0, start, t)?, weight_of(adapter).unwrap_or(base)))
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&parts, 0)
 }
