@@ -123,6 +123,22 @@ PHI3_TEMPLATE = (
     "{%- endif %}"
 )
 
+# Gemma style: '<start_of_turn>' + role ('model' for the assistant) + '\n' + content +
+# '<end_of_turn>\n', BOS first; a system message is folded into the first user turn.
+GEMMA_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "{%- set first = messages[0]['content'] + '\\n\\n' %}{%- set rest = messages[1:] %}\n"
+    "{%- else %}{%- set first = '' %}{%- set rest = messages %}{%- endif %}\n"
+    "{%- for message in rest %}\n"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}\n"
+    "{{- '<start_of_turn>' + role + '\\n' + (first if loop.first else '') + message['content'] + '<end_of_turn>\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "{{- '<start_of_turn>model\\n' }}\n"
+    "{%- endif %}"
+)
+
 # initializer_range 0.2 instead of the usual 0.02: at 0.02 the residual stream of such a
 # shallow model is almost just the token embedding, so the tied-embedding models greedily
 # repeat their last token forever (a useless KV-cache test) and top-2 logit margins get
@@ -196,6 +212,35 @@ MODEL_SPECS = {
                                      "original_max_position_embeddings": 4},
                     original_max_position_embeddings=4, tie_word_embeddings=False, sliding_window=6),
         lora_targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        rslora=False,
+    ),
+    # Gemma 2: (1 + w) norms before and after attention and the MLP, GeGLU (tanh GELU),
+    # embeddings times sqrt(hidden), attention scaled by query_pre_attn_scalar^-0.5 (24, not
+    # head_dim), attention-logit and final-logit soft-capping small enough to bind, a 6-token
+    # window on layer 0 only. Untied embeddings: tied (as real Gemma models are; gemma3 covers
+    # it), this 2-layer model greedily repeats one token, a useless decoding reference.
+    "gemma2": dict(
+        arch="Gemma2ForCausalLM", seed=700, template=GEMMA_TEMPLATE, add_bos=True,
+        extra_specials=["<start_of_turn>", "<end_of_turn>"], eos_extra="<end_of_turn>",
+        config=dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                    hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                    query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=20.0,
+                    sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                    tie_word_embeddings=False),
+        rslora=False,
+    ),
+    # Gemma 3 (text): as Gemma 2 without soft-capping, plus (1 + w) per-head query/key norms and a
+    # RoPE per layer type (local theta 10000; global theta 1e6 with linear scaling 4). Untied for
+    # the same reason as gemma2 (the tied head is the path llama3 and qwen2 cover).
+    "gemma3": dict(
+        arch="Gemma3ForCausalLM", seed=800, template=GEMMA_TEMPLATE, add_bos=True,
+        extra_specials=["<start_of_turn>", "<end_of_turn>"], eos_extra="<end_of_turn>",
+        config=dict(rope_parameters={
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}},
+                    hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                    query_pre_attn_scalar=24, sliding_window=6,
+                    layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False),
         rslora=False,
     ),
 }
@@ -314,7 +359,7 @@ def model_class(arch):
 def build_config(spec, tok):
     cls = model_class(spec["arch"]).config_class
     return cls(
-        vocab_size=tok.get_vocab_size(), **COMMON_ARCH, **spec["config"],
+        vocab_size=tok.get_vocab_size(), **{**COMMON_ARCH, **spec["config"]},
         bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"),
         pad_token_id=tok.token_to_id("<pad>"),
     )
@@ -330,6 +375,8 @@ def build_model(spec, config):
     with torch.no_grad():
         for module in model.modules():
             if type(module).__name__.endswith("RMSNorm"):
+                # Gemma's norms scale by (1 + weight), so these scale by about 2: enough for the
+                # layers of a 2-layer model to outweigh its embeddings (times sqrt(hidden)).
                 module.weight.copy_(1.0 + NORM_STD * torch.randn(module.weight.shape, generator=gen))
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
@@ -417,10 +464,11 @@ def base_references(spec, model_dir, input_ids):
     ref["greedy_ids"] = greedy(model, input_ids[:1, :PROMPT_LEN], "base")
     # Not stored: how far transformers' default (SDPA) path is from eager, as a sense of the
     # float32 noise floor a Rust comparison has to tolerate.
-    sdpa = load_model(spec, model_dir, attn="sdpa")
-    with torch.no_grad():
-        diff = (sdpa(input_ids=input_ids).logits - logits).abs().max().item()
-    print(f"  eager vs sdpa logits max |diff| = {diff:.3e}")
+    if model._supports_sdpa:  # Gemma 2 has none (SDPA cannot soft-cap)
+        sdpa = load_model(spec, model_dir, attn="sdpa")
+        with torch.no_grad():
+            diff = (sdpa(input_ids=input_ids).logits - logits).abs().max().item()
+        print(f"  eager vs sdpa logits max |diff| = {diff:.3e}")
     return ref
 
 
@@ -491,8 +539,15 @@ def lora_references(spec, model_dir, adapter_dir, input_ids, prefix):
 def check_sliding_window(spec, model_dir, input_ids, logits):
     """The window must matter for the reference, or the Rust test of it proves nothing."""
     window = spec["config"]["sliding_window"]
-    full = load_model(spec, model_dir, sliding_window=None)
-    assert full.config.sliding_window is None
+    layer_types = spec["config"].get("layer_types")
+    if layer_types:
+        # Gemma: the window applies to the "sliding_attention" layers (layer 0 here).
+        assert layer_types[0] == "sliding_attention"
+        # A window as long as the sequence; switching the layer type would switch Gemma 3's RoPE too.
+        full = load_model(spec, model_dir, sliding_window=SEQ_LEN)
+    else:
+        full = load_model(spec, model_dir, sliding_window=None)
+        assert full.config.sliding_window is None
     with torch.no_grad():
         full_logits = full(input_ids=input_ids).logits
         # Independent of the masking code path: how many keys the last query attends to.
@@ -539,6 +594,16 @@ def check_longrope(spec, model_dir, input_ids, logits):
     print(f"  longrope: first {short} positions, short vs long factors logits max |diff| {diff:.3e}")
     assert diff > 1e-3, "longrope short and long factors give the same logits"
     return short_logits
+
+
+def check_softcapping(spec, model_dir, input_ids, logits):
+    """Each soft-cap must change the logits, or a Rust test could pass without it."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        uncapped = load_model(spec, model_dir, **{key: None})
+        with torch.no_grad():
+            diff = (uncapped(input_ids=input_ids).logits - logits).abs().max().item()
+        print(f"  {key}={spec['config'][key]} vs none: logits max |diff| {diff:.3e}")
+        assert diff > 1e-3, f"{key} does not bind"
 
 
 def check_tied_embeddings(spec, model_dir, ref):
@@ -621,9 +686,11 @@ def write_references(spec, model_dir, vocab_size):
     check_tied_embeddings(spec, model_dir, ref)
     if "sliding_window" in spec["config"]:
         check_sliding_window(spec, model_dir, input_ids, ref["logits"])
-    if spec["config"]["rope_parameters"]["rope_type"] == "llama3":
+    if spec["config"]["rope_parameters"].get("rope_type") == "llama3":
         check_rope_scaling(spec, model_dir, input_ids, ref["logits"])
-    if spec["config"]["rope_parameters"]["rope_type"] == "longrope":
+    if spec["config"].get("attn_logit_softcapping"):
+        check_softcapping(spec, model_dir, input_ids, ref["logits"])
+    if spec["config"]["rope_parameters"].get("rope_type") == "longrope":
         ref["short_logits"] = check_longrope(spec, model_dir, input_ids, ref["logits"])
 
     lora_dir = os.path.join(model_dir, "lora")

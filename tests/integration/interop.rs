@@ -68,6 +68,7 @@ fn a_trained_lora_adapter_loads_in_peft_with_the_same_logits() {
         ("qwen2", Method::Lora, true),
         ("qwen3", Method::Lora, true),
         ("phi3", Method::Lora, true),
+        ("gemma2", Method::Lora, true),
         ("llama", Method::Qlora, false),
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -94,7 +95,7 @@ fn a_trained_lora_adapter_loads_in_peft_with_the_same_logits() {
 fn a_fully_fine_tuned_model_loads_in_transformers_with_the_same_logits() {
     let Some(python) = torch_python() else { return };
     // qwen3: the per-head query/key norms are trained and written back; phi3: fused projections.
-    for name in ["llama3", "qwen3", "phi3"] {
+    for name in ["llama3", "qwen3", "phi3", "gemma3"] {
         let dir = tempfile::tempdir().unwrap();
         let mut config = crate::training::config_for(dir.path(), Method::Full, name);
         config.epochs = 2;

@@ -15,7 +15,7 @@ use ferrotune::models::ForwardCtx;
 use ferrotune::peft::adapter::load_adapter;
 use ferrotune::peft::lora::LoraPlan;
 
-pub const MODELS: [&str; 6] = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3"];
+pub const MODELS: [&str; 8] = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
@@ -242,14 +242,16 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         one_plain_step(&lora, &ids);
         assert_eq!(nonzero_gradients(&lora, &ids), Vec::<String>::new(), "{name}: LoRA with norms");
         let count = lora.trainable.params.len();
-        // Qwen3 adds each layer's per-head q_norm and k_norm (PEFT's `norm` matches them too).
-        let head_norms = if name == "qwen3" { 2 * 2 } else { 0 };
+        // Qwen3 and Gemma 3 add each layer's per-head q_norm and k_norm (PEFT's `norm` matches them
+        // too); Gemma 2 and 3 each layer's norms after attention and after the MLP.
+        let head_norms = if ["qwen3", "gemma3"].contains(&name) { 2 * 2 } else { 0 };
+        let output_norms = if name.starts_with("gemma") { 2 * 2 } else { 0 };
         // Seven linears per layer, or Phi-3's four (fused qkv_proj and gate_up_proj).
         let modules = lora.config.linear_modules().len();
         assert_eq!(modules, if name == "phi3" { 4 } else { 7 }, "{name}");
         assert_eq!(
             count,
-            2 * modules * 2 + 2 * 2 + 1 + head_norms,
+            2 * modules * 2 + 2 * 2 + 1 + head_norms + output_norms,
             "{name}: A and B for every module x 2 layers, plus the norms"
         );
 
