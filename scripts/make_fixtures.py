@@ -606,6 +606,18 @@ def check_softcapping(spec, model_dir, input_ids, logits):
         assert diff > 1e-3, f"{key} does not bind"
 
 
+def check_local_rope(spec, model_dir, input_ids, logits):
+    """Gemma 3's sliding layers have their own RoPE: using the global one must change the logits."""
+    import copy
+    rope = copy.deepcopy(spec["config"]["rope_parameters"])
+    rope["sliding_attention"] = dict(rope["full_attention"])
+    one_rope = load_model(spec, model_dir, rope_parameters=rope)
+    with torch.no_grad():
+        diff = (one_rope(input_ids=input_ids).logits - logits).abs().max().item()
+    print(f"  local vs global RoPE on the sliding layers: logits max |diff| {diff:.3e}")
+    assert diff > 1e-3, "the sliding layers' RoPE does not matter"
+
+
 def check_tied_embeddings(spec, model_dir, ref):
     """With tied embeddings transformers neither saves lm_head.weight nor lists it as a
     parameter, so its gradient is folded into grad.model.embed_tokens.weight."""
@@ -688,6 +700,8 @@ def write_references(spec, model_dir, vocab_size):
         check_sliding_window(spec, model_dir, input_ids, ref["logits"])
     if spec["config"]["rope_parameters"].get("rope_type") == "llama3":
         check_rope_scaling(spec, model_dir, input_ids, ref["logits"])
+    if "sliding_attention" in spec["config"]["rope_parameters"]:
+        check_local_rope(spec, model_dir, input_ids, ref["logits"])
     if spec["config"].get("attn_logit_softcapping"):
         check_softcapping(spec, model_dir, input_ids, ref["logits"])
     if spec["config"]["rope_parameters"].get("rope_type") == "longrope":
