@@ -16,7 +16,12 @@ For each name on the command line (default: qwen2 qwen3 llama-spm), writes
   tests/fixtures/gguf/<name>.reference.json        token ids of sample texts and the chat-template
                                                    rendering, from the same loader
 
-qwen2 and qwen3 are those fixtures with their byte-level BPE vocabularies ("gpt2"). llama-spm is
+qwen2 and qwen3 are those fixtures with their byte-level BPE vocabularies ("gpt2"). phi3 is the phi3
+fixture as llama.cpp writes Phi-3 files (fused `attn_qkv` and `ffn_up`, LongRoPE as
+`rope_factors_long`/`rope_factors_short` tensors and `rope.scaling.*` metadata, the sliding
+window), in f32 and with the SentencePiece vocabulary below: transformers' GGUF loader drops
+LongRoPE, so its logits reference is the safetensors fixture's (transformers on the same
+weights), and only the tokenizer and chat template come from the GGUF loader. llama-spm is
 the mistral fixture's weights as llama.cpp writes a Mistral or Llama 2 file: architecture
 `llama` (query and key rows permuted for llama.cpp's interleaved rotation, no sliding window)
 with a SentencePiece-style vocabulary ("llama": pieces with `\u2581` for spaces, `<0xHH>` byte
@@ -27,6 +32,7 @@ Needs scripts/requirements-fixtures.txt (gguf included); run after make_fixtures
     python scripts/make_gguf_fixtures.py [qwen2 qwen3 llama-spm]
 """
 import json
+import math
 import os
 import sys
 import tempfile
@@ -45,6 +51,7 @@ FIXTURES = {
     "qwen2": ("qwen2", gguf.MODEL_ARCH.QWEN2, "qwen2"),
     "qwen3": ("qwen3", gguf.MODEL_ARCH.QWEN3, "qwen2"),
     "llama-spm": ("mistral", gguf.MODEL_ARCH.LLAMA, None),
+    "phi3": ("phi3", gguf.MODEL_ARCH.PHI3, None),
 }
 # Mistral-Instruct's template shape: turns in [INST] ... [/INST], BOS once, EOS after answers.
 SPM_TEMPLATE = (
@@ -52,6 +59,12 @@ SPM_TEMPLATE = (
     "{%- if message['role'] == 'user' %}{{- '[INST] ' + message['content'] + ' [/INST]' }}"
     "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}"
     "{%- endfor %}"
+)
+# Phi-3's: '<|role|>' turns closed by '<|end|>', here spelled in plain text (the SentencePiece
+# vocabulary has no such tokens).
+PHI3_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
 )
 SPACE = "\u2581"
 SAMPLES = [
@@ -135,8 +148,20 @@ def write_gguf(name, path):
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    if arch == gguf.MODEL_ARCH.LLAMA:
+    quantize = arch != gguf.MODEL_ARCH.PHI3
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
+    if arch == gguf.MODEL_ARCH.PHI3:
+        rope = config["rope_parameters"]
+        original = rope["original_max_position_embeddings"]
+        factor = config["max_position_embeddings"] / original
+        writer.add_rope_dimension_count(config["head_dim"])
+        writer.add_sliding_window(config["sliding_window"] or 0)
+        writer.add_rope_scaling_orig_ctx_len(original)
+        # llama.cpp's converter: the attention factor LongRoPE's paper suggests.
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(original)))
+        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    elif arch == gguf.MODEL_ARCH.LLAMA:
         writer.add_rope_dimension_count(config["head_dim"])
     else:
         writer.add_key_length(config["head_dim"])
@@ -164,9 +189,9 @@ def write_gguf(name, path):
         writer.add_unk_token_id(0)
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
-        writer.add_add_bos_token(True)
+        writer.add_add_bos_token(arch != gguf.MODEL_ARCH.PHI3)
         writer.add_add_eos_token(False)
-        writer.add_chat_template(SPM_TEMPLATE)
+        writer.add_chat_template(PHI3_TEMPLATE if arch == gguf.MODEL_ARCH.PHI3 else SPM_TEMPLATE)
 
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     for hf_name in sorted(weights):
@@ -178,7 +203,7 @@ def write_gguf(name, path):
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, f"no GGUF name for {hf_name}"
         # Like llama.cpp's Q8_0 files: 2-D weights quantized, norms and biases kept in f32.
-        if tensor.ndim == 2 and not hf_name.endswith("norm.weight"):
+        if quantize and tensor.ndim == 2 and not hf_name.endswith("norm.weight"):
             data = gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
@@ -199,20 +224,12 @@ def references(name, path):
     field = gguf.GGUFReader(path).fields.get(f"{config.model_type}.attention.key_length")
     if field is not None:
         config.head_dim = int(field.parts[field.data[0]][0])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, config=config, dtype=torch.float32)
-    model = model.eval()
     source = FIXTURES[name][0]
-    input_ids = load_file(os.path.join(MODELS, source, "reference.safetensors"))["input_ids"]
+    fixture = load_file(os.path.join(MODELS, source, "reference.safetensors"))
+    input_ids = fixture["input_ids"]
     rendered = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     prompt = tok.encode(rendered, add_special_tokens=False)
-    with torch.no_grad():
-        logits = model(input_ids=input_ids).logits
-        greedy = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                                pad_token_id=None)[0, len(prompt):]
     stem = os.path.join(OUT, name)
-    save_file({"input_ids": input_ids, "logits": logits.contiguous(), "greedy_ids": greedy.contiguous()},
-              stem + ".reference.safetensors")
     document = {
         "samples": SAMPLES,
         "encodings": [tok.encode(s, add_special_tokens=False) for s in SAMPLES],
@@ -225,6 +242,19 @@ def references(name, path):
     with open(stem + ".reference.json", "w", encoding="utf-8") as f:
         json.dump(document, f, indent=1, ensure_ascii=False)
         f.write("\n")
+    if FIXTURES[name][1] == gguf.MODEL_ARCH.PHI3:
+        save_file({"input_ids": input_ids, "logits": fixture["logits"]}, stem + ".reference.safetensors")
+        print(f"{name}: {os.path.getsize(path)} bytes; logits reference from the safetensors fixture")
+        return
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, config=config, dtype=torch.float32)
+    model = model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+        greedy = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                pad_token_id=None)[0, len(prompt):]
+    save_file({"input_ids": input_ids, "logits": logits.contiguous(), "greedy_ids": greedy.contiguous()},
+              stem + ".reference.safetensors")
     # Without the sliding window, which a llama-architecture file does not carry.
     original = AutoModelForCausalLM.from_pretrained(os.path.join(MODELS, source), dtype=torch.float32,
                                                     sliding_window=None).eval()

@@ -1,4 +1,4 @@
-//! GGUF base models (llama, qwen2 and qwen3 architectures): the configuration from the
+//! GGUF base models (llama, qwen2, qwen3 and phi3 architectures): the configuration from the
 //! `<arch>.*` metadata, the weights under transformers' names (kept quantized where the file has
 //! them quantized), and the tokenizer and chat template from the `tokenizer.*` metadata.
 //!
@@ -48,12 +48,13 @@ const ARCHITECTURES: [(&str, &str, &str); 3] = [
 fn architecture(content: &Content) -> Result<(&'static str, &'static str, &'static str)> {
     let arch = meta(content, "general.architecture")?.to_string()?.clone();
     ARCHITECTURES.into_iter().find(|(name, _, _)| *name == arch).ok_or_else(|| {
-        candle_core::Error::Msg(format!("GGUF architecture {arch:?} is not supported (llama, qwen2, qwen3)"))
+        candle_core::Error::Msg(format!("GGUF architecture {arch:?} is not supported (llama, qwen2, qwen3, phi3)"))
     })
 }
 
-/// The model's configuration as a transformers `config.json` would state it.
-pub fn config_json(content: &Content) -> Result<serde_json::Value> {
+/// The model's configuration as a transformers `config.json` would state it (`file` is read for
+/// Phi-3's LongRoPE factors, which llama.cpp stores as tensors).
+pub fn config_json(content: &Content, file: &mut std::fs::File) -> Result<serde_json::Value> {
     let (arch, model_type, class) = architecture(content)?;
     let key = |name: &str| format!("{arch}.{name}");
     let u = |name: &str| -> Result<u32> { meta(content, &key(name))?.to_u32() };
@@ -65,7 +66,27 @@ pub fn config_json(content: &Content) -> Result<serde_json::Value> {
     };
     let eps = meta(content, &key("attention.layer_norm_rms_epsilon"))?.to_f32()?;
     let theta = content.metadata.get(&key("rope.freq_base")).and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
-    Ok(json!({
+    let mut extra = serde_json::Map::new();
+    if arch == "phi3" {
+        let window = opt_u32(content, &key("attention.sliding_window")).filter(|&w| w > 0);
+        extra.insert("sliding_window".into(), json!(window));
+        if content.tensor_infos.contains_key("rope_factors_long.weight") {
+            let factors = |name: &str| -> Result<Vec<f32>> {
+                content.tensor(file, name, &Device::Cpu)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
+            };
+            let original = u("rope.scaling.original_context_length")?;
+            let mut rope = json!({"rope_type": "longrope", "rope_theta": theta as f64,
+                "long_factor": factors("rope_factors_long.weight")?,
+                "short_factor": factors("rope_factors_short.weight")?,
+                "original_max_position_embeddings": original});
+            if let Some(factor) = content.metadata.get(&key("rope.scaling.attn_factor")).and_then(|v| v.to_f32().ok()) {
+                rope["attention_factor"] = json!(factor as f64);
+            }
+            extra.insert("rope_parameters".into(), rope);
+            extra.insert("original_max_position_embeddings".into(), json!(original));
+        }
+    }
+    let mut config = json!({
         "architectures": [class],
         "model_type": model_type,
         "vocab_size": vocab,
@@ -84,11 +105,13 @@ pub fn config_json(content: &Content) -> Result<serde_json::Value> {
         "bos_token_id": opt_u32(content, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": opt_u32(content, "tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
-    }))
+    });
+    config.as_object_mut().expect("an object").extend(extra);
+    Ok(config)
 }
 
-/// transformers' name for a GGUF tensor name.
-fn hf_name(gguf: &str) -> Option<String> {
+/// transformers' name for a GGUF tensor name of architecture `arch`.
+fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     let top = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -111,6 +134,9 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
         "ffn_gate" => "mlp.gate_proj",
+        // Phi-3's fused projections.
+        "attn_qkv" => "self_attn.qkv_proj",
+        "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         _ => return None,
@@ -124,9 +150,10 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
     let mut file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
     let content =
         Content::read(&mut file).map_err(|e| anyhow::anyhow!("{} is not a GGUF file: {e}", path.display()))?;
-    let raw_config = config_json(&content)?;
+    let raw_config = config_json(&content, &mut file)?;
     let config = ModelConfig::from_json(raw_config)?;
-    let permuted = architecture(&content)?.0 == "llama";
+    let arch = architecture(&content)?.0;
+    let permuted = arch == "llama";
     let device = Device::Cpu;
     let mut dense = HashMap::new();
     let mut quantized = HashMap::new();
@@ -134,9 +161,12 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let Some(hf) = hf_name(name) else {
+        let Some(hf) = hf_name(name, arch) else {
             if name == "rope_freqs.weight" {
                 continue; // llama3 rope factors, recomputed from the metadata-free default
+            }
+            if name.starts_with("rope_factors_") {
+                continue; // Phi-3's LongRoPE factors, read into the configuration
             }
             anyhow::bail!("unexpected tensor {name} in a {} GGUF file", config.model_type);
         };
@@ -265,6 +295,19 @@ pub fn tokenizer(content: &Content) -> anyhow::Result<ChatTokenizer> {
                     sentencepiece_merges(&tokens, &scores)
                 }
             };
+            // transformers' LlamaTokenizer (not legacy) puts a `▁` before the text's first piece;
+            // for Phi-3 a normalizer puts one before the text and turns every space into `▁` (so a
+            // text starting with a space gets two), as Phi-3's own tokenizer.json does.
+            let (normalizer, pre_tokenizer) = if architecture(content)?.0 == "phi3" {
+                let normalizer = json!({"type": "Sequence", "normalizers": [
+                    {"type": "Prepend", "prepend": "\u{2581}"},
+                    {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]});
+                (normalizer, serde_json::Value::Null)
+            } else {
+                let metaspace = json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first",
+                    "split": false});
+                (serde_json::Value::Null, metaspace)
+            };
             // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
             let add_bos =
                 content.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(true);
@@ -282,9 +325,8 @@ pub fn tokenizer(content: &Content) -> anyhow::Result<ChatTokenizer> {
             json!({
                 "version": "1.0", "truncation": null, "padding": null,
                 "added_tokens": added_tokens(&tokens, &types, |_| false),
-                "normalizer": null,
-                // transformers' LlamaTokenizer (not legacy): a `▁` before the text's first piece.
-                "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+                "normalizer": normalizer,
+                "pre_tokenizer": pre_tokenizer,
                 "post_processor": post_processor,
                 "decoder": {"type": "Sequence", "decoders": [
                     {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
@@ -390,7 +432,7 @@ pub fn materialize(gguf: &Path, dir: &Path) -> anyhow::Result<()> {
     let mut file = std::fs::File::open(&gguf)?;
     let content =
         Content::read(&mut file).map_err(|e| anyhow::anyhow!("{} is not a GGUF file: {e}", gguf.display()))?;
-    let config = config_json(&content)?;
+    let config = config_json(&content, &mut file)?;
     ModelConfig::from_json(config.clone())?;
     let tokenizer = tokenizer(&content)?;
     std::fs::create_dir_all(dir)?;
