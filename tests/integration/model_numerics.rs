@@ -85,6 +85,7 @@ fn logits_equal_transformers() {
         let reference = reference(name);
         let model = load(name, |_| AdaptationSpec::None);
         let diff = max_abs_diff(&logits(&model, &input_ids(&reference)), &reference["logits"]);
+        eprintln!("{name}: max |logits - transformers| = {diff:.2e}");
         assert!(diff <= 1e-4, "{name}: max |logits - transformers| = {diff}");
     }
 }
@@ -95,6 +96,7 @@ fn logits_with_a_lora_adapter_equal_peft() {
         let reference = reference(name);
         let model = load(name, |_| AdaptationSpec::Lora(saved_adapter(name, "lora", false)));
         let diff = max_abs_diff(&logits(&model, &input_ids(&reference)), &reference["lora_logits"]);
+        eprintln!("{name}: max |LoRA logits - peft| = {diff:.2e}");
         assert!(diff <= 1e-4, "{name}: max |lora logits - peft| = {diff}");
         assert!(max_abs_diff(&reference["lora_logits"], &reference["logits"]) > 1e-2, "the adapter changes the logits");
     }
@@ -138,6 +140,7 @@ fn assert_grads_match(
 ) {
     let grads = loss.backward().unwrap();
     let mut checked = 0;
+    let mut worst = 0f32;
     for p in &model.trainable.params {
         let ours = grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{context}: no gradient for {}", p.name));
         let theirs = reference
@@ -145,8 +148,10 @@ fn assert_grads_match(
             .unwrap_or_else(|| panic!("{context}: no reference gradient for {}", p.name));
         let relative = max_abs_diff(ours, theirs) / max_abs(theirs).max(1e-12);
         assert!(relative <= 1e-3, "{context}: gradient of {} differs by {relative} (relative)", p.name);
+        worst = worst.max(relative);
         checked += 1;
     }
+    eprintln!("{context} {prefix}: {checked} gradients, worst relative difference {worst:.2e}");
     let expected = reference.keys().filter(|k| k.starts_with(prefix)).count();
     assert_eq!(checked, expected, "{context}: every reference gradient is compared");
 }
