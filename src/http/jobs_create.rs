@@ -286,7 +286,8 @@ async fn check_quantization(catalog: &Catalog, name: &str, hyperparameters: &Val
         Some(ModelSource::Gguf(file)) => tokio::task::spawn_blocking(move || {
             let mut reader = std::fs::File::open(file).ok()?;
             let content = candle_core::quantized::gguf_file::Content::read(&mut reader).ok()?;
-            crate::models::config::ModelConfig::from_json(crate::models::gguf::config_json(&content).ok()?).ok()
+            crate::models::config::ModelConfig::from_json(crate::models::gguf::config_json(&content, &mut reader).ok()?)
+                .ok()
         })
         .await
         .ok()

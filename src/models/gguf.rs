@@ -39,10 +39,11 @@ fn opt_u32(content: &Content, key: &str) -> Option<u32> {
 }
 
 /// The GGUF architectures we read: (llama.cpp's name, transformers' `model_type`, class).
-const ARCHITECTURES: [(&str, &str, &str); 3] = [
+const ARCHITECTURES: [(&str, &str, &str); 4] = [
     ("llama", "llama", "LlamaForCausalLM"),
     ("qwen2", "qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "qwen3", "Qwen3ForCausalLM"),
+    ("phi3", "phi3", "Phi3ForCausalLM"),
 ];
 
 fn architecture(content: &Content) -> Result<(&'static str, &'static str, &'static str)> {
@@ -71,7 +72,7 @@ pub fn config_json(content: &Content, file: &mut std::fs::File) -> Result<serde_
         let window = opt_u32(content, &key("attention.sliding_window")).filter(|&w| w > 0);
         extra.insert("sliding_window".into(), json!(window));
         if content.tensor_infos.contains_key("rope_factors_long.weight") {
-            let factors = |name: &str| -> Result<Vec<f32>> {
+            let mut factors = |name: &str| -> Result<Vec<f32>> {
                 content.tensor(file, name, &Device::Cpu)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
             };
             let original = u("rope.scaling.original_context_length")?;
