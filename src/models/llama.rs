@@ -377,15 +377,18 @@ impl CausalLm {
         let prefix = self.prefix.as_ref().filter(|_| ctx.adapters_on());
         let kv = prefix.map(|p| p.layers(&self.config, ctx)).transpose()?;
         let n = kv.as_ref().and_then(|kv| kv.first()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
-        // With a prefix, every token also sees the prefix, which comes before position 0.
+        // With a prefix, the tokens come after it (positions n, n + 1, ...) and see it, within
+        // their window when they have one (as transformers sees a prefix in the KV cache).
         let (mask, windowed, positions) = match n {
             0 => (mask.clone(), windowed, positions.clone()),
             n => {
-                let open = |mask: &Tensor| -> Result<Tensor> {
-                    let (b, _, t, _) = mask.dims4()?;
-                    Tensor::cat(&[&Tensor::zeros((b, 1, t, n), mask.dtype(), mask.device())?, mask], 3)
+                let gemma_window = self.config.gemma.as_ref().map(|g| g.window);
+                let mask = super::mask::with_prefix(mask, positions, n, self.config.sliding_window)?;
+                let windowed = match windowed {
+                    Some(windowed) => Some(super::mask::with_prefix(&windowed, positions, n, gemma_window)?),
+                    None => None,
                 };
-                (open(mask)?, windowed.as_ref().map(open).transpose()?, (positions + n as f64)?)
+                (mask, windowed, (positions + n as f64)?)
             }
         };
         let (cos, sin) = self.rope.at(&positions, self.dtype)?;

@@ -58,6 +58,28 @@ pub fn windowed(mask: &Tensor, positions: &Tensor, window: usize) -> Result<Tens
     mask.broadcast_add(&far.where_cond(&closed, &open)?.unsqueeze(1)?.to_dtype(mask.dtype())?)
 }
 
+/// `mask (b or 1, 1, t, t)` with `n` prefix columns in front: the prefix holds positions
+/// `0..n` and the tokens `n + positions`, so a token sees prefix position j when it is fewer than
+/// `window` positions back (always, without a window).
+pub fn with_prefix(mask: &Tensor, positions: &Tensor, n: usize, window: Option<usize>) -> Result<Tensor> {
+    let (mb, _, t, _) = mask.dims4()?;
+    let (b, _) = positions.dims2()?;
+    let columns = match window {
+        None => Tensor::zeros((mb, 1, t, n), mask.dtype(), mask.device())?,
+        Some(window) => {
+            let query = (positions.to_dtype(DType::F32)? + n as f64)?.unsqueeze(2)?;
+            let keys = Tensor::arange(0u32, n as u32, mask.device())?.to_dtype(DType::F32)?.reshape((1, 1, n))?;
+            let far = query.broadcast_sub(&keys)?.ge(window as f64)?;
+            let closed = Tensor::full(MASKED, (b, t, n), mask.device())?;
+            let open = Tensor::zeros((b, t, n), DType::F32, mask.device())?;
+            far.where_cond(&closed, &open)?.unsqueeze(1)?.to_dtype(mask.dtype())?
+        }
+    };
+    let (cb, ..) = columns.dims4()?;
+    let mask = if cb != mb { mask.broadcast_as((cb, 1, t, t))?.contiguous()? } else { mask.clone() };
+    Tensor::cat(&[&columns, &mask], 3)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -112,8 +112,10 @@ fn a_fully_fine_tuned_model_loads_in_transformers_with_the_same_logits() {
 fn a_trained_prefix_loads_in_peft_with_the_same_logits() {
     let Some(python) = torch_python() else { return };
     // llama (GQA: 4 query heads over 2 key/value heads) and qwen2; trained with PEFT's MLP
-    // reparameterisation, saved in PEFT's inference form.
-    for name in ["llama", "qwen2"] {
+    // reparameterisation, saved in PEFT's inference form. mistral and gemma2: a 6-token window
+    // (on every layer, on gemma2's sliding one) over 12 tokens, so later tokens no longer see
+    // the prefix, as in transformers, where the prefix is the KV cache's first positions.
+    for name in ["llama", "qwen2", "mistral", "gemma2"] {
         let dir = tempfile::tempdir().unwrap();
         let mut config = crate::training::config_for(dir.path(), Method::Prefix, name);
         config.prefix_length = 5;
