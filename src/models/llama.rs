@@ -13,21 +13,22 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::bottleneck::{Bottleneck, BottleneckPlan};
 use super::config::ModelConfig;
-use super::linear::{Linear, LinearWeight, LoraWeights};
+use super::linear::Linear;
 use super::mask::incremental_causal_mask;
 use super::params::{Param, TrainableParams};
 use super::prefix::{Prefix, PrefixPlan};
 use super::rope::RopeTables;
-use super::weights::take;
 use super::ForwardCtx;
 use crate::peft::lora::LoraPlan;
 
 mod block;
+mod builder;
 mod checkpointed;
 mod prefixed;
 mod rows;
 use super::attention::Logits;
 use block::{Attention, Block, GateUp, Mlp, NormStyle, Qkv};
+use builder::Builder;
 pub use checkpointed::Checkpointed;
 pub use rows::{Row, ServingAdapter};
 
@@ -75,8 +76,8 @@ struct LayerInputs {
     sin: Tensor,
     mask: Tensor,
     prefix: Option<Vec<(Tensor, Tensor)>>,
-    /// Gemma: the sliding layers' RoPE tables and windowed mask, and which layers those are.
-    sliding: Option<(Tensor, Tensor, Tensor, Vec<bool>)>,
+    /// Gemma: the sliding layers' RoPE tables and windowed mask.
+    sliding: Option<(Tensor, Tensor, Tensor)>,
 }
 
 impl LayerInputs {
@@ -84,92 +85,9 @@ impl LayerInputs {
     fn forward(&self, layer: &Block, i: usize, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let prefix = self.prefix.as_ref().map(|kv| &kv[i]);
         match &self.sliding {
-            Some((cos, sin, mask, layers)) if layers[i] => layer.forward(x, cos, sin, mask, None, prefix, ctx),
+            Some((cos, sin, mask)) if layer.window.is_some() => layer.forward(x, cos, sin, mask, None, prefix, ctx),
             _ => layer.forward(x, &self.cos, &self.sin, &self.mask, None, prefix, ctx),
         }
-    }
-}
-
-struct Builder<'a> {
-    weights: HashMap<String, Tensor>,
-    /// Linear weights kept block-quantized (QLoRA), by transformers' name.
-    quantized: HashMap<String, Arc<QTensor>>,
-    /// A tensor of the model's device and dtype (new adapter weights are made like it).
-    like: Tensor,
-    adaptation: Adaptation<'a>,
-    trainable: TrainableParams,
-    lora_init: crate::rng::Rng,
-}
-
-impl Builder<'_> {
-    fn full(&self) -> bool {
-        matches!(self.adaptation, Adaptation::Full)
-    }
-
-    /// A norm or embedding weight: trainable in full fine-tuning (and norms when LoRA asks).
-    fn param(&mut self, name: &str, shape: &[usize], decay: bool) -> Result<Param> {
-        let mut tensor = take(&mut self.weights, name, shape)?;
-        // A loaded adapter may carry trained norms (PEFT `modules_to_save`).
-        if let Adaptation::Lora(LoraPlan { loaded: Some(loaded), .. }) = self.adaptation {
-            if let Some(saved) = loaded.get(&format!("base_model.model.{name}")) {
-                tensor = saved.to_device(tensor.device())?.to_dtype(tensor.dtype())?;
-            }
-        }
-        // PEFT matches `modules_to_save` by suffix, so its `norm` also covers Qwen3's per-head
-        // `q_norm`/`k_norm`: LoRA's trained norms are every module whose name ends in `norm`.
-        let is_norm = name.ends_with("norm.weight");
-        let train = self.full() || (is_norm && matches!(self.adaptation, Adaptation::Lora(p) if p.train_norms));
-        if train {
-            self.trainable.add(name, &tensor, decay)
-        } else {
-            Ok(Param::Frozen(tensor))
-        }
-    }
-
-    fn linear(&mut self, module: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Linear> {
-        let weight_name = format!("{module}.weight");
-        let weight = if let Some(q) = self.quantized.remove(&weight_name) {
-            if q.shape().dims2()? != (out_f, in_f) {
-                candle_core::bail!("{weight_name} has shape {:?}, expected ({out_f}, {in_f})", q.shape());
-            }
-            if self.full() {
-                candle_core::bail!("full fine-tuning needs dense weights, but {weight_name} is quantized");
-            }
-            LinearWeight::Quantized(q)
-        } else {
-            let weight = take(&mut self.weights, &weight_name, &[out_f, in_f])?;
-            LinearWeight::Dense(if self.full() {
-                self.trainable.add(weight_name, &weight, true)?
-            } else {
-                Param::Frozen(weight)
-            })
-        };
-        let bias = if bias {
-            let name = format!("{module}.bias");
-            let tensor = take(&mut self.weights, &name, &[out_f])?;
-            Some(if self.full() { self.trainable.add(name, &tensor, false)? } else { Param::Frozen(tensor) })
-        } else {
-            None
-        };
-        let lora = match self.adaptation {
-            Adaptation::Lora(plan) if plan.targets(module) => {
-                let like = self.like.clone();
-                Some(self.lora(plan, module, in_f, out_f, &like)?)
-            }
-            _ => None,
-        };
-        Ok(Linear { weight, bias, lora })
-    }
-
-    fn lora(&mut self, plan: &LoraPlan, module: &str, in_f: usize, out_f: usize, like: &Tensor) -> Result<LoraWeights> {
-        let (a_name, b_name) = crate::peft::lora::peft_names(module);
-        let (a, b) = plan.initial_weights(module, in_f, out_f, &mut self.lora_init, like)?;
-        let (a, b) = if plan.trainable {
-            (self.trainable.add(a_name, &a, true)?, self.trainable.add(b_name, &b, true)?)
-        } else {
-            (Param::Frozen(a), Param::Frozen(b))
-        };
-        Ok(LoraWeights { a, b, scale: plan.config.scale(), dropout: plan.config.dropout })
     }
 }
 
@@ -205,9 +123,9 @@ impl CausalLm {
         let norm = NormStyle { eps: config.rms_norm_eps, offset: config.norm_offset() };
         let embed = b.param("model.embed_tokens.weight", &[v, h], true)?;
         let mut layers = Vec::with_capacity(config.num_layers);
+        let gemma = config.gemma.is_some();
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
-            let gemma = config.gemma.is_some();
             layers.push(Block {
                 input_norm: b.param(&format!("{p}.input_layernorm.weight"), &[h], false)?,
                 attention: Attention {
@@ -265,6 +183,7 @@ impl CausalLm {
                     down: b.linear(&format!("{p}.mlp.down_proj"), config.intermediate_size, h, config.mlp_bias)?,
                     gelu: gemma,
                 },
+                window: config.layer_window(i),
                 adapters: match b.adaptation {
                     Adaptation::Bottleneck(plan) => {
                         let like = b.like.clone();
@@ -392,17 +311,23 @@ impl CausalLm {
             }
         };
         let (cos, sin) = self.rope.at(&positions, self.dtype)?;
-        let sliding = match (windowed, &self.config.gemma) {
-            (Some(windowed), Some(g)) => {
-                let (local_cos, local_sin) = match &self.local_rope {
-                    Some(rope) => rope.at(&positions, self.dtype)?,
-                    None => (cos.clone(), sin.clone()),
-                };
-                Some((local_cos, local_sin, windowed, g.sliding_layers.clone()))
+        let sliding = match windowed {
+            Some(windowed) => {
+                let (local_cos, local_sin) = self.sliding_tables(&positions, &cos, &sin)?;
+                Some((local_cos, local_sin, windowed))
             }
-            _ => None,
+            None => None,
         };
         Ok(LayerInputs { cos, sin, mask, prefix: kv, sliding })
+    }
+
+    /// cos and sin at `positions` for Gemma's sliding layers: Gemma 3's local tables, or the
+    /// model's (`cos`, `sin`).
+    fn sliding_tables(&self, positions: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+        match &self.local_rope {
+            Some(rope) => rope.at(positions, self.dtype),
+            None => Ok((cos.clone(), sin.clone())),
+        }
     }
 
     /// Vocabulary logits for hidden states `(..., hidden)`.
@@ -438,10 +363,7 @@ impl CausalLm {
         // Gemma's sliding layers: their window, and Gemma 3's local RoPE.
         let sliding = match &self.config.gemma {
             Some(g) => {
-                let (cos, sin) = match &self.local_rope {
-                    Some(rope) => rope.at(&positions, self.dtype)?,
-                    None => (cos.clone(), sin.clone()),
-                };
+                let (cos, sin) = self.sliding_tables(&positions, &cos, &sin)?;
                 let mask = incremental_causal_mask(past, t, Some(g.window), &self.device)?.to_dtype(self.dtype)?;
                 Some((cos, sin, mask))
             }
@@ -455,10 +377,10 @@ impl CausalLm {
             return self.forward_cached_after(&prefix.layers(&self.config, &ctx)?, input_ids, cache);
         }
         let mut x = self.embed(input_ids)?;
-        for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let max = self.rope.max_positions();
             let (cos, sin, mask) = match &sliding {
-                Some((cos, sin, mask)) if self.config.layer_window(i).is_some() => (cos, sin, mask),
+                Some((cos, sin, mask)) if layer.window.is_some() => (cos, sin, mask),
                 _ => (&cos, &sin, &mask),
             };
             x = layer.forward(&x, cos, sin, mask, Some((slot, max)), None, &ctx)?;

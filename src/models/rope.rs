@@ -75,16 +75,13 @@ impl RopeTables {
 
     /// cos and sin at `positions (b, t)` as `(b, 1, t, head_dim)`, in `dtype`.
     pub fn at(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
-        match self.short_up_to {
-            Some(limit) => {
-                let longest = positions.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize + 1;
-                if longest <= limit {
-                    return self.at_rows(positions, dtype);
-                }
-                let offset = Tensor::new(self.max_positions as u32, positions.device())?;
-                self.at_rows(&positions.broadcast_add(&offset)?, dtype)
-            }
-            None => self.at_rows(positions, dtype),
+        if self.short_up_to.is_none() {
+            return self.at_rows(positions, dtype);
+        }
+        let longest = positions.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize + 1;
+        match self.row(0, longest) {
+            0 => self.at_rows(positions, dtype),
+            offset => self.at_rows(&positions.broadcast_add(&Tensor::new(offset, positions.device())?)?, dtype),
         }
     }
 

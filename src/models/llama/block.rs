@@ -93,6 +93,9 @@ pub(super) struct Block {
     /// `post_feedforward_layernorm`).
     pub(super) output_norms: Option<(Param, Param)>,
     pub(super) mlp: Mlp,
+    /// Gemma's sliding layers: the window this layer alone attends within (with its own mask and,
+    /// for Gemma 3, its own RoPE tables).
+    pub(super) window: Option<usize>,
     /// Bottleneck adapters after the attention and after the MLP.
     pub(super) adapters: Option<(Bottleneck, Bottleneck)>,
 }
@@ -131,16 +134,20 @@ impl Block {
         x + out
     }
 
+    /// The name of the norm before the MLP (`post_norm`).
+    pub(super) fn post_norm_name(&self) -> &'static str {
+        if self.output_norms.is_some() {
+            "pre_feedforward_layernorm"
+        } else {
+            "post_attention_layernorm"
+        }
+    }
+
     /// The layer's norms by their path under the layer (`input_layernorm`, `self_attn.q_norm`, ...).
     pub(super) fn norms(&self) -> Vec<(&'static str, &Param)> {
-        let mut out = vec![("input_layernorm", &self.input_norm)];
-        match &self.output_norms {
-            Some((after_attention, after_mlp)) => out.extend([
-                ("post_attention_layernorm", after_attention),
-                ("pre_feedforward_layernorm", &self.post_norm),
-                ("post_feedforward_layernorm", after_mlp),
-            ]),
-            None => out.push(("post_attention_layernorm", &self.post_norm)),
+        let mut out = vec![("input_layernorm", &self.input_norm), (self.post_norm_name(), &self.post_norm)];
+        if let Some((after_attention, after_mlp)) = &self.output_norms {
+            out.extend([("post_attention_layernorm", after_attention), ("post_feedforward_layernorm", after_mlp)]);
         }
         if let Some((q_norm, k_norm)) = &self.attention.qk_norm {
             out.extend([("self_attn.q_norm", q_norm), ("self_attn.k_norm", k_norm)]);

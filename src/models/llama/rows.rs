@@ -261,9 +261,9 @@ impl CausalLm {
         let adapters: Vec<Option<&ServingAdapter>> = rows.iter().map(|r| r.adapter).collect();
         for (li, block) in self.layers.iter().enumerate() {
             // The layer's own window (Gemma's sliding layers) or the model's; Gemma 3's local RoPE.
-            let window = self.config.layer_window(li).or(self.config.sliding_window);
+            let window = block.window.or(self.config.sliding_window);
             let (cos, sin) = match &local {
-                Some((cos, sin)) if self.config.layer_window(li).is_some() => (cos, sin),
+                Some((cos, sin)) if block.window.is_some() => (cos, sin),
                 _ => (&global_cos, &global_sin),
             };
             let norm = |x: &Tensor, base: &Param, name: &'static str| {
@@ -340,9 +340,7 @@ impl CausalLm {
             }
             let attended = with_bottlenecks(attended, &groups, &ctx, |a| a.bottlenecks.get(li).map(|b| &b.0))?;
             x = (x + attended)?;
-            let pre_mlp =
-                if block.output_norms.is_some() { "pre_feedforward_layernorm" } else { "post_attention_layernorm" };
-            let normed = norm(&x, &block.post_norm, pre_mlp)?;
+            let normed = norm(&x, &block.post_norm, block.post_norm_name())?;
             let mut out = block.mlp.forward(&normed, &apply)?;
             if let Some((_, after_mlp)) = &block.output_norms {
                 out = norm(&out, after_mlp, "post_feedforward_layernorm")?;
