@@ -120,6 +120,36 @@ fn longrope_switches_to_the_long_factors_past_the_original_context() {
     assert!(max_abs_diff(&long, &reference["short_logits"]) > 1e-2, "the two factor sets differ here");
 }
 
+/// LoRA targets that name no module of the model (Llama's `q_proj` on Phi-3, whose attention is
+/// one `qkv_proj`) are an error that lists the model's modules, not a run that trains nothing.
+#[test]
+fn lora_targets_matching_no_module_are_refused_with_the_models_modules() {
+    use ferrotune::peft::lora::{LoraConfig, TargetModules};
+    let plan = |targets: &[&str]| LoraPlan {
+        config: LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: TargetModules::List(targets.iter().map(|t| t.to_string()).collect()),
+            use_rslora: false,
+        },
+        seed: 1,
+        trainable: true,
+        train_norms: false,
+        loaded: None,
+    };
+    let config = ModelConfig::from_file(&fixture("phi3").join("config.json")).unwrap();
+    let weights = || load_model_weights(&fixture("phi3"), DType::F32, &Device::Cpu).unwrap();
+    let refused = plan(&["q_proj", "v_proj"]);
+    let error =
+        CausalLm::new(config.clone(), weights(), Adaptation::Lora(&refused)).err().expect("refused").to_string();
+    assert!(error.contains("match no linear module"), "{error}");
+    assert!(error.contains("qkv_proj, o_proj, gate_up_proj, down_proj"), "{error}");
+    let fused = plan(&["qkv_proj"]);
+    let model = CausalLm::new(config, weights(), Adaptation::Lora(&fused)).unwrap();
+    assert_eq!(model.trainable.params.len(), 2 * 2, "A and B of qkv_proj in each of 2 layers");
+}
+
 #[test]
 fn sharded_weights_load_like_a_single_file() {
     let single = load_model_weights(&fixture("llama"), DType::F32, &Device::Cpu).unwrap();
