@@ -243,8 +243,49 @@ MODEL_SPECS = {
                     layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False),
         rslora=False,
     ),
+    # Mixture of experts. Four experts, two per token, experts of width 32; the load-balancing
+    # loss is in the reference loss (output_router_logits) with a coefficient large enough for its
+    # gradient to matter. The LoRA fixtures adapt the stacked experts (PEFT target_parameters) and
+    # save the routers whole (modules_to_save "gate"). Mixtral: Mistral attention, renormalized
+    # top-k. Qwen2-MoE: q/k/v biases, a shared expert behind a sigmoid gate, top-k not
+    # renormalized. Qwen3-MoE: per-head q/k norms, renormalized top-k, and layer 1 dense
+    # (mlp_only_layers), so that both kinds of layer are covered.
+    "mixtral": dict(
+        arch="MixtralForCausalLM", seed=900, template=MISTRAL_TEMPLATE, add_bos=True,
+        extra_specials=["<|system|>", "<|user|>", "<|assistant|>"], eos_extra=None,
+        config=dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                    tie_word_embeddings=False, intermediate_size=32, num_local_experts=4,
+                    num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.05),
+        lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+        lora_parameters=["gate_up_proj", "down_proj"], lora_save=["gate"],
+        rslora=False,
+    ),
+    "qwen2_moe": dict(
+        arch="Qwen2MoeForCausalLM", seed=1000, template=QWEN2_TEMPLATE, add_bos=False, qwen2_pretokenizer=True,
+        extra_specials=["<|im_start|>", "<|im_end|>"], eos_extra="<|im_end|>",
+        config=dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                    tie_word_embeddings=False, use_sliding_window=False, moe_intermediate_size=32,
+                    shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                    norm_topk_prob=False, output_router_logits=True, router_aux_loss_coef=0.05),
+        lora_parameters=["gate_up_proj", "down_proj"], lora_save=["gate"],
+        rslora=False,
+    ),
+    "qwen3_moe": dict(
+        arch="Qwen3MoeForCausalLM", seed=1100, template=QWEN2_TEMPLATE, add_bos=False, qwen2_pretokenizer=True,
+        extra_specials=["<|im_start|>", "<|im_end|>"], eos_extra="<|im_end|>",
+        config=dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                    tie_word_embeddings=False, use_sliding_window=False, attention_bias=False,
+                    moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                    mlp_only_layers=[1], output_router_logits=True, router_aux_loss_coef=0.05),
+        lora_parameters=["gate_up_proj"], lora_save=["gate"],
+        rslora=False,
+    ),
 }
 TARGETS = list(MODEL_SPECS) + ["chat_templates"]
+# How far apart the k-th and (k+1)-th router logits of every fixture token must be, so that
+# float32 noise cannot change which experts a token goes to.
+MIN_ROUTING_MARGIN = 1e-3
+ROUTER_STD = 0.5
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R, LORA_ALPHA = 4, 8
@@ -381,6 +422,9 @@ def build_model(spec, config):
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.copy_(BIAS_STD * torch.randn(p.shape, generator=gen))
+            # Qwen's routers start at zero (every expert tied): random routers spread the tokens.
+            if name.endswith("mlp.gate.weight"):
+                p.copy_(ROUTER_STD * torch.randn(p.shape, generator=gen))
     return model.eval()
 
 
@@ -476,7 +520,8 @@ def lora_config(spec, rslora):
     from peft import LoraConfig
     targets = spec.get("lora_targets", LORA_TARGETS)
     return LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets,
-                      bias="none", task_type="CAUSAL_LM", use_rslora=rslora)
+                      bias="none", task_type="CAUSAL_LM", use_rslora=rslora,
+                      target_parameters=spec.get("lora_parameters"), modules_to_save=spec.get("lora_save"))
 
 
 def make_adapter(spec, model_dir, adapter_dir, rslora):
@@ -508,6 +553,9 @@ def sort_target_modules(path):
     with open(path) as f:
         cfg = json.load(f)
     cfg["target_modules"] = sorted(cfg["target_modules"])
+    for key in ("target_parameters", "modules_to_save"):
+        if cfg.get(key):
+            cfg[key] = sorted(cfg[key])
     with open(path, "w") as f:
         f.write(json.dumps(cfg, indent=2, sort_keys=True))
 
@@ -522,8 +570,9 @@ def lora_references(spec, model_dir, adapter_dir, input_ids, prefix):
         saved_keys = set(f.keys())
 
     def grad_name(name):
-        # Parameter names carry the adapter name (".default."); the saved file does not.
-        key = name.replace(".default.", ".")
+        # Parameter names carry the adapter name (".default."); the saved file does not, nor the
+        # wrapper of a module saved whole (".modules_to_save.default.").
+        key = name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
         assert key in saved_keys, f"{key} not in adapter file"
         return f"{prefix}_grad.{key}"
 
@@ -618,6 +667,26 @@ def check_local_rope(spec, model_dir, input_ids, logits):
     assert diff > 1e-3, "the sliding layers' RoPE does not matter"
 
 
+def check_routing(spec, model_dir, input_ids):
+    """Every expert of every MoE layer gets tokens (so that every expert weight has a gradient),
+    no token is near a tie between its k-th and (k+1)-th expert, and the load-balancing loss (in the
+    reference loss) is stored on its own."""
+    model = load_model(spec, model_dir)
+    k = spec["config"]["num_experts_per_tok"]
+    with torch.no_grad():
+        out = model(input_ids=input_ids, output_router_logits=True)
+    assert out.router_logits, "no router logits"
+    for layer, logits in enumerate(out.router_logits):
+        # Softmax is monotonic: the router logits' gap is the margin float32 noise has to cross.
+        top = logits.float().topk(k + 1, dim=-1).values
+        margin = (top[:, k - 1] - top[:, k]).min().item()
+        hit = torch.bincount(logits.topk(k, dim=-1).indices.flatten(), minlength=logits.shape[-1])
+        assert margin > MIN_ROUTING_MARGIN, f"router layer {layer}: top-k margin {margin:.2e}"
+        assert (hit > 0).all(), f"router layer {layer}: experts without tokens {hit.tolist()}"
+        print(f"  router {layer}: tokens per expert {hit.tolist()}, smallest top-k margin {margin:.2e}")
+    return {"aux_loss": out.aux_loss.detach()}
+
+
 def check_tied_embeddings(spec, model_dir, ref):
     """With tied embeddings transformers neither saves lm_head.weight nor lists it as a
     parameter, so its gradient is folded into grad.model.embed_tokens.weight."""
@@ -706,6 +775,9 @@ def write_references(spec, model_dir, vocab_size):
         check_softcapping(spec, model_dir, input_ids, ref["logits"])
     if spec["config"]["rope_parameters"].get("rope_type") == "longrope":
         ref["short_logits"] = check_longrope(spec, model_dir, input_ids, ref["logits"])
+
+    if "num_experts_per_tok" in spec["config"]:
+        ref.update(check_routing(spec, model_dir, input_ids))
 
     lora_dir = os.path.join(model_dir, "lora")
     make_adapter(spec, model_dir, lora_dir, rslora=False)
