@@ -44,6 +44,14 @@ def load_adapter_strictly(model, adapter_dir):
             warnings.simplefilter("error")
             for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
                 warnings.simplefilter("default", category)
+            # PEFT 0.21.2 says this about the adapters it writes itself for Mixtral and Qwen3-MoE: it
+            # checks rank/alpha patterns against module names, and `gate_up_proj` is a parameter.
+            # The pattern is applied all the same (the adapter's shapes need it, and the logits
+            # compared below would differ without it).
+            warnings.filterwarnings(
+                "ignore", message=r"The following (rank|alpha)_pattern keys did not match any targeted module "
+                r"and were ignored: \['\.\*\\\\\.gate_up_proj'\]"
+            )
             model = PeftModel.from_pretrained(model, adapter_dir)
     except Warning as warning:
         print(f"loading the adapter warned: {warning}", file=sys.stderr)

@@ -55,6 +55,10 @@ pub struct LoraRequest {
     pub dropout: Option<f32>,
     pub target_modules: Option<Value>,
     pub use_rslora: Option<bool>,
+    /// Mixture-of-experts models: the stacked expert weights to adapt (PEFT `target_parameters`).
+    pub target_parameters: Option<Vec<String>>,
+    /// Mixture-of-experts models: also train the routers.
+    pub train_router: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -87,6 +91,8 @@ pub struct HyperparametersRequest {
     pub packing: Option<bool>,
     /// Recompute each decoder layer's activations in the backward instead of keeping them.
     pub gradient_checkpointing: Option<bool>,
+    /// Mixture-of-experts models: the router load-balancing loss's weight (default: the model's).
+    pub router_aux_loss_coef: Option<f64>,
     pub eval_interval: Option<u64>,
     pub early_stopping: Option<EarlyStoppingRequest>,
     pub n_checkpoints: Option<u32>,
@@ -213,8 +219,9 @@ impl HyperparametersRequest {
                 return Err(invalid("learning_rate_multiplier", "learning_rate_multiplier must be in (0, 10]"));
             }
         }
-        let ranges: [(&'static str, Option<f64>, f64, f64); 4] = [
+        let ranges: [(&'static str, Option<f64>, f64, f64); 5] = [
             ("learning_rate", self.learning_rate, 1e-8, 1.0),
+            ("router_aux_loss_coef", self.router_aux_loss_coef, 0.0, 10.0),
             ("warmup_ratio", self.warmup_ratio, 0.0, 0.5),
             ("weight_decay", self.weight_decay, 0.0, 1.0),
             ("max_grad_norm", self.max_grad_norm, 0.0, 1e6),
@@ -296,6 +303,19 @@ impl HyperparametersRequest {
                     return Err(invalid(
                         "lora",
                         "lora.target_modules must be \"all-linear\" or a list of module names",
+                    ));
+                }
+            }
+            if let Some(params) = &lora.target_parameters {
+                let known =
+                    |p: &str| ["gate_up_proj", "down_proj"].iter().any(|k| p == *k || p.ends_with(&format!(".{k}")));
+                if let Some(bad) = params.iter().find(|p| !known(p)) {
+                    return Err(invalid(
+                        "lora",
+                        format!(
+                            "lora.target_parameters names {bad:?}; the expert parameters are gate_up_proj and down_proj \
+                             (or mlp.experts.gate_up_proj, mlp.experts.down_proj)"
+                        ),
                     ));
                 }
             }

@@ -37,6 +37,9 @@ pub struct JobPlan {
     pub packing: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
+    /// Mixture-of-experts models: the load-balancing loss's weight, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_aux_loss_coef: Option<f64>,
     pub eval_interval: u64,
     pub early_stopping: Option<EarlyStopping>,
     pub n_checkpoints: u32,
@@ -104,6 +107,8 @@ impl JobPlan {
                     .and_then(|t| serde_json::from_value::<TargetModules>(t).ok())
                     .unwrap_or(defaults.target_modules),
                 use_rslora: requested.use_rslora.unwrap_or(false),
+                target_parameters: requested.target_parameters.unwrap_or_default(),
+                train_router: requested.train_router.unwrap_or(false),
                 train_norms: false,
             }
         });
@@ -134,6 +139,7 @@ impl JobPlan {
             max_seq_len: request.max_seq_len.unwrap_or(DEFAULT_MAX_SEQ_LEN).min(model_max_len),
             packing: request.packing.unwrap_or(false),
             gradient_checkpointing: request.gradient_checkpointing.unwrap_or(false),
+            router_aux_loss_coef: request.router_aux_loss_coef,
             eval_interval: request.eval_interval.unwrap_or(0),
             early_stopping: request
                 .early_stopping
@@ -205,6 +211,7 @@ impl JobPlan {
             max_seq_len: self.max_seq_len,
             packing: self.packing,
             gradient_checkpointing: self.gradient_checkpointing,
+            router_aux_loss_coef: self.router_aux_loss_coef,
             // The executor sets its own device.
             device: Default::default(),
             train_on_inputs: false,

@@ -39,6 +39,9 @@ fn metrics_data(p: &crate::train::Progress) -> Value {
     if let Some(pairs) = &p.preference {
         add_preference(&mut data, "train_", pairs);
     }
+    if let Some(aux) = p.router_aux_loss {
+        data["train_router_aux_loss"] = json!(aux);
+    }
     data
 }
 

@@ -102,7 +102,8 @@ pub(super) async fn render_job(state: &AppState, job: JobRecord) -> Result<JobOb
 
 /// OpenAI's hyperparameters, then ours (the fields of `HyperparametersRequest`).
 const OPENAI_HYPERPARAMETERS: [&str; 3] = ["n_epochs", "batch_size", "learning_rate_multiplier"];
-const OUR_HYPERPARAMETERS: [&str; 18] = [
+const OUR_HYPERPARAMETERS: [&str; 19] = [
+    "router_aux_loss_coef",
     "training_type",
     "adapter_size",
     "prefix_length",
@@ -148,7 +149,8 @@ fn shown_hyperparameters(stored: &Value, method: MethodType) -> Value {
 
 /// The LoRA settings a client can send; an executor's internal ones (`train_norms`) stay inside.
 fn shown_lora(stored: &Value) -> Value {
-    const FIELDS: [&str; 5] = ["r", "alpha", "dropout", "target_modules", "use_rslora"];
+    const FIELDS: [&str; 7] =
+        ["r", "alpha", "dropout", "target_modules", "use_rslora", "target_parameters", "train_router"];
     let shown =
         FIELDS.iter().filter_map(|&key| stored.get(key).filter(|v| !v.is_null()).map(|v| (key.into(), v.clone())));
     Value::Object(shown.collect())

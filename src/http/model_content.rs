@@ -192,7 +192,8 @@ fn package(
                 .collect();
             let config = ModelConfig::from_file(&base_dir.join("config.json"))
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            save_adapter(&adapter_dir, &lora.lora_config(), base, config.linear_modules(), &tensors, lora.train_norms)?;
+            let converted = lora.lora_config_for(&config).map_err(candle_core::Error::Msg)?;
+            save_adapter(&adapter_dir, &converted, base, &config.linear_modules(), &tensors, lora.train_norms)?;
             for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
                 if base_dir.join(file).exists() {
                     std::fs::copy(base_dir.join(file), adapter_dir.join(file))?;

@@ -68,6 +68,8 @@ pub struct ModelConfig {
     pub fused_projections: bool,
     /// Gemma 2/3's variations on the layer (`None` for the other families).
     pub gemma: Option<Gemma>,
+    /// Mixture-of-experts feed-forward layers (Mixtral, Qwen2-MoE, Qwen3-MoE).
+    pub moe: Option<super::moe::MoeConfig>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// The original file, kept to write it back unchanged next to fine-tuned weights.
@@ -131,6 +133,17 @@ struct RawConfig {
     use_bidirectional_attention: Option<bool>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<Value>,
+    num_local_experts: Option<usize>,
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    shared_expert_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    router_aux_loss_coef: Option<f64>,
+    router_jitter_noise: Option<f64>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
+    qkv_bias: Option<bool>,
 }
 
 fn default_model_type() -> String {
@@ -155,7 +168,18 @@ impl ModelConfig {
 
     pub fn from_json(raw: Value) -> Result<Self, ConfigError> {
         let c: RawConfig = serde_json::from_value(raw.clone())?;
-        const SUPPORTED: [&str; 7] = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"];
+        const SUPPORTED: [&str; 10] = [
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "phi3",
+            "gemma2",
+            "gemma3_text",
+            "mixtral",
+            "qwen2_moe",
+            "qwen3_moe",
+        ];
         if !SUPPORTED.contains(&c.model_type.as_str()) {
             return Err(ConfigError::Unsupported(format!(
                 "model_type {:?} (supported: {})",
@@ -197,8 +221,8 @@ impl ModelConfig {
             .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64))
             .unwrap_or(default_theta);
         let sliding_window = match c.model_type.as_str() {
-            "mistral" | "phi3" => c.sliding_window,
-            "qwen2" | "qwen3" if c.use_sliding_window == Some(true) => {
+            "mistral" | "phi3" | "mixtral" => c.sliding_window,
+            "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe" if c.use_sliding_window == Some(true) => {
                 return Err(ConfigError::Unsupported(format!("{} with use_sliding_window", c.model_type)))
             }
             _ => None,
@@ -210,12 +234,18 @@ impl ModelConfig {
         };
         let rope_scaling = parse_rope_scaling(rope, &c)?;
         let tied_by_default = gemma.is_some();
+        let moe = moe(&c)?;
         Ok(Self {
-            qkv_bias: c.model_type == "qwen2" || c.attention_bias,
+            qkv_bias: match c.model_type.as_str() {
+                "qwen2" => true,
+                "qwen2_moe" => c.qkv_bias.unwrap_or(true),
+                _ => c.attention_bias,
+            },
             o_bias: c.attention_bias,
             fused_projections: c.model_type == "phi3",
-            qk_norm: c.model_type == "qwen3" || c.model_type == "gemma3_text",
+            qk_norm: matches!(c.model_type.as_str(), "qwen3" | "qwen3_moe" | "gemma3_text"),
             gemma,
+            moe,
             model_type: c.model_type,
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
@@ -272,13 +302,71 @@ impl ModelConfig {
     }
 
     /// The linear modules of one decoder layer, by PEFT name (what `all-linear` expands to).
-    pub fn linear_modules(&self) -> &'static [&'static str] {
+    /// Mixture-of-experts models: the attention's, and those of the dense layers and of Qwen2-MoE's
+    /// shared expert (with its gate); the experts are parameters, adapted through PEFT's
+    /// `target_parameters`, and the router is no linear module either.
+    pub fn linear_modules(&self) -> Vec<&'static str> {
         if self.fused_projections {
-            &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-        } else {
-            &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            return vec!["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
         }
+        let mut out = vec!["q_proj", "k_proj", "v_proj", "o_proj"];
+        let dense_mlp = self.moe.as_ref().is_none_or(|m| m.sparse_layers.iter().any(|&s| !s));
+        let shared = self.moe.as_ref().is_some_and(|m| m.shared_intermediate.is_some());
+        if dense_mlp || shared {
+            out.extend(["gate_proj", "up_proj", "down_proj"]);
+        }
+        if shared {
+            out.push("shared_expert_gate");
+        }
+        out
     }
+}
+
+/// The mixture-of-experts settings of a Mixtral, Qwen2-MoE or Qwen3-MoE config.
+fn moe(c: &RawConfig) -> Result<Option<super::moe::MoeConfig>, ConfigError> {
+    use super::moe::{MoeConfig, MoeNames};
+    let names = match c.model_type.as_str() {
+        "mixtral" => MoeNames::Mixtral,
+        "qwen2_moe" | "qwen3_moe" => MoeNames::Qwen,
+        _ => return Ok(None),
+    };
+    let missing = |key: &str| ConfigError::Unsupported(format!("{} config without `{key}`", c.model_type));
+    let mixtral = names == MoeNames::Mixtral;
+    // transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts` too.
+    let num_experts = c.num_local_experts.or(c.num_experts).ok_or_else(|| missing("num_experts"))?;
+    let top_k = c.num_experts_per_tok.ok_or_else(|| missing("num_experts_per_tok"))?;
+    if num_experts == 0 || top_k == 0 || top_k > num_experts {
+        return Err(ConfigError::Unsupported(format!(
+            "num_experts_per_tok {top_k} with {num_experts} experts (needs 1 ≤ k ≤ experts)"
+        )));
+    }
+    if c.router_jitter_noise.is_some_and(|j| j != 0.0) {
+        return Err(ConfigError::Unsupported("router_jitter_noise other than 0".into()));
+    }
+    let step = c.decoder_sparse_step.unwrap_or(1).max(1);
+    let dense = c.mlp_only_layers.clone().unwrap_or_default();
+    let sparse_layers =
+        (0..c.num_hidden_layers).map(|i| mixtral || (!dense.contains(&i) && (i + 1) % step == 0)).collect();
+    Ok(Some(MoeConfig {
+        num_experts,
+        top_k,
+        expert_intermediate: if mixtral {
+            c.intermediate_size
+        } else {
+            c.moe_intermediate_size.ok_or_else(|| missing("moe_intermediate_size"))?
+        },
+        // Mixtral always renormalizes the top-k probabilities; Qwen when `norm_topk_prob`.
+        norm_topk: mixtral || c.norm_topk_prob.unwrap_or(false),
+        shared_intermediate: match c.model_type.as_str() {
+            "qwen2_moe" => {
+                Some(c.shared_expert_intermediate_size.ok_or_else(|| missing("shared_expert_intermediate_size"))?)
+            }
+            _ => None,
+        },
+        sparse_layers,
+        aux_loss_coef: c.router_aux_loss_coef.unwrap_or(0.001),
+        names,
+    }))
 }
 
 /// Gemma's settings from a Gemma 2 or Gemma 3 (text) config.

@@ -24,10 +24,11 @@ use crate::peft::lora::LoraPlan;
 mod block;
 mod builder;
 mod checkpointed;
+mod moe;
 mod prefixed;
 mod rows;
 use super::attention::Logits;
-use block::{Attention, Block, GateUp, Mlp, NormStyle, Qkv};
+use block::{Attention, Block, FeedForward, NormStyle, Qkv};
 use builder::Builder;
 pub use checkpointed::Checkpointed;
 pub use rows::{Row, ServingAdapter};
@@ -105,6 +106,10 @@ impl CausalLm {
         quantized: HashMap<String, Arc<QTensor>>,
         adaptation: Adaptation<'_>,
     ) -> Result<Self> {
+        let (mut weights, mut quantized) = (weights, quantized);
+        if let Some(moe) = &config.moe {
+            super::moe::to_stacked(moe, config.num_layers, &mut weights, &mut quantized)?;
+        }
         let embed_probe = weights
             .get("model.embed_tokens.weight")
             .ok_or_else(|| candle_core::Error::Msg("missing embeddings".into()))?;
@@ -171,17 +176,9 @@ impl CausalLm {
                     )),
                     false => None,
                 },
-                mlp: Mlp {
-                    gate_up: if config.fused_projections {
-                        GateUp::Fused(b.linear(&format!("{p}.mlp.gate_up_proj"), h, 2 * inter, config.mlp_bias)?)
-                    } else {
-                        GateUp::Separate {
-                            gate: b.linear(&format!("{p}.mlp.gate_proj"), h, inter, config.mlp_bias)?,
-                            up: b.linear(&format!("{p}.mlp.up_proj"), h, inter, config.mlp_bias)?,
-                        }
-                    },
-                    down: b.linear(&format!("{p}.mlp.down_proj"), config.intermediate_size, h, config.mlp_bias)?,
-                    gelu: gemma,
+                mlp: match config.moe.as_ref().filter(|m| m.is_sparse(i)) {
+                    Some(moe) => FeedForward::Moe(Box::new(b.moe(i, &config, moe)?)),
+                    None => FeedForward::Dense(b.mlp(&format!("{p}.mlp"), &config, inter)?),
                 },
                 window: config.layer_window(i),
                 adapters: match b.adaptation {
@@ -229,7 +226,13 @@ impl CausalLm {
         if let Adaptation::Lora(plan) = b.adaptation {
             // PEFT refuses such a configuration too ("Target modules ... not found").
             let targeted = layers.iter().flat_map(Block::linears).any(|(_, l)| l.lora.is_some())
-                || lm_head.as_ref().is_some_and(|l| l.lora.is_some());
+                || lm_head.as_ref().is_some_and(|l| l.lora.is_some())
+                || layers.iter().any(|layer| match &layer.mlp {
+                    FeedForward::Moe(moe) => {
+                        moe.router_lora.is_some() || moe.gate_up.lora.is_some() || moe.down.lora.is_some()
+                    }
+                    FeedForward::Dense(_) => false,
+                });
             if !targeted {
                 candle_core::bail!(
                     "lora target_modules {} match no linear module of this {} model (its modules: {}, lm_head)",
@@ -422,7 +425,30 @@ impl CausalLm {
                 out.push((format!("{module}.bias"), bias.tensor().clone()));
             }
         }
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let FeedForward::Moe(moe) = &layer.mlp {
+                let (gate_up, down) = super::moe::stacked_names(i);
+                out.push((format!("model.layers.{i}.mlp.gate.weight"), moe.router.tensor().clone()));
+                out.push((gate_up, moe.gate_up.weight.dense()?));
+                out.push((down, moe.down.weight.dense()?));
+            }
+        }
         out.push(("model.norm.weight".to_string(), self.norm.tensor().clone()));
+        Ok(out)
+    }
+
+    /// Every expert LoRA's weight delta `(E, out, in)` by the stacked weight's name, for merging.
+    pub fn expert_deltas(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let FeedForward::Moe(moe) = &layer.mlp else { continue };
+            let (gate_up, down) = super::moe::stacked_names(i);
+            for (name, proj) in [(gate_up, &moe.gate_up), (down, &moe.down)] {
+                if let Some(lora) = &proj.lora {
+                    out.push((name, lora.delta_t(moe.experts)?.transpose(1, 2)?.contiguous()?));
+                }
+            }
+        }
         Ok(out)
     }
 

@@ -11,6 +11,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod mask;
+pub mod moe;
 pub mod ops;
 pub mod params;
 pub mod prefix;
@@ -30,23 +31,59 @@ use crate::rng::Rng;
 pub struct ForwardCtx {
     dropout_rng: Option<RefCell<Rng>>,
     adapters_off: bool,
+    /// Mixture-of-experts layers' routing, kept when asked for (the load-balancing loss).
+    routing: Option<RefCell<Routing>>,
+}
+
+/// What [`ForwardCtx::collect_routing`] gathers.
+struct Routing {
+    /// Per token of the forward (`b·t`, row-major), 1 where it counts, 0 for padding; `None`: all.
+    weights: Option<Vec<f32>>,
+    stats: Vec<moe::RoutingStats>,
 }
 
 impl ForwardCtx {
     /// No dropout: evaluation and generation.
     pub fn inference() -> Self {
-        Self { dropout_rng: None, adapters_off: false }
+        Self { dropout_rng: None, adapters_off: false, routing: None }
     }
 
     /// The base model alone: no dropout, and LoRA, bottleneck and prefix adapters are skipped, so
     /// the same weights give the frozen model's outputs (DPO's reference policy, without a copy).
     pub fn base_only() -> Self {
-        Self { dropout_rng: None, adapters_off: true }
+        Self { dropout_rng: None, adapters_off: true, routing: None }
     }
 
     /// Dropout active, drawing masks from `rng` (its state advances).
     pub fn training(rng: Rng) -> Self {
-        Self { dropout_rng: Some(RefCell::new(rng)), adapters_off: false }
+        Self { dropout_rng: Some(RefCell::new(rng)), adapters_off: false, routing: None }
+    }
+
+    /// Keeps every MoE layer's routing statistics over the tokens whose `weights` are 1 (all tokens
+    /// when `None`), for [`moe::load_balancing_loss`].
+    pub fn collect_routing(mut self, weights: Option<Vec<f32>>) -> Self {
+        self.routing = Some(RefCell::new(Routing { weights, stats: Vec::new() }));
+        self
+    }
+
+    /// Whether routing statistics are wanted.
+    pub fn collects_routing(&self) -> bool {
+        self.routing.is_some()
+    }
+
+    /// Records one MoE layer's routing: `stats` gets the per-token weights (see
+    /// [`ForwardCtx::collect_routing`]).
+    pub fn record_routing(&self, stats: impl FnOnce(Option<&[f32]>) -> Result<moe::RoutingStats>) -> Result<()> {
+        let Some(routing) = &self.routing else { return Ok(()) };
+        let mut routing = routing.borrow_mut();
+        let recorded = stats(routing.weights.as_deref())?;
+        routing.stats.push(recorded);
+        Ok(())
+    }
+
+    /// The routing statistics recorded so far (emptied).
+    pub fn take_routing(&self) -> Vec<moe::RoutingStats> {
+        self.routing.as_ref().map(|r| std::mem::take(&mut r.borrow_mut().stats)).unwrap_or_default()
     }
 
     /// Whether adapters are applied in this forward.
@@ -62,7 +99,7 @@ impl ForwardCtx {
 
     /// A context that draws the same dropout masks as the one `state` was taken from.
     pub fn replay(state: Option<Rng>) -> Self {
-        Self { dropout_rng: state.map(RefCell::new), adapters_off: false }
+        Self { dropout_rng: state.map(RefCell::new), adapters_off: false, routing: None }
     }
 
     /// The generator's state after this forward, to carry to the next step.

@@ -77,7 +77,11 @@ pub fn load_quantized_weights(
     }
     let quantization = quantization.unwrap_or(Quantization::Q4_0);
     let mut dense = load_model_weights(dir, DType::F32, &Device::Cpu)?;
-    let names: Vec<String> = dense.keys().filter(|n| n.ends_with("_proj.weight")).cloned().collect();
+    // The projections, and Mixtral's experts (`block_sparse_moe.experts.N.w1/w2/w3`).
+    let mixtral_expert =
+        |n: &str| n.contains(".experts.") && [".w1.weight", ".w2.weight", ".w3.weight"].iter().any(|w| n.ends_with(w));
+    let names: Vec<String> =
+        dense.keys().filter(|n| n.ends_with("_proj.weight") || mixtral_expert(n)).cloned().collect();
     let mut quantized = HashMap::new();
     for name in names {
         let weight = dense.remove(&name).expect("listed above");

@@ -16,6 +16,9 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const PROVENANCE_FILE: &str = "ferrotune.json";
 /// Module names saved whole (PEFT `modules_to_save`) when norms are trained with LoRA.
 pub const NORM_MODULES: [&str; 3] = ["input_layernorm", "post_attention_layernorm", "norm"];
+/// The module name saved whole when mixture-of-experts routers are trained (PEFT matches it by
+/// suffix, so Qwen2-MoE's `shared_expert_gate` is saved too).
+pub const ROUTER_MODULE: &str = "gate";
 
 /// Writes an adapter that PEFT's `PeftModel.from_pretrained` loads; `linear_modules` are the
 /// base model's layer linears (what `all-linear` stands for).
@@ -47,11 +50,12 @@ pub fn save_adapter(
         "fan_in_fan_out": false,
         "inference_mode": true,
         "init_lora_weights": true,
-        "modules_to_save": if trained_norms { Some(NORM_MODULES.to_vec()) } else { None },
+        "target_parameters": if config.target_parameters.is_empty() { None } else { Some(&config.target_parameters) },
+        "modules_to_save": modules_to_save(trained_norms, config.train_router),
         "layers_to_transform": null,
         "layers_pattern": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
         "use_dora": false,
         "revision": null,
     });
@@ -61,6 +65,18 @@ pub fn save_adapter(
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     candle_core::safetensors::save(&cpu, dir.join(WEIGHTS_FILE))
+}
+
+/// PEFT's `modules_to_save`: the norms and/or the mixture-of-experts routers (`gate`), or none.
+fn modules_to_save(norms: bool, router: bool) -> Option<Vec<&'static str>> {
+    let mut modules = Vec::new();
+    if norms {
+        modules.extend(NORM_MODULES);
+    }
+    if router {
+        modules.push(ROUTER_MODULE);
+    }
+    (!modules.is_empty()).then_some(modules)
 }
 
 /// Writes `adapter_config.json` (exactly `document`) and, beside it, `ferrotune.json`: the
@@ -88,9 +104,17 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<(LoraConfig, bool, Ha
     if value.get("peft_type").and_then(|v| v.as_str()).is_some_and(|t| t != "LORA") {
         candle_core::bail!("{CONFIG_FILE}: only LoRA adapters are supported, not {}", value["peft_type"]);
     }
-    let config: LoraConfig =
+    let mut config: LoraConfig =
         serde_json::from_value(value.clone()).map_err(|e| candle_core::Error::Msg(format!("{CONFIG_FILE}: {e}")))?;
-    let norms = value.get("modules_to_save").and_then(|v| v.as_array()).is_some_and(|m| !m.is_empty());
+    let saved: Vec<&str> = value
+        .get("modules_to_save")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.as_str())
+        .collect();
+    config.train_router = saved.contains(&ROUTER_MODULE);
+    let norms = saved.iter().any(|m| *m != ROUTER_MODULE);
     let tensors = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), device)?;
     Ok((config, norms, tensors))
 }

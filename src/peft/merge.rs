@@ -15,5 +15,10 @@ pub fn merged_tensors(model: &CausalLm) -> Result<Vec<(String, Tensor)>> {
             slot.1 = (&slot.1 + delta.to_dtype(slot.1.dtype())?)?;
         }
     }
+    for (name, delta) in model.expert_deltas()? {
+        if let Some(slot) = tensors.iter_mut().find(|(n, _)| *n == name) {
+            slot.1 = (&slot.1 + delta.to_dtype(slot.1.dtype())?)?;
+        }
+    }
     Ok(tensors)
 }

@@ -27,6 +27,9 @@ pub struct Batch {
     pub trained_tokens: usize,
     /// Tokens that are not padding.
     pub tokens: usize,
+    /// Per position (`b·t`, row-major): 1 for a token, 0 for padding (what the mixture-of-experts
+    /// load-balancing loss counts).
+    pub real: Vec<f32>,
 }
 
 /// Builds a batch, cutting padding columns that every row has at its end.
@@ -58,6 +61,7 @@ pub fn make_batch(rows: &[&Sequence], window: Option<usize>, device: &Device, dt
         host_mask: mask,
         trained_tokens,
         tokens,
+        real: segments.iter().map(|&g| if g == PAD_SEGMENT { 0.0 } else { 1.0 }).collect(),
     })
 }
 

@@ -34,6 +34,12 @@ pub struct LoraSettings {
     pub target_modules: TargetModules,
     #[serde(default)]
     pub use_rslora: bool,
+    /// Mixture-of-experts models: stacked expert weights to adapt (PEFT `target_parameters`).
+    #[serde(default)]
+    pub target_parameters: Vec<String>,
+    /// Mixture-of-experts models: also train the routers.
+    #[serde(default)]
+    pub train_router: bool,
     /// Also train the RMSNorm weights.
     #[serde(default)]
     pub train_norms: bool,
@@ -47,12 +53,20 @@ impl Default for LoraSettings {
             dropout: 0.0,
             target_modules: default_targets(),
             use_rslora: false,
+            target_parameters: Vec::new(),
+            train_router: false,
             train_norms: false,
         }
     }
 }
 
 impl LoraSettings {
+    /// [`LoraSettings::lora_config`] as PEFT applies it to `model` (see
+    /// [`LoraConfig::converted_for`]): what is trained and saved.
+    pub fn lora_config_for(&self, model: &crate::models::config::ModelConfig) -> Result<LoraConfig, String> {
+        self.lora_config().converted_for(&model.model_type, &model.linear_modules())
+    }
+
     pub fn lora_config(&self) -> LoraConfig {
         LoraConfig {
             r: self.r,
@@ -60,6 +74,10 @@ impl LoraSettings {
             dropout: self.dropout,
             target_modules: self.target_modules.clone(),
             use_rslora: self.use_rslora,
+            target_parameters: self.target_parameters.clone(),
+            train_router: self.train_router,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
         }
     }
 }
@@ -136,6 +154,10 @@ pub struct TrainConfig {
     /// backward: activation memory stops growing with depth, for about one more forward's time.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Mixture-of-experts models: the load-balancing loss's weight (default: the model's
+    /// `router_aux_loss_coef`; 0 reports the loss without training on it).
+    #[serde(default)]
+    pub router_aux_loss_coef: Option<f64>,
     /// Where to train: `cpu` (default), `cuda` or `cuda:N`.
     #[serde(default)]
     pub device: crate::device::DeviceSpec,
@@ -158,6 +180,13 @@ pub struct TrainConfig {
     /// Continue from this checkpoint directory.
     #[serde(default)]
     pub resume_from: Option<PathBuf>,
+}
+
+impl TrainConfig {
+    /// The load-balancing loss's weight for a mixture-of-experts model.
+    pub fn router_aux_loss_coef(&self, moe: &crate::models::moe::MoeConfig) -> f64 {
+        self.router_aux_loss_coef.unwrap_or(moe.aux_loss_coef)
+    }
 }
 
 fn default_r() -> usize {

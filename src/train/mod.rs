@@ -62,6 +62,9 @@ pub struct Progress {
     /// Preference runs: this step's pair metrics (`loss` is then the preference loss and
     /// `accuracy` that of the chosen answers' tokens).
     pub preference: Option<preference::PreferenceMetrics>,
+    /// Mixture-of-experts models: this step's router load-balancing loss (unweighted; the
+    /// objective adds it times `router_aux_loss_coef` to `loss`).
+    pub router_aux_loss: Option<f64>,
 }
 
 /// What the caller wants the trainer to do next; asked before every step.

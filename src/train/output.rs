@@ -42,7 +42,8 @@ pub fn write(prepared: &Prepared, config: &TrainConfig) -> Result<PathBuf, Train
                     .collect();
             let base = config.model.display().to_string();
             let modules = prepared.model.config.linear_modules();
-            save_adapter(&dir, &config.lora.lora_config(), &base, modules, &tensors, config.lora.train_norms)?;
+            let lora = config.lora.lora_config_for(&prepared.model.config).map_err(TrainError::Config)?;
+            save_adapter(&dir, &lora, &base, &modules, &tensors, config.lora.train_norms)?;
             copy_tokenizer_files(&config.model, &dir)?;
         }
         Method::Bottleneck => {
@@ -72,6 +73,11 @@ pub fn write_model_dir(
     std::fs::create_dir_all(dir)?;
     let config = serde_json::to_string_pretty(&model.config.raw).map_err(std::io::Error::other)?;
     std::fs::write(dir.join("config.json"), config + "\n")?;
+    // Mixture-of-experts weights go back to the per-expert layout checkpoints have.
+    let tensors = match &model.config.moe {
+        Some(moe) => crate::models::moe::to_checkpoint(moe, tensors)?,
+        None => tensors,
+    };
     let cpu: HashMap<String, Tensor> = tensors
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?.contiguous()?)))

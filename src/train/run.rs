@@ -19,6 +19,7 @@ use super::preference::{
 use super::schedule::Schedule;
 use super::setup::{prepare, Prepared};
 use super::{output, Control, Observer, Progress, StopReason, Summary, TrainError};
+use crate::models::moe::load_balancing_loss;
 use crate::models::ops::masked_cross_entropy_sum;
 use crate::models::ForwardCtx;
 use crate::rng::Rng;
@@ -65,6 +66,7 @@ pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summar
         steps_per_epoch,
         reference: ReferenceLogps::default(),
         step_preference: None,
+        step_router_aux_loss: None,
     };
     let resumed = config.resume_from.as_ref().map(|dir| Ok::<_, TrainError>((dir, checkpoint::load(dir, &device)?)));
     let mut resumed = resumed.transpose()?;
@@ -99,6 +101,8 @@ struct Run<'a> {
     reference: ReferenceLogps,
     /// Preference runs: the last step's pair metrics.
     step_preference: Option<PreferenceMetrics>,
+    /// Mixture-of-experts models: the last step's load-balancing loss.
+    step_router_aux_loss: Option<f64>,
 }
 
 /// What one optimizer step's forward and backward passes gave.
@@ -112,6 +116,9 @@ struct StepOut {
     trained: usize,
     tokens: usize,
     preference: Option<PreferenceMetrics>,
+    /// Mixture-of-experts models: the load-balancing loss, averaged over the micro-batches by
+    /// their trained tokens.
+    router_aux_loss: Option<f64>,
 }
 
 impl Run<'_> {
@@ -186,6 +193,7 @@ impl Run<'_> {
                     processed_tokens: self.state.processed_tokens,
                     eval,
                     preference: self.step_preference,
+                    router_aux_loss: self.step_router_aux_loss,
                 });
                 if stop_early {
                     return Ok(StopReason::EarlyStopped);
@@ -224,6 +232,7 @@ impl Run<'_> {
         self.state.processed_tokens += out.tokens as u64;
         self.state.last_loss = Some(out.loss);
         self.step_preference = out.preference;
+        self.step_router_aux_loss = out.router_aux_loss;
         Ok((out.loss, out.correct as f64 / out.scored.max(1) as f64, out.tokens))
     }
 
@@ -241,25 +250,56 @@ impl Run<'_> {
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut loss_total = 0.0;
         let mut correct = 0usize;
+        let mut aux_total = None;
+        // Mixture of experts: transformers' load-balancing loss joins the objective per micro-batch,
+        // weighted by its share of the trained tokens (one micro-batch: `loss + coef · aux`).
+        let moe = model.config.moe.as_ref().map(|m| (m.num_experts, self.config.router_aux_loss_coef(m)));
         for batch in batches.iter().filter(|b| b.trained_tokens > 0) {
-            let ctx = ForwardCtx::training(self.state.dropout_rng.clone());
+            let mut ctx = ForwardCtx::training(self.state.dropout_rng.clone());
+            if moe.is_some() {
+                ctx = ctx.collect_routing(Some(batch.real.clone()));
+            }
+            let share = batch.trained_tokens as f64 / trained as f64;
             // Only trained positions need logits: with a large vocabulary and prompts that are not
             // trained (chat), the output head over every position would dominate the step.
             let head = |hidden: &Tensor| -> candle_core::Result<_> {
                 let (logits, targets, _) = trained_logits(model, hidden, batch, &ctx)?;
                 let ones = Tensor::ones(targets.dims1()?, DType::F32, model.device())?;
-                let loss = (masked_cross_entropy_sum(&logits, &targets, &ones)? / trained as f64)?;
-                Ok((loss, count_correct(&logits, &targets)?))
+                let mut loss = (masked_cross_entropy_sum(&logits, &targets, &ones)? / trained as f64)?;
+                let lm = f64::from(loss.to_scalar::<f32>()?);
+                let mut aux_value = None;
+                if let Some((experts, coef)) = moe {
+                    if let Some(aux) = load_balancing_loss(&ctx.take_routing(), experts)? {
+                        aux_value = Some(f64::from(aux.to_scalar::<f32>()?));
+                        if coef > 0.0 {
+                            loss = (loss + (aux * (coef * share))?)?;
+                        }
+                    }
+                }
+                Ok((loss, (count_correct(&logits, &targets)?, lm, aux_value)))
             };
             let inputs = (&batch.input_ids, &batch.positions, &batch.mask);
             let out = batch_gradients(model, inputs, &ctx, self.config.gradient_checkpointing, head)?;
-            (loss_total, correct) = (loss_total + out.loss, correct + out.head);
+            let (right, lm, aux) = out.head;
+            (loss_total, correct) = (loss_total + lm, correct + right);
+            if let Some(aux) = aux {
+                aux_total = Some(aux_total.unwrap_or(0.0) + aux * share);
+            }
             if let Some(rng) = ctx.into_rng() {
                 self.state.dropout_rng = rng;
             }
             accumulate(&mut grads, out.grads)?;
         }
-        Ok(StepOut { grads, loss: loss_total, correct, scored: trained, trained, tokens, preference: None })
+        Ok(StepOut {
+            grads,
+            loss: loss_total,
+            correct,
+            scored: trained,
+            trained,
+            tokens,
+            preference: None,
+            router_aux_loss: aux_total,
+        })
     }
 
     /// DPO-family step: each micro-batch holds whole pairs (chosen rows, then rejected rows).
@@ -303,6 +343,7 @@ impl Run<'_> {
             trained: batches.iter().map(|b| b.trained_tokens).sum(),
             tokens: batches.iter().map(|b| b.tokens).sum(),
             preference: Some(metrics),
+            router_aux_loss: None,
         })
     }
 

@@ -42,6 +42,19 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
     config.validate().map_err(TrainError::Config)?;
     let model_config =
         ModelConfig::from_file(&config.model.join("config.json")).map_err(|e| TrainError::Model(e.to_string()))?;
+    if model_config.moe.is_some() && config.gradient_checkpointing {
+        return Err(TrainError::Config(
+            "gradient_checkpointing is not supported for mixture-of-experts models yet (the load-balancing loss \
+             spans every layer); train without it"
+                .into(),
+        ));
+    }
+    if model_config.moe.is_none() && (!config.lora.target_parameters.is_empty() || config.lora.train_router) {
+        return Err(TrainError::Config(format!(
+            "lora target_parameters and train_router apply to mixture-of-experts models; this is a {} model",
+            model_config.model_type
+        )));
+    }
     let tokenizer = ChatTokenizer::from_dir(&config.model)?;
     let (train_data, validation_data) = {
         let train = load_jsonl(&config.train_file)?;
@@ -108,13 +121,16 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
         trainable: true,
         loaded: None,
     };
-    let lora_plan = matches!(config.method, Method::Lora | Method::Qlora).then(|| LoraPlan {
-        config: config.lora.lora_config(),
-        seed: config.seed,
-        trainable: true,
-        train_norms: config.lora.train_norms,
-        loaded: None,
-    });
+    let lora_plan = match config.method {
+        Method::Lora | Method::Qlora => Some(LoraPlan {
+            config: config.lora.lora_config_for(&model_config).map_err(TrainError::Config)?,
+            seed: config.seed,
+            trainable: true,
+            train_norms: config.lora.train_norms,
+            loaded: None,
+        }),
+        _ => None,
+    };
     let adaptation = match (&lora_plan, config.method) {
         (Some(plan), _) => Adaptation::Lora(plan),
         (None, Method::Bottleneck) => Adaptation::Bottleneck(&bottleneck_plan),

@@ -69,6 +69,8 @@ fn a_trained_lora_adapter_loads_in_peft_with_the_same_logits() {
         ("qwen3", Method::Lora, true),
         ("phi3", Method::Lora, true),
         ("gemma2", Method::Lora, true),
+        ("mixtral", Method::Lora, true),
+        ("qwen2_moe", Method::Lora, false),
         ("llama", Method::Qlora, false),
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -76,6 +78,13 @@ fn a_trained_lora_adapter_loads_in_peft_with_the_same_logits() {
         config.epochs = 2;
         config.learning_rate = 1e-2;
         config.lora.train_norms = train_norms;
+        if name == "qwen2_moe" {
+            // The experts (PEFT `target_parameters`), and the routers saved whole.
+            config.lora.target_parameters = vec!["gate_up_proj".into(), "down_proj".into()];
+            config.lora.train_router = true;
+        }
+        // mixtral: all-linear as PEFT converts it (experts, the gate-up stack at twice the rank,
+        // and LoRA on the routers).
         let output = train(&config, &mut Silent).unwrap().output.unwrap();
         let (lora, norms, tensors) = load_adapter(&output, &Device::Cpu).unwrap();
         assert_eq!(norms, train_norms);
@@ -95,7 +104,9 @@ fn a_trained_lora_adapter_loads_in_peft_with_the_same_logits() {
 fn a_fully_fine_tuned_model_loads_in_transformers_with_the_same_logits() {
     let Some(python) = torch_python() else { return };
     // qwen3: the per-head query/key norms are trained and written back; phi3: fused projections.
-    for name in ["llama3", "qwen3", "phi3", "gemma3"] {
+    // mixtral and qwen2_moe: the stacked experts are written back per expert (Mixtral's
+    // `block_sparse_moe.experts.N.w1` names), as transformers writes them.
+    for name in ["llama3", "qwen3", "phi3", "gemma3", "mixtral", "qwen2_moe"] {
         let dir = tempfile::tempdir().unwrap();
         let mut config = crate::training::config_for(dir.path(), Method::Full, name);
         config.epochs = 2;

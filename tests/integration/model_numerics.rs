@@ -9,13 +9,18 @@ use ferrotune::infer::generate::generate_greedy;
 use ferrotune::models::config::ModelConfig;
 use ferrotune::models::llama::{Adaptation, CausalLm};
 use ferrotune::models::mask::packed_causal_mask;
+use ferrotune::models::moe::load_balancing_loss;
 use ferrotune::models::ops::masked_cross_entropy_sum;
 use ferrotune::models::weights::load_model_weights;
 use ferrotune::models::ForwardCtx;
 use ferrotune::peft::adapter::load_adapter;
 use ferrotune::peft::lora::LoraPlan;
 
-pub const MODELS: [&str; 8] = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
+pub const MODELS: [&str; 11] =
+    ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe"];
+
+/// The mixture-of-experts fixtures (their LoRA fixtures also adapt the experts and the routers).
+pub const MOE_MODELS: [&str; 3] = ["mixtral", "qwen2_moe", "qwen3_moe"];
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
@@ -54,21 +59,37 @@ fn input_ids(reference: &HashMap<String, Tensor>) -> Tensor {
 
 /// Logits of all positions with plain causal attention.
 fn logits(model: &CausalLm, ids: &Tensor) -> Tensor {
+    logits_in(model, ids, &ForwardCtx::inference())
+}
+
+fn logits_in(model: &CausalLm, ids: &Tensor, ctx: &ForwardCtx) -> Tensor {
     let (b, t) = ids.dims2().unwrap();
     let positions = Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((b, 1)).unwrap();
     let mask = packed_causal_mask(&vec![0; b * t], b, t, model.config.sliding_window, &Device::Cpu).unwrap();
-    let ctx = ForwardCtx::inference();
-    let hidden = model.forward_hidden(ids, &positions, &mask, &ctx).unwrap();
-    model.logits(&hidden, &ctx).unwrap()
+    let hidden = model.forward_hidden(ids, &positions, &mask, ctx).unwrap();
+    model.logits(&hidden, ctx).unwrap()
 }
 
-/// transformers' causal-LM loss: mean next-token cross-entropy over every position.
+/// transformers' causal-LM loss: mean next-token cross-entropy over every position, plus, for a
+/// mixture of experts (the fixtures set `output_router_logits`), `router_aux_loss_coef` times the
+/// load-balancing loss.
 fn lm_loss(model: &CausalLm, ids: &Tensor) -> Tensor {
     let (b, t) = ids.dims2().unwrap();
-    let logits = logits(model, ids).narrow(1, 0, t - 1).unwrap().reshape((b * (t - 1), ())).unwrap();
+    let ctx = match model.config.moe {
+        Some(_) => ForwardCtx::inference().collect_routing(None),
+        None => ForwardCtx::inference(),
+    };
+    let logits = logits_in(model, ids, &ctx).narrow(1, 0, t - 1).unwrap().reshape((b * (t - 1), ())).unwrap();
     let labels = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
     let mask = Tensor::ones(b * (t - 1), DType::F32, &Device::Cpu).unwrap();
-    (masked_cross_entropy_sum(&logits, &labels, &mask).unwrap() / (b * (t - 1)) as f64).unwrap()
+    let loss = (masked_cross_entropy_sum(&logits, &labels, &mask).unwrap() / (b * (t - 1)) as f64).unwrap();
+    match &model.config.moe {
+        Some(moe) => {
+            let aux = load_balancing_loss(&ctx.take_routing(), moe.num_experts).unwrap().unwrap();
+            (loss + (aux * moe.aux_loss_coef).unwrap()).unwrap()
+        }
+        None => loss,
+    }
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -132,6 +153,10 @@ fn lora_targets_matching_no_module_are_refused_with_the_models_modules() {
             dropout: 0.0,
             target_modules: TargetModules::List(targets.iter().map(|t| t.to_string()).collect()),
             use_rslora: false,
+            target_parameters: Vec::new(),
+            train_router: false,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
         },
         seed: 1,
         trainable: true,
@@ -173,8 +198,11 @@ fn assert_grads_match(
     let mut worst = 0f32;
     for p in &model.trainable.params {
         let ours = grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{context}: no gradient for {}", p.name));
+        // Modules a LoRA adapter saves whole (norms, routers) keep their model names inside; PEFT
+        // saves them under `base_model.model.`.
         let theirs = reference
             .get(&format!("{prefix}{}", p.name))
+            .or_else(|| reference.get(&format!("{prefix}base_model.model.{}", p.name)))
             .unwrap_or_else(|| panic!("{context}: no reference gradient for {}", p.name));
         let relative = max_abs_diff(ours, theirs) / max_abs(theirs).max(1e-12);
         assert!(relative <= 1e-3, "{context}: gradient of {} differs by {relative} (relative)", p.name);
@@ -255,40 +283,55 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
     use ferrotune::peft::lora::{LoraConfig, TargetModules};
     for name in MODELS {
         let ids = input_ids(&reference(name));
+        let moe = MOE_MODELS.contains(&name);
+        let experts: Vec<String> = if moe { vec!["gate_up_proj".into(), "down_proj".into()] } else { Vec::new() };
         let full = load(name, |_| AdaptationSpec::Full);
         assert_eq!(nonzero_gradients(&full, &ids), Vec::<String>::new(), "{name}: full fine-tuning");
 
         // A fresh adapter starts with B = 0, so A's gradient is zero until B has moved: take one
         // plain gradient step on everything first, as training would.
-        let plan = LoraPlan {
-            config: LoraConfig {
-                r: 4,
-                alpha: 8.0,
-                dropout: 0.0,
-                target_modules: TargetModules::Keyword("all-linear".into()),
-                use_rslora: false,
-            },
-            seed: 3,
-            trainable: true,
-            train_norms: true,
-            loaded: None,
-        };
+        // As a job trains it: converted as PEFT converts Mixtral's and Qwen3-MoE's targets (their
+        // all-linear adapts the experts, with the fused gate-up at twice the rank, and the router
+        // with LoRA; Qwen3-MoE's dense layer 1 keeps no MLP adapter); Qwen2-MoE's router trains whole.
+        let model_config = ModelConfig::from_file(&fixture(name).join("config.json")).unwrap();
+        let converted = matches!(name, "mixtral" | "qwen3_moe");
+        let config = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: TargetModules::Keyword("all-linear".into()),
+            use_rslora: false,
+            target_parameters: experts.clone(),
+            train_router: moe && !converted,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+        }
+        .converted_for(&model_config.model_type, &model_config.linear_modules())
+        .unwrap();
+        let plan = LoraPlan { config, seed: 3, trainable: true, train_norms: true, loaded: None };
         let lora = load(name, |_| AdaptationSpec::Lora(plan));
         one_plain_step(&lora, &ids);
         assert_eq!(nonzero_gradients(&lora, &ids), Vec::<String>::new(), "{name}: LoRA with norms");
         let count = lora.trainable.params.len();
         // Qwen3 and Gemma 3 add each layer's per-head q_norm and k_norm (PEFT's `norm` matches them
         // too); Gemma 2 and 3 each layer's norms after attention and after the MLP.
-        let head_norms = if ["qwen3", "gemma3"].contains(&name) { 2 * 2 } else { 0 };
+        let head_norms = if ["qwen3", "gemma3", "qwen3_moe"].contains(&name) { 2 * 2 } else { 0 };
         let output_norms = if name.starts_with("gemma") { 2 * 2 } else { 0 };
         // Seven linears per layer, or Phi-3's four (fused qkv_proj and gate_up_proj).
         let modules = lora.config.linear_modules().len();
-        assert_eq!(modules, if name == "phi3" { 4 } else { 7 }, "{name}");
-        assert_eq!(
-            count,
-            2 * modules * 2 + 2 * 2 + 1 + head_norms + output_norms,
-            "{name}: A and B for every module x 2 layers, plus the norms"
-        );
+        // Mixture of experts: A and B of both stacked expert weights and the router per MoE layer;
+        // Mixtral has only the attention's linears; Qwen2-MoE adds its shared expert's three and
+        // gate (trained whole too, with the router); Qwen3-MoE's layer 1 is a dense MLP.
+        let (modules_expected, expected) = match name {
+            "phi3" => (4, 2 * 4 * 2 + 5),
+            // Attention, both expert stacks and the router's LoRA, per layer.
+            "mixtral" => (4, 2 * (2 * 4 + 4 + 2) + 5),
+            "qwen2_moe" => (8, 2 * 8 * 2 + 2 * (4 + 1 + 1) + 5),
+            "qwen3_moe" => (7, 2 * 2 * 4 + (4 + 2) + 5),
+            _ => (7, 2 * 7 * 2 + 5),
+        };
+        assert_eq!(modules, modules_expected, "{name}");
+        assert_eq!(count, expected + head_norms + output_norms, "{name}: A and B for every module, plus the norms");
 
         // QLoRA: the same adapters over the projections quantized to q8_0.
         let plan = LoraPlan {
@@ -298,6 +341,10 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
                 dropout: 0.0,
                 target_modules: TargetModules::Keyword("all-linear".into()),
                 use_rslora: false,
+                target_parameters: experts.clone(),
+                train_router: false,
+                rank_pattern: Default::default(),
+                alpha_pattern: Default::default(),
             },
             seed: 3,
             trainable: true,

@@ -88,6 +88,10 @@ async fn stored_model(app: &TestApp, name: &str) -> ModelRecord {
         dropout: 0.0,
         target_modules: ferrotune::peft::lora::TargetModules::List(vec!["q_proj".into()]),
         use_rslora: false,
+        target_parameters: Vec::new(),
+        train_router: false,
+        rank_pattern: Default::default(),
+        alpha_pattern: Default::default(),
     };
     let tensors = std::collections::HashMap::new();
     ferrotune::peft::adapter::save_adapter(dir.path(), &config, "tiny-llama", &["q_proj"], &tensors, false).unwrap();

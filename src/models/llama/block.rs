@@ -13,6 +13,8 @@ use crate::models::ops::{apply_rope, repeat_kv, rms_norm};
 use crate::models::params::Param;
 use crate::models::ForwardCtx;
 
+use super::moe::{Moe, MoeHooks};
+
 /// Applies one linear module (by its PEFT name) to an input: plainly in training, with each row's
 /// adapter delta in batched serving.
 pub(super) type Apply<'a> = dyn Fn(&'static str, &Linear, &Tensor) -> Result<Tensor> + 'a;
@@ -81,6 +83,57 @@ impl Mlp {
         let gated = if self.gelu { (gate.gelu()? * up)? } else { crate::models::fused::swiglu(&gate, &up)? };
         apply("down_proj", &self.down, &gated)
     }
+
+    /// The linears under `paths` (gate, up, fused gate-up, down).
+    fn linears(&self, [gate_path, up_path, fused_path, down_path]: [&'static str; 4]) -> Vec<(&'static str, &Linear)> {
+        let mut out = match &self.gate_up {
+            GateUp::Separate { gate, up } => vec![(gate_path, gate), (up_path, up)],
+            GateUp::Fused(gate_up) => vec![(fused_path, gate_up)],
+        };
+        out.push((down_path, &self.down));
+        out
+    }
+}
+
+/// A layer's feed-forward part: a gated MLP, or a mixture of experts.
+pub(super) enum FeedForward {
+    Dense(Mlp),
+    Moe(Box<Moe>),
+}
+
+impl FeedForward {
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        apply: &Apply<'_>,
+        hooks: Option<&MoeHooks<'_>>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Dense(mlp) => mlp.forward(x, apply),
+            Self::Moe(moe) => moe.forward(x, apply, hooks, ctx),
+        }
+    }
+
+    /// The linear modules by their path under the layer.
+    fn linears(&self) -> Vec<(&'static str, &Linear)> {
+        match self {
+            Self::Dense(mlp) => mlp.linears(["mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj"]),
+            Self::Moe(moe) => match &moe.shared {
+                Some((mlp, gate)) => {
+                    let mut out = mlp.linears([
+                        "mlp.shared_expert.gate_proj",
+                        "mlp.shared_expert.up_proj",
+                        "mlp.shared_expert.gate_up_proj",
+                        "mlp.shared_expert.down_proj",
+                    ]);
+                    out.push(("mlp.shared_expert_gate", gate));
+                    out
+                }
+                None => Vec::new(),
+            },
+        }
+    }
 }
 
 pub(super) struct Block {
@@ -92,7 +145,7 @@ pub(super) struct Block {
     /// Gemma: norms of the attention's and the MLP's outputs (`post_attention_layernorm`,
     /// `post_feedforward_layernorm`).
     pub(super) output_norms: Option<(Param, Param)>,
-    pub(super) mlp: Mlp,
+    pub(super) mlp: FeedForward,
     /// Gemma's sliding layers: the window this layer alone attends within (with its own mask and,
     /// for Gemma 3, its own RoPE tables).
     pub(super) window: Option<usize>,
@@ -124,7 +177,7 @@ impl Block {
         }
         let x = (x + attended)?;
         let normed = norm.apply(&x, self.post_norm.tensor())?;
-        let mut out = self.mlp.forward(&normed, &|_, linear: &Linear, x: &Tensor| linear.forward(x, ctx))?;
+        let mut out = self.mlp.forward(&normed, &|_, linear: &Linear, x: &Tensor| linear.forward(x, ctx), None, ctx)?;
         if let Some((_, after_mlp)) = &self.output_norms {
             out = norm.apply(&out, after_mlp.tensor())?;
         }
@@ -164,11 +217,7 @@ impl Block {
             Qkv::Fused(qkv) => vec![("self_attn.qkv_proj", qkv)],
         };
         out.push(("self_attn.o_proj", &self.attention.o));
-        match &self.mlp.gate_up {
-            GateUp::Separate { gate, up } => out.extend([("mlp.gate_proj", gate), ("mlp.up_proj", up)]),
-            GateUp::Fused(gate_up) => out.push(("mlp.gate_up_proj", gate_up)),
-        }
-        out.push(("mlp.down_proj", &self.mlp.down));
+        out.extend(self.mlp.linears());
         out
     }
 }

@@ -9,7 +9,8 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{Result, Tensor};
 
-use super::block::NormStyle;
+use super::block::{FeedForward, NormStyle};
+use super::moe::{MoeHooks, ProjKind};
 use super::{CausalLm, KvCache, LayerCache, Linear};
 use crate::models::bottleneck::{Bottleneck, BottleneckPlan};
 use crate::models::mask::incremental_causal_mask;
@@ -29,8 +30,11 @@ struct LoraPair {
 
 #[derive(Debug, Clone, Default)]
 struct LayerAdapter {
-    /// By module name (`q_proj`, `qkv_proj`, ...).
+    /// By module name (`q_proj`, `qkv_proj`, ...). A mixture-of-experts router (`gate`) or
+    /// shared-expert gate the adapter saved whole is here as the pair `(W − W_base)ᵀ, I`.
     linears: HashMap<&'static str, LoraPair>,
+    /// Expert LoRA (PEFT `target_parameters`) per expert: gate-up, down.
+    experts: [Vec<LoraPair>; 2],
     /// Norms the adapter trained, by their path under the layer (`input_layernorm`,
     /// `self_attn.q_norm`, ...: [`super::block::Block::norms`]).
     norms: HashMap<&'static str, Tensor>,
@@ -60,7 +64,6 @@ impl ServingAdapter {
     /// belong to a module of the model with the right shape: an adapter trained for another base
     /// is an error, not garbage output.
     pub fn from_peft(model: &CausalLm, config: &LoraConfig, tensors: &HashMap<String, Tensor>) -> Result<Self> {
-        let scale = config.scale();
         let mut used: HashSet<String> = HashSet::new();
         let mut bytes = 0usize;
         let mut pair = |module: &str, linear: &Linear| -> Result<Option<LoraPair>> {
@@ -72,14 +75,13 @@ impl ServingAdapter {
                 candle_core::bail!("the adapter targets {module} but has no weights for it");
             };
             let (out_f, in_f) = linear.weight.dims2()?;
-            if a.dims() != [config.r, in_f] || b.dims() != [out_f, config.r] {
+            let (r, scale) = (config.rank_for(module), config.scale_for(module));
+            if a.dims() != [r, in_f] || b.dims() != [out_f, r] {
                 candle_core::bail!(
-                    "adapter weights for {module} have shapes {:?} and {:?}; this base model needs ({}, {in_f}) and \
-                     ({out_f}, {})",
+                    "adapter weights for {module} have shapes {:?} and {:?}; this base model needs ({r}, {in_f}) and \
+                     ({out_f}, {r})",
                     a.dims(),
                     b.dims(),
-                    config.r,
-                    config.r
                 );
             }
             used.insert(a_name);
@@ -104,6 +106,93 @@ impl ServingAdapter {
             Some(head) => pair("lm_head", head)?,
             None => None,
         };
+        let like = model.embed.tensor();
+        for (i, (layer, block)) in layers.iter_mut().zip(&model.layers).enumerate() {
+            let FeedForward::Moe(moe) = &block.mlp else { continue };
+            let p = format!("model.layers.{i}.mlp");
+            let (gate_up_name, down_name) = crate::models::moe::stacked_names(i);
+            let (lora_gate_up, lora_down) =
+                (config.targets_parameter(&gate_up_name), config.targets_parameter(&down_name));
+            let gate_up_module = if lora_down { format!("{p}.experts.base_layer") } else { format!("{p}.experts") };
+            for (slot, targeted, module, proj) in
+                [(0, lora_gate_up, gate_up_module, &moe.gate_up), (1, lora_down, format!("{p}.experts"), &moe.down)]
+            {
+                if !targeted {
+                    continue;
+                }
+                let dims = proj.weight.dense()?.dims().to_vec();
+                let param = if slot == 0 { &gate_up_name } else { &down_name };
+                let (r, scale) = (config.rank_for(param), config.scale_for(param));
+                let (out_f, in_f, experts) = (dims[1], dims[2], moe.experts);
+                let (a_name, b_name) = peft_names(&module);
+                let (Some(a), Some(b)) = (tensors.get(&a_name), tensors.get(&b_name)) else {
+                    candle_core::bail!("the adapter targets {module} but has no weights for it");
+                };
+                if a.dims() != [r * experts, in_f] || b.dims() != [out_f, r * experts] {
+                    candle_core::bail!(
+                        "adapter weights for {module} have shapes {:?} and {:?}; this base model needs ({}, {in_f}) \
+                         and ({out_f}, {})",
+                        a.dims(),
+                        b.dims(),
+                        r * experts,
+                        r * experts
+                    );
+                }
+                used.insert(a_name);
+                used.insert(b_name);
+                bytes += (a.elem_count() + b.elem_count()) * 4;
+                let a = a.to_device(like.device())?.to_dtype(like.dtype())?.reshape((experts, r, in_f))?;
+                let b = b.to_device(like.device())?.to_dtype(like.dtype())?.reshape((out_f, r, experts))?;
+                layer.experts[slot] = (0..experts)
+                    .map(|e| {
+                        let a_t = a.get(e)?.t()?.contiguous()?;
+                        let b_t = (b.narrow(2, e, 1)?.squeeze(2)?.t()?.contiguous()? * scale)?;
+                        Ok(LoraPair { a_t, b_t })
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            // LoRA on the router's weight (PEFT `target_parameters: ["gate.weight"]`).
+            if config.targets_parameter(&format!("{p}.gate.weight")) {
+                let module = format!("{p}.gate");
+                let (a_name, b_name) = peft_names(&module);
+                let (r, scale) = (config.rank_for(&module), config.scale_for(&module));
+                let (experts, h) = moe.router.tensor().dims2()?;
+                let (Some(a), Some(b)) = (tensors.get(&a_name), tensors.get(&b_name)) else {
+                    candle_core::bail!("the adapter targets {module} but has no weights for it");
+                };
+                if a.dims() != [r, h] || b.dims() != [experts, r] {
+                    candle_core::bail!("adapter weights for {module} have shapes {:?} and {:?}", a.dims(), b.dims());
+                }
+                used.insert(a_name);
+                used.insert(b_name);
+                bytes += (a.elem_count() + b.elem_count()) * 4;
+                let a_t = a.to_device(like.device())?.to_dtype(like.dtype())?.t()?.contiguous()?;
+                let b_t = (b.to_device(like.device())?.to_dtype(like.dtype())?.t()?.contiguous()? * scale)?;
+                layer.linears.insert("gate", LoraPair { a_t, b_t });
+            }
+            // Routers (and Qwen2-MoE's shared-expert gate) saved whole: their difference from the
+            // base, applied like a LoRA pair with an identity second factor.
+            let mut whole = vec![("gate", format!("{p}.gate.weight"), moe.router.tensor().clone())];
+            if let Some((_, gate)) = &moe.shared {
+                whole.push(("shared_expert_gate", format!("{p}.shared_expert_gate.weight"), gate.weight.dense()?));
+            }
+            for (key, name, base) in whole {
+                let saved = format!("base_model.model.{name}");
+                let Some(t) = tensors.get(&saved) else { continue };
+                if t.dims() != base.dims() {
+                    candle_core::bail!("adapter weight {name} has shape {:?}, expected {:?}", t.dims(), base.dims());
+                }
+                if layer.linears.contains_key(key) {
+                    candle_core::bail!("the adapter has both LoRA weights for and a saved copy of {name}");
+                }
+                used.insert(saved);
+                bytes += t.elem_count() * 4;
+                let delta = (t.to_device(like.device())?.to_dtype(like.dtype())? - &base)?;
+                let out_f = base.dim(0)?;
+                let identity = Tensor::eye(out_f, like.dtype(), like.device())?;
+                layer.linears.insert(key, LoraPair { a_t: delta.t()?.contiguous()?, b_t: identity });
+            }
+        }
         let mut norm_override = |name: &str, like: &Tensor| -> Result<Option<Tensor>> {
             let key = format!("base_model.model.{name}");
             let Some(t) = tensors.get(&key) else { return Ok(None) };
@@ -251,6 +340,14 @@ impl CausalLm {
         }
         let total = ids.len();
         let groups = self.groups(rows, &spans, total)?;
+        // Each token's adapter group (for the experts, which see a subset of the tokens).
+        let mut token_group = vec![usize::MAX; total];
+        for (g, group) in groups.iter().enumerate() {
+            match &group.index {
+                None => token_group.fill(g),
+                Some(index) => index.to_vec1::<u32>()?.into_iter().for_each(|t| token_group[t as usize] = g),
+            }
+        }
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let positions = Tensor::from_vec(positions, (1, total), &self.device)?;
         let (global_cos, global_sin) = self.rope.at_rows(&positions, self.dtype)?;
@@ -341,7 +438,16 @@ impl CausalLm {
             let attended = with_bottlenecks(attended, &groups, &ctx, |a| a.bottlenecks.get(li).map(|b| &b.0))?;
             x = (x + attended)?;
             let normed = norm(&x, &block.post_norm, block.post_norm_name())?;
-            let mut out = block.mlp.forward(&normed, &apply)?;
+            let expert = |kind: ProjKind, e: usize, input: &Tensor, tokens: &[u32], y: Tensor| {
+                with_expert_adapters(y, input, tokens, &groups, &token_group, |a| {
+                    a.layers[li].experts[kind as usize].get(e)
+                })
+            };
+            let router = |input: &Tensor, logits: Tensor| {
+                with_adapters(logits, input, &groups, |a| a.layers[li].linears.get("gate"))
+            };
+            let hooks = MoeHooks { expert: &expert, router: &router };
+            let mut out = block.mlp.forward(&normed, &apply, Some(&hooks), &ctx)?;
             if let Some((_, after_mlp)) = &block.output_norms {
                 out = norm(&out, after_mlp, "post_feedforward_layernorm")?;
             }
@@ -403,6 +509,33 @@ fn with_adapters(
             Some(index) => {
                 let delta = x.index_select(index, 0)?.matmul(&pair.a_t)?.matmul(&pair.b_t)?;
                 y.index_add(index, &delta, 0)?
+            }
+        };
+    }
+    Ok(y)
+}
+
+/// Adds each adapter group's expert LoRA delta (from `pick`) to an expert's output `y`, whose input
+/// rows are the batch's tokens `tokens`.
+fn with_expert_adapters(
+    mut y: Tensor,
+    x: &Tensor,
+    tokens: &[u32],
+    groups: &[Group<'_>],
+    token_group: &[usize],
+    pick: impl Fn(&ServingAdapter) -> Option<&LoraPair>,
+) -> Result<Tensor> {
+    for (g, group) in groups.iter().enumerate() {
+        let Some(pair) = pick(group.adapter) else { continue };
+        let local: Vec<u32> =
+            (0..tokens.len() as u32).filter(|&k| token_group[tokens[k as usize] as usize] == g).collect();
+        y = match local.len() {
+            0 => continue,
+            n if n == tokens.len() => (y + x.matmul(&pair.a_t)?.matmul(&pair.b_t)?)?,
+            n => {
+                let index = Tensor::from_vec(local, n, x.device())?;
+                let delta = x.index_select(&index, 0)?.matmul(&pair.a_t)?.matmul(&pair.b_t)?;
+                y.index_add(&index, &delta, 0)?
             }
         };
     }
