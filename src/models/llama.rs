@@ -178,7 +178,7 @@ impl CausalLm {
                 },
                 mlp: match config.moe.as_ref().filter(|m| m.is_sparse(i)) {
                     Some(moe) => FeedForward::Moe(Box::new(b.moe(i, &config, moe)?)),
-                    None => FeedForward::Dense(b.mlp(&format!("{p}.mlp"), &config, inter)?),
+                    None => FeedForward::Dense(Box::new(b.mlp(&format!("{p}.mlp"), &config, inter)?)),
                 },
                 window: config.layer_window(i),
                 adapters: match b.adaptation {

@@ -40,10 +40,13 @@ fn pattern_name(pattern: &str) -> Option<&str> {
     plain.then_some(name)
 }
 
+/// `(v4 name, parameter it becomes)` pairs, and the two v4 names fused into `gate_up_proj`.
+type MoeConversion = (&'static [(&'static str, &'static str)], [&'static str; 2]);
+
 /// The v4 module names PEFT (on transformers 5) turns into expert parameters for a model type, and
 /// the two that fuse into `gate_up_proj`: Mixtral's, and those of models converted like Qwen2-MoE
 /// (Qwen3-MoE; Qwen2-MoE itself is not converted), after `peft.utils.transformers_weight_conversion`.
-fn moe_conversion(model_type: &str) -> Option<(&'static [(&'static str, &'static str)], [&'static str; 2])> {
+fn moe_conversion(model_type: &str) -> Option<MoeConversion> {
     match model_type {
         "mixtral" => Some((
             &[("gate", "gate.weight"), ("w1", "gate_up_proj"), ("w3", "gate_up_proj"), ("w2", "down_proj")],

@@ -97,7 +97,7 @@ impl Mlp {
 
 /// A layer's feed-forward part: a gated MLP, or a mixture of experts.
 pub(super) enum FeedForward {
-    Dense(Mlp),
+    Dense(Box<Mlp>),
     Moe(Box<Moe>),
 }
 
