@@ -52,6 +52,13 @@ FIXTURES = {
     "qwen3": ("qwen3", gguf.MODEL_ARCH.QWEN3, "qwen2"),
     "llama-spm": ("mistral", gguf.MODEL_ARCH.LLAMA, None),
     "phi3": ("phi3", gguf.MODEL_ARCH.PHI3, None),
+    # Mixture of experts: stacked expert tensors (ffn_*_exps), the router (ffn_gate_inp), and
+    # Qwen2-MoE's shared expert (ffn_*_shexp, ffn_gate_inp_shexp). Mixtral is a llama file with
+    # experts, in f32 (transformers' GGUF loader has no Mixtral: its logits reference is the
+    # safetensors fixture's); qwen3_moe has none because its fixture has a dense layer, which
+    # llama.cpp's qwen3moe cannot describe.
+    "qwen2_moe": ("qwen2_moe", gguf.MODEL_ARCH.QWEN2MOE, "qwen2"),
+    "mixtral": ("mixtral", gguf.MODEL_ARCH.LLAMA, None),
 }
 # Mistral-Instruct's template shape: turns in [INST] ... [/INST], BOS once, EOS after answers.
 SPM_TEMPLATE = (
@@ -148,7 +155,7 @@ def write_gguf(name, path):
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    quantize = arch != gguf.MODEL_ARCH.PHI3
+    quantize = arch != gguf.MODEL_ARCH.PHI3 and name != "mixtral"
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
     if arch == gguf.MODEL_ARCH.PHI3:
         rope = config["rope_parameters"]
@@ -166,6 +173,16 @@ def write_gguf(name, path):
     else:
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
+
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        if "moe_intermediate_size" in config:
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        if "shared_expert_intermediate_size" in config:
+            writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+        weights = stack_experts(weights, config, experts)
 
     if pre is not None:
         tokens, merges, types, template = tokenizer_metadata(model_dir)
@@ -200,10 +217,14 @@ def write_gguf(name, path):
             tensor = llama_permute(tensor, config["num_attention_heads"])
         elif arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("k_proj.weight"):
             tensor = llama_permute(tensor, config["num_key_value_heads"])
+        if hf_name.endswith("shared_expert_gate.weight"):
+            tensor = tensor.reshape(-1)  # llama.cpp stores the shared expert's gate as a vector
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, f"no GGUF name for {hf_name}"
-        # Like llama.cpp's Q8_0 files: 2-D weights quantized, norms and biases kept in f32.
-        if quantize and tensor.ndim == 2 and not hf_name.endswith("norm.weight"):
+        # Like llama.cpp's Q8_0 files: 2-D and stacked expert weights quantized; norms, biases and
+        # the routers kept in f32.
+        router = hf_name.endswith("mlp.gate.weight") or hf_name.endswith("shared_expert_gate.weight")
+        if quantize and tensor.ndim >= 2 and not hf_name.endswith("norm.weight") and not router:
             data = gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
@@ -214,6 +235,20 @@ def write_gguf(name, path):
     writer.close()
 
 
+def stack_experts(weights, config, experts):
+    """Per-expert checkpoint weights stacked `(E, out, in)` under the names llama.cpp's converter
+    maps to `ffn_{gate,up,down}_exps` (`mlp.experts.gate_proj`, `block_sparse_moe.experts.w1`)."""
+    out = dict(weights)
+    for layer in range(config["num_hidden_layers"]):
+        for prefix, parts in ((f"model.layers.{layer}.block_sparse_moe.experts", ("w1", "w2", "w3")),
+                              (f"model.layers.{layer}.mlp.experts", ("gate_proj", "up_proj", "down_proj"))):
+            for part in parts:
+                names = [f"{prefix}.{e}.{part}.weight" for e in range(experts)]
+                if all(n in out for n in names):
+                    out[f"{prefix}.{part}.weight"] = torch.stack([out.pop(n) for n in names])
+    return out
+
+
 def references(name, path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     folder, file = os.path.split(path)
@@ -221,9 +256,20 @@ def references(name, path):
     # transformers' GGUF config mapping skips `attention.key_length`, so Qwen3's head_dim would
     # be Qwen3Config's default (128); it is set from the file's own metadata.
     config = AutoConfig.from_pretrained(folder, gguf_file=file)
-    field = gguf.GGUFReader(path).fields.get(f"{config.model_type}.attention.key_length")
-    if field is not None:
-        config.head_dim = int(field.parts[field.data[0]][0])
+    reader = gguf.GGUFReader(path)
+    arch_name = gguf.MODEL_ARCH_NAMES[FIXTURES[name][1]]
+
+    def number(key):
+        field = reader.fields.get(f"{arch_name}.{key}")
+        return None if field is None else int(field.parts[field.data[0]][0])
+
+    if number("attention.key_length") is not None:
+        config.head_dim = number("attention.key_length")
+    # Nor does it map Qwen2-MoE's expert sizes (the config's defaults would not fit the file).
+    if number("expert_feed_forward_length") is not None:
+        config.moe_intermediate_size = number("expert_feed_forward_length")
+    if number("expert_shared_feed_forward_length") is not None:
+        config.shared_expert_intermediate_size = number("expert_shared_feed_forward_length")
     source = FIXTURES[name][0]
     fixture = load_file(os.path.join(MODELS, source, "reference.safetensors"))
     input_ids = fixture["input_ids"]
@@ -242,7 +288,7 @@ def references(name, path):
     with open(stem + ".reference.json", "w", encoding="utf-8") as f:
         json.dump(document, f, indent=1, ensure_ascii=False)
         f.write("\n")
-    if FIXTURES[name][1] == gguf.MODEL_ARCH.PHI3:
+    if FIXTURES[name][1] == gguf.MODEL_ARCH.PHI3 or name == "mixtral":
         save_file({"input_ids": input_ids, "logits": fixture["logits"]}, stem + ".reference.safetensors")
         print(f"{name}: {os.path.getsize(path)} bytes; logits reference from the safetensors fixture")
         return
@@ -256,8 +302,9 @@ def references(name, path):
     save_file({"input_ids": input_ids, "logits": logits.contiguous(), "greedy_ids": greedy.contiguous()},
               stem + ".reference.safetensors")
     # Without the sliding window, which a llama-architecture file does not carry.
+    window = {"sliding_window": None} if FIXTURES[name][1] == gguf.MODEL_ARCH.LLAMA else {}
     original = AutoModelForCausalLM.from_pretrained(os.path.join(MODELS, source), dtype=torch.float32,
-                                                    sliding_window=None).eval()
+                                                    **window).eval()
     with torch.no_grad():
         drift = (original(input_ids=input_ids).logits - logits).abs().max().item()
     print(f"{name}: {os.path.getsize(path)} bytes; greedy {greedy.tolist()}; "

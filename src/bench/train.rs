@@ -45,6 +45,10 @@ pub struct BenchTrainArgs {
     /// Comma-separated LoRA target modules.
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
     pub targets: String,
+    /// Mixture-of-experts models: comma-separated stacked expert weights that get LoRA too
+    /// (`gate_up_proj,down_proj`, PEFT's `target_parameters`).
+    #[arg(long, default_value = "")]
+    pub target_parameters: String,
     /// qlora: the base's quantization (default: a GGUF base's own, q4_1 as q8_0; else q4_0).
     #[arg(long)]
     pub quantization: Option<String>,
@@ -94,7 +98,12 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
             dropout: 0.0,
             target_modules: TargetModules::List(args.targets.split(',').map(str::to_string).collect()),
             use_rslora: false,
-            target_parameters: Vec::new(),
+            target_parameters: args
+                .target_parameters
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
             train_router: false,
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
@@ -143,16 +152,28 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
     let target_mask = Tensor::ones(b * (t - 1), DType::F32, &device)?;
     let mut optimizer = AdamW::new(AdamWConfig::default());
     let (mut loss_first, mut loss_last, mut times) = (0.0f32, 0.0f32, Vec::new());
+    // Mixture of experts: the load-balancing loss joins the loss, as transformers adds it with
+    // `output_router_logits`; the MoE layers' forward time is split into experts and the rest.
+    let moe = model.config.moe.as_ref().map(|m| (m.num_experts, m.aux_loss_coef));
+    let (mut moe_all, mut moe_experts) = (0.0f64, 0.0f64);
     for step in 0..args.warmup + args.steps {
         let ids = &batches[step % 4];
         let started = Instant::now();
         let value = crate::train::on_pool(|| -> anyhow::Result<f32> {
-            let ctx = ForwardCtx::inference();
+            let ctx = match moe {
+                Some(_) => ForwardCtx::inference().collect_routing(None),
+                None => ForwardCtx::inference(),
+            };
             // The last position predicts nothing: no logits for it (as in training, `train::run`).
             let head = |hidden: &Tensor| {
                 let logits = model.logits(&hidden.narrow(1, 0, t - 1)?, &ctx)?.reshape((b * (t - 1), ()))?;
                 let labels = ids.narrow(1, 1, t - 1)?.flatten_all()?;
-                let loss = (masked_cross_entropy_sum(&logits, &labels, &target_mask)? / (b * (t - 1)) as f64)?;
+                let mut loss = (masked_cross_entropy_sum(&logits, &labels, &target_mask)? / (b * (t - 1)) as f64)?;
+                if let Some((experts, coef)) = moe {
+                    if let Some(aux) = crate::models::moe::load_balancing_loss(&ctx.take_routing(), experts)? {
+                        loss = (loss + (aux * coef)?)?;
+                    }
+                }
                 Ok((loss, ()))
             };
             let inputs = (ids, &positions, &mask);
@@ -161,6 +182,10 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
             Ok(out.loss as f32)
         })?;
         let elapsed = started.elapsed().as_secs_f64();
+        let (all, experts) = crate::models::llama::take_moe_forward_seconds();
+        if step >= args.warmup {
+            (moe_all, moe_experts) = (moe_all + all, moe_experts + experts);
+        }
         if step == 0 {
             loss_first = value;
         }
@@ -172,9 +197,18 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
     let total: f64 = times.iter().sum();
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
-    summary(json!({
+    let mut figures = json!({
         "tokens_per_s": (b * t * args.steps) as f64 / total.max(1e-9),
         "step_ms_median": median * 1e3, "loss_first": loss_first, "loss_last": loss_last,
-    }));
+    });
+    if moe.is_some() {
+        // Forward only: the backward of routing and dispatch (gathers' index_add) runs inside
+        // candle's backward pass, where it is not timed apart.
+        let per_step = |s: f64| s / args.steps.max(1) as f64 * 1e3;
+        figures["moe_forward_ms_per_step"] = json!(per_step(moe_all));
+        figures["moe_routing_dispatch_forward_ms_per_step"] = json!(per_step(moe_all - moe_experts));
+        figures["moe_routing_dispatch_forward_share_of_step"] = json!((moe_all - moe_experts) / total.max(1e-9));
+    }
+    summary(figures);
     Ok(())
 }

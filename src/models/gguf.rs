@@ -1,4 +1,5 @@
-//! GGUF base models (llama, qwen2, qwen3 and phi3 architectures): the configuration from the
+//! GGUF base models (llama, qwen2, qwen3, phi3, qwen2moe and qwen3moe architectures, and llama
+//! files with experts: Mixtral): the configuration from the
 //! `<arch>.*` metadata, the weights under transformers' names (kept quantized where the file has
 //! them quantized), and the tokenizer and chat template from the `tokenizer.*` metadata.
 //!
@@ -42,18 +43,27 @@ fn opt_u32(content: &Content, key: &str) -> Option<u32> {
 }
 
 /// The GGUF architectures we read: (llama.cpp's name, transformers' `model_type`, class).
-const ARCHITECTURES: [(&str, &str, &str); 4] = [
+/// A `llama` file with experts (`llama.expert_count`) is a Mixtral.
+const ARCHITECTURES: [(&str, &str, &str); 6] = [
     ("llama", "llama", "LlamaForCausalLM"),
     ("qwen2", "qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "qwen3", "Qwen3ForCausalLM"),
     ("phi3", "phi3", "Phi3ForCausalLM"),
+    ("qwen2moe", "qwen2_moe", "Qwen2MoeForCausalLM"),
+    ("qwen3moe", "qwen3_moe", "Qwen3MoeForCausalLM"),
 ];
 
 fn architecture(content: &Content) -> Result<(&'static str, &'static str, &'static str)> {
     let arch = meta(content, "general.architecture")?.to_string()?.clone();
-    ARCHITECTURES.into_iter().find(|(name, _, _)| *name == arch).ok_or_else(|| {
-        candle_core::Error::Msg(format!("GGUF architecture {arch:?} is not supported (llama, qwen2, qwen3, phi3)"))
-    })
+    let found = ARCHITECTURES.into_iter().find(|(name, _, _)| *name == arch).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "GGUF architecture {arch:?} is not supported (llama, qwen2, qwen3, phi3, qwen2moe, qwen3moe)"
+        ))
+    })?;
+    if found.0 == "llama" && opt_u32(content, "llama.expert_count").is_some_and(|n| n > 0) {
+        return Ok(("llama", "mixtral", "MixtralForCausalLM"));
+    }
+    Ok(found)
 }
 
 /// The model's configuration as a transformers `config.json` would state it (`file` is read for
@@ -88,6 +98,21 @@ pub fn config_json(content: &Content, file: &mut std::fs::File) -> Result<serde_
             }
             extra.insert("rope_parameters".into(), rope);
             extra.insert("original_max_position_embeddings".into(), json!(original));
+        }
+    }
+    if let Some(experts) = opt_u32(content, &key("expert_count")).filter(|&n| n > 0) {
+        let used = u("expert_used_count")?;
+        extra.insert("num_experts_per_tok".into(), json!(used));
+        if model_type == "mixtral" {
+            extra.insert("num_local_experts".into(), json!(experts));
+        } else {
+            extra.insert("num_experts".into(), json!(experts));
+            extra.insert("moe_intermediate_size".into(), json!(u("expert_feed_forward_length")?));
+            // llama.cpp renormalizes Qwen3-MoE's top-k weights, not Qwen2-MoE's.
+            extra.insert("norm_topk_prob".into(), json!(model_type == "qwen3_moe"));
+            if model_type == "qwen2_moe" {
+                extra.insert("shared_expert_intermediate_size".into(), json!(u("expert_shared_feed_forward_length")?));
+            }
         }
     }
     let mut config = json!({
@@ -143,6 +168,16 @@ fn hf_name(gguf: &str, arch: &str) -> Option<String> {
         "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
+        // Mixture of experts: the router, Qwen2-MoE's shared expert and its gate; the stacked
+        // experts (`ffn_*_exps`) are split per expert by `load`.
+        "ffn_gate_inp" => "mlp.gate",
+        "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
+        "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp" => "mlp.shared_expert.up_proj",
+        "ffn_down_shexp" => "mlp.shared_expert.down_proj",
+        "ffn_gate_exps" => "mlp.experts.gate",
+        "ffn_up_exps" => "mlp.experts.up",
+        "ffn_down_exps" => "mlp.experts.down",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{module}.{kind}"))
@@ -175,6 +210,28 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
             anyhow::bail!("unexpected tensor {name} in a {} GGUF file", config.model_type);
         };
         let mut tensor = content.tensor(&mut file, name, &device)?;
+        if let Some((layer, part)) = expert_stack(&hf) {
+            // `(E, out, in)`: one weight per expert under the checkpoint's name, kept quantized.
+            let Some(moe) = &config.moe else { anyhow::bail!("expert tensor {name} in a model without experts") };
+            let index = match part {
+                "gate" => 0,
+                "up" => 1,
+                _ => 2,
+            };
+            for (e, expert) in split_experts(&tensor, moe.num_experts)?.into_iter().enumerate() {
+                let expert_name = moe.expert_weight_names(layer, e)[index].clone();
+                match super::quantized::Quantization::from_ggml(expert.dtype()) {
+                    Some(_) => {
+                        *counts.entry(expert.dtype()).or_default() += 1;
+                        quantized.insert(expert_name, Arc::new(expert));
+                    }
+                    None => {
+                        dense.insert(expert_name, expert.dequantize(&device)?);
+                    }
+                }
+            }
+            continue;
+        }
         if permuted && hf.ends_with("q_proj.weight") {
             tensor = unpermute_rows(&tensor, config.num_heads)?;
         } else if permuted && hf.ends_with("k_proj.weight") {
@@ -192,6 +249,9 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
         if is_linear && block_quantized {
             *counts.entry(dtype).or_default() += 1;
             quantized.insert(hf, tensor);
+        } else if hf.ends_with("shared_expert_gate.weight") {
+            // llama.cpp stores Qwen2-MoE's shared-expert gate `(1, hidden)` as a vector.
+            dense.insert(hf, tensor.dequantize(&device)?.reshape((1, ()))?);
         } else {
             dense.insert(hf, tensor.dequantize(&device)?);
         }
@@ -200,6 +260,32 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
         counts.into_iter().max_by_key(|(_, n)| *n).and_then(|(d, _)| super::quantized::Quantization::from_ggml(d));
     let tokenizer = tokenizer(&content)?;
     Ok(GgufModel { config, dense, quantized, tokenizer, quantization })
+}
+
+/// `(layer, gate|up|down)` of a stacked expert tensor's placeholder name from [`hf_name`].
+fn expert_stack(hf: &str) -> Option<(usize, &str)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let part = rest.strip_prefix("mlp.experts.")?.strip_suffix(".weight")?;
+    Some((layer.parse().ok()?, part))
+}
+
+/// A stacked `(E, out, in)` GGUF tensor as `E` tensors `(out, in)` of the same type (the blocks of
+/// a quantized one are split where each expert's rows start).
+fn split_experts(tensor: &QTensor, experts: usize) -> Result<Vec<QTensor>> {
+    let dims = tensor.shape().dims().to_vec();
+    if dims.len() != 3 || dims[0] != experts {
+        candle_core::bail!("expert tensor of shape {dims:?}, expected ({experts}, out, in)");
+    }
+    let dtype = tensor.dtype();
+    let data = tensor.data()?;
+    let per_expert = data.len() / experts;
+    (0..experts)
+        .map(|e| {
+            let bytes = &data[e * per_expert..(e + 1) * per_expert];
+            candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, bytes, vec![dims[1], dims[2]], &Device::Cpu)
+        })
+        .collect()
 }
 
 /// Undoes llama.cpp's `permute` of a query/key projection: GGUF row `h·d + 2j + p` holds

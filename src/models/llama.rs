@@ -25,6 +25,7 @@ mod block;
 mod builder;
 mod checkpointed;
 mod moe;
+pub use moe::take_forward_seconds as take_moe_forward_seconds;
 mod prefixed;
 mod rows;
 use super::attention::Logits;

@@ -169,6 +169,12 @@ async fn mixture_of_experts_models_learn_through_a_job_and_serve_what_they_learn
     let longer = json!({"n_epochs": 50});
     moe_job_learns("qwen2_moe", "model.layers.1.mlp.shared_expert_gate.weight", longer.clone()).await;
     moe_job_learns("qwen3_moe", "model.layers.0.mlp.experts.3.up_proj.weight", longer).await;
+    // A Qwen2-MoE GGUF base (Q8_0 experts, `tests/fixtures/gguf`): QLoRA over the experts kept
+    // quantized, per expert.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/qwen2_moe.gguf");
+    let source = ferrotune::catalog::ModelSource::Gguf(path);
+    let qlora = json!({"training_type": "qlora", "n_epochs": 50});
+    job_learns_with("qwen2_moe", source, "model.layers.1.mlp.experts.3.down_proj.weight", qlora, "The code is").await;
 }
 
 /// The mixture-of-experts fixture adapters (LoRA on attention and on every expert, routers saved

@@ -165,7 +165,18 @@ async fn qlora_on_smollm2_through_the_api_teaches_an_invented_fact() {
 #[test]
 fn tiny_gguf_files_load_like_transformers_gguf_loader() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf");
-    for (name, model_type) in [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("llama-spm", "llama"), ("phi3", "phi3")] {
+    // qwen2_moe: stacked Q8_0 experts split per expert, the shared expert's vector gate; mixtral: a
+    // llama file with experts (f32; transformers' GGUF loader has no Mixtral, so its reference is
+    // the safetensors fixture's logits).
+    let files = [
+        ("qwen2", "qwen2"),
+        ("qwen3", "qwen3"),
+        ("llama-spm", "llama"),
+        ("phi3", "phi3"),
+        ("qwen2_moe", "qwen2_moe"),
+        ("mixtral", "mixtral"),
+    ];
+    for (name, model_type) in files {
         let path = std::path::Path::new(root).join(format!("{name}.gguf"));
         let json: Value =
             serde_json::from_str(&std::fs::read_to_string(format!("{root}/{name}.reference.json")).unwrap()).unwrap();

@@ -5,7 +5,9 @@
 //! backward; the outputs are gathered back per token and summed with the routing weights.
 //! Qwen2-MoE adds a shared expert on every token, scaled by `sigmoid(shared_expert_gate(x))`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Result, Tensor, D};
@@ -17,6 +19,17 @@ use crate::models::ops::frozen_linear;
 use crate::models::params::Param;
 use crate::models::quantized::quantized_linear;
 use crate::models::ForwardCtx;
+
+/// Nanoseconds spent in MoE layers' forwards, in all and in the experts' own projections (the
+/// rest is routing and dispatch), for `ferrotune bench train`.
+static FORWARD_NS: AtomicU64 = AtomicU64::new(0);
+static EXPERT_NS: AtomicU64 = AtomicU64::new(0);
+
+/// `(all, experts)` seconds spent in MoE layers' forwards since the last call (then reset).
+pub fn take_forward_seconds() -> (f64, f64) {
+    let all = FORWARD_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9;
+    (all, EXPERT_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9)
+}
 
 /// One stacked expert weight: `(E, out, in)` dense, or per expert its block-quantized parts (QLoRA;
 /// the gate and up weights are two parts whose outputs are concatenated).
@@ -127,6 +140,19 @@ impl Moe {
         hooks: Option<&MoeHooks<'_>>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
+        let started = Instant::now();
+        let out = self.forward_timed(x, apply, hooks, ctx);
+        FORWARD_NS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
+    fn forward_timed(
+        &self,
+        x: &Tensor,
+        apply: &Apply<'_>,
+        hooks: Option<&MoeHooks<'_>>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let hidden = *dims.last().expect("rank >= 1");
         let x2 = x.reshape(((), hidden))?;
@@ -172,6 +198,7 @@ impl Moe {
             }
             let index = Tensor::from_slice(&rows[e], rows[e].len(), x.device())?;
             let input = x2.index_select(&index, 0)?;
+            let expert_started = Instant::now();
             let project = |proj: &ExpertProj, lora: &Option<(Tensor, Tensor)>, kind: ProjKind, input: &Tensor| {
                 let mut y = proj.weight.forward(e, input)?;
                 if let Some((a, b)) = lora {
@@ -187,6 +214,7 @@ impl Moe {
             let half = both.dim(1)? / 2;
             let gated = crate::models::fused::swiglu(&both.narrow(1, 0, half)?, &both.narrow(1, half, half)?)?;
             outputs.push(project(&self.down, &down_lora, ProjKind::Down, &gated)?);
+            EXPERT_NS.fetch_add(expert_started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             for (k, &slot) in slots[e].iter().enumerate() {
                 position[slot] = (offset + k) as u32;
             }
@@ -198,7 +226,9 @@ impl Moe {
         let weights = weights.to_dtype(x.dtype())?.unsqueeze(2)?;
         let mut out = per_slot.broadcast_mul(&weights)?.sum(1)?;
         if let Some((mlp, gate)) = &self.shared {
+            let shared_started = Instant::now();
             let shared = mlp.forward(&x2, apply)?;
+            EXPERT_NS.fetch_add(shared_started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             let g = apply("shared_expert_gate", gate, &x2)?;
             // sigmoid(g) = 1 / (1 + exp(-g)), from differentiable ops.
             let sigmoid = (g.neg()?.exp()? + 1.0)?.recip()?;
