@@ -11,9 +11,10 @@ export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 RAYON_NUM_THREADS=2
 PY=${PY:-$HOME/.cache/ferrotune/fixtures-venv/bin/python}
 M=${MODEL:-$HOME/.cache/ferrotune-perf/models/tiny-mixtral}
 STEPS=${1:-10}
+FERROTUNE=${FERROTUNE:-target/release/ferrotune}
 [ -f "$M/config.json" ] || $PY scripts/make_moe_bench_model.py "$M" >&2
 run_t() { $PY scripts/bench_moe_torch.py --model "$M" --method "$1" --steps "$STEPS" --profile $2 2>/dev/null | tail -1; }
-run_f() { target/release/ferrotune bench train --model "$M" --method "$1" --steps "$STEPS" $2 | tail -1; }
+run_f() { "$FERROTUNE" bench train --model "$M" --method "$1" --steps "$STEPS" $2 | tail -1; }
 cfg() { # method extra-args
   for r in 1 2; do
     if [ $r = 1 ]; then run_t "$@"; run_f "$@"; else run_f "$@"; run_t "$@"; fi
