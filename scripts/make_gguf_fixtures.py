@@ -34,6 +34,7 @@ Needs scripts/requirements-fixtures.txt (gguf included); run after make_fixtures
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 
@@ -55,9 +56,10 @@ FIXTURES = {
     # Mixture of experts: stacked expert tensors (ffn_*_exps), the router (ffn_gate_inp), and
     # Qwen2-MoE's shared expert (ffn_*_shexp, ffn_gate_inp_shexp). Mixtral is a llama file with
     # experts, in f32 (transformers' GGUF loader has no Mixtral: its logits reference is the
-    # safetensors fixture's); qwen3_moe has none because its fixture has a dense layer, which
-    # llama.cpp's qwen3moe cannot describe.
+    # safetensors fixture's). The qwen3_moe fixture has a dense layer, which llama.cpp's qwen3moe
+    # cannot describe: its GGUF is made from an all-sparse sibling (`sparse_qwen3_moe`).
     "qwen2_moe": ("qwen2_moe", gguf.MODEL_ARCH.QWEN2MOE, "qwen2"),
+    "qwen3_moe": ("qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE, "qwen2"),
     "mixtral": ("mixtral", gguf.MODEL_ARCH.LLAMA, None),
 }
 # Mistral-Instruct's template shape: turns in [INST] ... [/INST], BOS once, EOS after answers.
@@ -140,9 +142,39 @@ def llama_permute(weights, heads):
         weights.shape)
 
 
-def write_gguf(name, path):
+SPARSE_QWEN3_MOE_SEED = 1200
+
+
+def sparse_qwen3_moe():
+    """The qwen3_moe fixture's configuration with every layer sparse (seed 1200, routers redrawn
+    with std 0.5 as in make_fixtures.py), its tokenizer, in a temporary directory."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    source = os.path.join(MODELS, "qwen3_moe")
+    out = os.path.join(tempfile.gettempdir(), "ferrotune-gguf-qwen3_moe")
+    shutil.rmtree(out, ignore_errors=True)
+    config = Qwen3MoeConfig.from_pretrained(source)
+    config.mlp_only_layers = []
+    torch.manual_seed(SPARSE_QWEN3_MOE_SEED)
+    model = Qwen3MoeForCausalLM(config).to(torch.float32)
+    gen = torch.Generator().manual_seed(SPARSE_QWEN3_MOE_SEED + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(source, f), out)
+    return out
+
+
+def source_dir(name):
+    return sparse_qwen3_moe() if name == "qwen3_moe" else os.path.join(MODELS, FIXTURES[name][0])
+
+
+def write_gguf(name, path, model_dir):
     source, arch, pre = FIXTURES[name]
-    model_dir = os.path.join(MODELS, source)
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
     weights = load_file(os.path.join(model_dir, "model.safetensors"))
@@ -173,6 +205,8 @@ def write_gguf(name, path):
     else:
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
+    if arch == gguf.MODEL_ARCH.QWEN3MOE:
+        writer.add_expert_weights_norm(True)
 
     experts = config.get("num_local_experts") or config.get("num_experts")
     if experts:
@@ -249,7 +283,7 @@ def stack_experts(weights, config, experts):
     return out
 
 
-def references(name, path):
+def references(name, path, model_dir):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     folder, file = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
@@ -303,7 +337,7 @@ def references(name, path):
               stem + ".reference.safetensors")
     # Without the sliding window, which a llama-architecture file does not carry.
     window = {"sliding_window": None} if FIXTURES[name][1] == gguf.MODEL_ARCH.LLAMA else {}
-    original = AutoModelForCausalLM.from_pretrained(os.path.join(MODELS, source), dtype=torch.float32,
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                     **window).eval()
     with torch.no_grad():
         drift = (original(input_ids=input_ids).logits - logits).abs().max().item()
@@ -316,11 +350,12 @@ def main(names):
     torch.manual_seed(0)
     for name in names:
         path = os.path.join(OUT, f"{name}.gguf")
+        model_dir = source_dir(name)
         with tempfile.TemporaryDirectory() as tmp:
             staged = os.path.join(tmp, f"{name}.gguf")
-            write_gguf(name, staged)
+            write_gguf(name, staged, model_dir)
             os.replace(staged, path)
-        references(name, path)
+        references(name, path, model_dir)
 
 
 if __name__ == "__main__":

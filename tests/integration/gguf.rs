@@ -165,7 +165,8 @@ async fn qlora_on_smollm2_through_the_api_teaches_an_invented_fact() {
 #[test]
 fn tiny_gguf_files_load_like_transformers_gguf_loader() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf");
-    // qwen2_moe: stacked Q8_0 experts split per expert, the shared expert's vector gate; mixtral: a
+    // qwen2_moe: stacked Q8_0 experts split per expert, the shared expert's vector gate; qwen3_moe
+    // (an all-sparse sibling of the fixture): per-head norms, renormalized top-k; mixtral: a
     // llama file with experts (f32; transformers' GGUF loader has no Mixtral, so its reference is
     // the safetensors fixture's logits).
     let files = [
@@ -174,6 +175,7 @@ fn tiny_gguf_files_load_like_transformers_gguf_loader() {
         ("llama-spm", "llama"),
         ("phi3", "phi3"),
         ("qwen2_moe", "qwen2_moe"),
+        ("qwen3_moe", "qwen3_moe"),
         ("mixtral", "mixtral"),
     ];
     for (name, model_type) in files {
