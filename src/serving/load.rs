@@ -145,7 +145,9 @@ pub async fn adapter(
                 .into_iter()
                 .map(|(k, v)| if k.starts_with("base_model.") { (k, v) } else { (format!("base_model.model.{k}"), v) })
                 .collect();
-            (Kind::Lora(lora.lora_config()), tensors)
+            // As the job trained and saved it (mixture-of-experts targets converted as PEFT does).
+            let config = lora.lora_config_for(&engine.model.config).map_err(anyhow::Error::msg)?;
+            (Kind::Lora(config), tensors)
         }
     };
     let model = engine.model.clone();
