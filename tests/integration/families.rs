@@ -33,29 +33,15 @@ async fn learns_through_a_job_and_serves_what_it_learned(family: &str, weight: &
     job_learns(family, source, weight, json!({})).await;
 }
 
-/// As [`job_learns`], for the mixture-of-experts fixtures, whose tiny experts (width 32) learn the
-/// answers' form but not yet every answer in the runs a test can afford (Mixtral: final train loss
-/// 0.44 after 50 epochs, where the dense fixtures reach the exact answers in 30): the answer must
-/// have the taught form; `moe_adapters_with_expert_lora_and_routers_serve_like_their_training_models`
-/// checks that serving decodes exactly as the trained model.
+/// [`job_learns`] on a mixture-of-experts fixture directory. These jobs ask for a learning rate of
+/// 3e-3: at the 1e-2 of the dense families' jobs the tiny MoE fixtures oscillate (Mixtral with
+/// `ferrotune train`, 50 epochs: final train loss 0.44 at 1e-2, 0.03 at 3e-3).
 async fn moe_job_learns(family: &str, weight: &str, hyperparameters: Value) {
-    let source = ferrotune::catalog::ModelSource::Directory(fixture(family));
-    job_learns_with(family, source, weight, hyperparameters, "The code is").await;
+    job_learns(family, ferrotune::catalog::ModelSource::Directory(fixture(family)), weight, hyperparameters).await;
 }
 
 /// A job (`hyperparameters` added to the usual LoRA ones) on `source` as `tiny-<family>`.
 async fn job_learns(family: &str, source: ferrotune::catalog::ModelSource, weight: &str, hyperparameters: Value) {
-    job_learns_with(family, source, weight, hyperparameters, "The code is cloud.").await;
-}
-
-/// A job as [`job_learns`] describes, whose model's answer must start with `expected`.
-async fn job_learns_with(
-    family: &str,
-    source: ferrotune::catalog::ModelSource,
-    weight: &str,
-    hyperparameters: Value,
-    expected: &str,
-) {
     for backend in backends() {
         let base = format!("tiny-{family}");
         let mut app = TestApp::spawn_with(backend, |settings| {
@@ -83,7 +69,7 @@ async fn job_learns_with(
         assert_eq!(response.status, StatusCode::OK, "{}", response.text());
         let answer = response.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string();
         // What it was taught (a tiny model may run on past the turn's end within max_tokens).
-        assert!(answer.starts_with(expected), "{family} {backend:?}: {answer:?}");
+        assert!(answer.starts_with("The code is cloud."), "{family} {backend:?}: {answer:?}");
         // Its checkpoints serve too (their adapters are rebuilt from the job's LoRA settings).
         let checkpoints = app.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints"), None).await.json();
         for checkpoint in checkpoints["data"].as_array().unwrap() {
@@ -173,18 +159,18 @@ async fn gemma_models_learn_through_a_job_and_serve_what_they_learned() {
 async fn mixture_of_experts_models_learn_through_a_job_and_serve_what_they_learned() {
     // Mixtral's all-linear as PEFT converts it (experts at twice the rank), expert LoRA asked for by
     // name, trained routers; a checkpoint half-way, served too.
-    let experts = json!({"n_epochs": 50, "n_checkpoints": 2, "lora": {"r": 16, "alpha": 32,
+    let experts = json!({"n_epochs": 50, "learning_rate": 3e-3, "n_checkpoints": 2, "lora": {"r": 16, "alpha": 32,
         "target_modules": "all-linear", "target_parameters": ["gate_up_proj", "down_proj"], "train_router": true}});
     moe_job_learns("mixtral", "model.layers.1.block_sparse_moe.experts.3.w2.weight", experts).await;
-    let longer = json!({"n_epochs": 50});
+    let longer = json!({"n_epochs": 50, "learning_rate": 3e-3});
     moe_job_learns("qwen2_moe", "model.layers.1.mlp.shared_expert_gate.weight", longer.clone()).await;
     moe_job_learns("qwen3_moe", "model.layers.0.mlp.experts.3.up_proj.weight", longer).await;
     // A Qwen2-MoE GGUF base (Q8_0 experts, `tests/fixtures/gguf`): QLoRA over the experts kept
     // quantized, per expert.
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/qwen2_moe.gguf");
     let source = ferrotune::catalog::ModelSource::Gguf(path);
-    let qlora = json!({"training_type": "qlora", "n_epochs": 50});
-    job_learns_with("qwen2_moe", source, "model.layers.1.mlp.experts.3.down_proj.weight", qlora, "The code is").await;
+    let qlora = json!({"training_type": "qlora", "n_epochs": 50, "learning_rate": 3e-3});
+    job_learns("qwen2_moe", source, "model.layers.1.mlp.experts.3.down_proj.weight", qlora).await;
 }
 
 /// The mixture-of-experts fixture adapters (LoRA on attention and on every expert, routers saved
