@@ -60,6 +60,13 @@ FIXTURES = {
     # cannot describe: its GGUF is made from an all-sparse sibling (`sparse_qwen3_moe`).
     "qwen2_moe": ("qwen2_moe", gguf.MODEL_ARCH.QWEN2MOE, "qwen2"),
     "qwen3_moe": ("qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE, "qwen2"),
+    # Gemma as llama.cpp writes it: norms stored as 1 + w, soft-caps and window in the metadata,
+    # Gemma 3's global RoPE scaling; the synthetic SentencePiece vocabulary. llama.cpp has no key for
+    # `query_pre_attn_scalar` (it uses head_dim, or hidden/heads for the 27B models), so these files
+    # describe the fixtures' weights with a scalar of head_dim (16, not the fixtures' 24), and with the
+    # head tied to the embeddings (Gemma files have no output tensor; the fixtures are untied).
+    "gemma2": ("gemma2", gguf.MODEL_ARCH.GEMMA2, None),
+    "gemma3": ("gemma3", gguf.MODEL_ARCH.GEMMA3, None),
     "mixtral": ("mixtral", gguf.MODEL_ARCH.LLAMA, None),
 }
 # Mistral-Instruct's template shape: turns in [INST] ... [/INST], BOS once, EOS after answers.
@@ -185,7 +192,9 @@ def write_gguf(name, path, model_dir):
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    # Gemma 3 keeps one RoPE per layer type; the file's base is the global layers'.
+    rope = config["rope_parameters"]
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     quantize = arch != gguf.MODEL_ARCH.PHI3 and name != "mixtral"
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
@@ -207,6 +216,16 @@ def write_gguf(name, path, model_dir):
         writer.add_value_length(config["head_dim"])
     if arch == gguf.MODEL_ARCH.QWEN3MOE:
         writer.add_expert_weights_norm(True)
+    gemma = arch in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
+    if gemma:
+        writer.add_sliding_window(config["sliding_window"])
+    if arch == gguf.MODEL_ARCH.GEMMA2:
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if arch == gguf.MODEL_ARCH.GEMMA3:
+        full = config["rope_parameters"]["full_attention"]
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(full["factor"])
 
     experts = config.get("num_local_experts") or config.get("num_experts")
     if experts:
@@ -241,16 +260,22 @@ def write_gguf(name, path, model_dir):
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
         writer.add_add_bos_token(arch != gguf.MODEL_ARCH.PHI3)
+        if gemma:
+            writer.add_add_space_prefix(False)
         writer.add_add_eos_token(False)
         writer.add_chat_template(PHI3_TEMPLATE if arch == gguf.MODEL_ARCH.PHI3 else SPM_TEMPLATE)
 
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    if arch in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3):
+        weights.pop("lm_head.weight", None)  # llama.cpp's Gemma has no output tensor: the head is tied
     for hf_name in sorted(weights):
         tensor = weights[hf_name].to(torch.float32).numpy()
         if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("q_proj.weight"):
             tensor = llama_permute(tensor, config["num_attention_heads"])
         elif arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("k_proj.weight"):
             tensor = llama_permute(tensor, config["num_key_value_heads"])
+        if gemma and hf_name.endswith("norm.weight"):
+            tensor = tensor + 1.0  # llama.cpp's converter stores Gemma's (1 + w) norms with the 1 added
         if hf_name.endswith("shared_expert_gate.weight"):
             tensor = tensor.reshape(-1)  # llama.cpp stores the shared expert's gate as a vector
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -304,6 +329,23 @@ def references(name, path, model_dir):
         config.moe_intermediate_size = number("expert_feed_forward_length")
     if number("expert_shared_feed_forward_length") is not None:
         config.shared_expert_intermediate_size = number("expert_shared_feed_forward_length")
+    # Gemma: nor the soft-caps, window, query scale (llama.cpp: head_dim below 27B), RoPE scaling or
+    # an untied head; set as llama.cpp reads the file.
+    if FIXTURES[name][1] in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3):
+        def real(key):
+            field = reader.fields.get(f"{arch_name}.{key}")
+            return None if field is None else float(field.parts[field.data[0]][0])
+        config.query_pre_attn_scalar = config.head_dim
+        config.sliding_window = number("attention.sliding_window")
+        config.tie_word_embeddings = "output.weight" not in [t.name for t in reader.tensors]
+        if FIXTURES[name][1] == gguf.MODEL_ARCH.GEMMA2:
+            config.attn_logit_softcapping = real("attn_logit_softcapping")
+            config.final_logit_softcapping = real("final_logit_softcapping")
+        else:
+            config.rope_parameters = {
+                "full_attention": {"rope_type": "linear", "factor": real("rope.scaling.factor"),
+                                   "rope_theta": real("rope.freq_base")},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
     source = FIXTURES[name][0]
     fixture = load_file(os.path.join(MODELS, source, "reference.safetensors"))
     input_ids = fixture["input_ids"]

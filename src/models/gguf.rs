@@ -44,20 +44,23 @@ fn opt_u32(content: &Content, key: &str) -> Option<u32> {
 
 /// The GGUF architectures we read: (llama.cpp's name, transformers' `model_type`, class).
 /// A `llama` file with experts (`llama.expert_count`) is a Mixtral.
-const ARCHITECTURES: [(&str, &str, &str); 6] = [
+const ARCHITECTURES: [(&str, &str, &str); 8] = [
     ("llama", "llama", "LlamaForCausalLM"),
     ("qwen2", "qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "qwen3", "Qwen3ForCausalLM"),
     ("phi3", "phi3", "Phi3ForCausalLM"),
     ("qwen2moe", "qwen2_moe", "Qwen2MoeForCausalLM"),
     ("qwen3moe", "qwen3_moe", "Qwen3MoeForCausalLM"),
+    ("gemma2", "gemma2", "Gemma2ForCausalLM"),
+    ("gemma3", "gemma3_text", "Gemma3ForCausalLM"),
 ];
 
 fn architecture(content: &Content) -> Result<(&'static str, &'static str, &'static str)> {
     let arch = meta(content, "general.architecture")?.to_string()?.clone();
     let found = ARCHITECTURES.into_iter().find(|(name, _, _)| *name == arch).ok_or_else(|| {
         candle_core::Error::Msg(format!(
-            "GGUF architecture {arch:?} is not supported (llama, qwen2, qwen3, phi3, qwen2moe, qwen3moe)"
+            "GGUF architecture {arch:?} is not supported (llama, qwen2, qwen3, phi3, qwen2moe, qwen3moe, gemma2, \
+             gemma3)"
         ))
     })?;
     if found.0 == "llama" && opt_u32(content, "llama.expert_count").is_some_and(|n| n > 0) {
@@ -100,6 +103,9 @@ pub fn config_json(content: &Content, file: &mut std::fs::File) -> Result<serde_
             extra.insert("original_max_position_embeddings".into(), json!(original));
         }
     }
+    if arch == "gemma2" || arch == "gemma3" {
+        gemma_config(content, arch, theta, &mut extra)?;
+    }
     if let Some(experts) = opt_u32(content, &key("expert_count")).filter(|&n| n > 0) {
         let used = u("expert_used_count")?;
         extra.insert("num_experts_per_tok".into(), json!(used));
@@ -139,6 +145,50 @@ pub fn config_json(content: &Content, file: &mut std::fs::File) -> Result<serde_
     Ok(config)
 }
 
+/// Gemma's settings as llama.cpp has them: the soft-caps and window from the metadata; the query
+/// scale `1/sqrt(head_dim)`, but `1/sqrt(hidden/heads)` for the 27B models (46 layers for Gemma 2,
+/// 62 for Gemma 3), which llama.cpp recognizes by size (there is no key for it); the sliding
+/// layers in transformers' default pattern (every other layer, every sixth full for Gemma 3), as
+/// llama.cpp fixes them; Gemma 3's global RoPE (theta, linear scaling) from the metadata and its
+/// local theta 10000.
+fn gemma_config(
+    content: &Content,
+    arch: &str,
+    theta: f32,
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let key = |name: &str| format!("{arch}.{name}");
+    let u = |name: &str| -> Result<u32> { meta(content, &key(name))?.to_u32() };
+    let f = |name: &str| content.metadata.get(&key(name)).and_then(|v| v.to_f32().ok()).map(f64::from);
+    let (layers, hidden, heads) = (u("block_count")?, u("embedding_length")?, u("attention.head_count")?);
+    let head_dim = opt_u32(content, &key("attention.key_length")).unwrap_or(hidden / heads);
+    let big = (arch == "gemma2" && layers == 46) || (arch == "gemma3" && layers == 62);
+    extra.insert("query_pre_attn_scalar".into(), json!(if big { hidden / heads } else { head_dim }));
+    extra.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+    extra.insert("hidden_act".into(), json!("gelu_pytorch_tanh"));
+    if let Some(window) = opt_u32(content, &key("attention.sliding_window")) {
+        extra.insert("sliding_window".into(), json!(window));
+    }
+    if arch == "gemma2" {
+        extra.insert("attn_logit_softcapping".into(), json!(f("attn_logit_softcapping")));
+        extra.insert("final_logit_softcapping".into(), json!(f("final_logit_softcapping")));
+    } else {
+        let scaling = content.metadata.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()).cloned();
+        let global = match (scaling.as_deref(), f("rope.scaling.factor")) {
+            (Some("linear"), Some(factor)) => {
+                json!({"rope_type": "linear", "factor": factor, "rope_theta": theta as f64})
+            }
+            (None | Some("none"), _) => json!({"rope_type": "default", "rope_theta": theta as f64}),
+            (Some(other), _) => candle_core::bail!("gemma3 GGUF rope scaling {other:?} is not supported"),
+        };
+        extra.insert(
+            "rope_parameters".into(),
+            json!({"full_attention": global, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        );
+    }
+    Ok(())
+}
+
 /// transformers' name for a GGUF tensor name of architecture `arch`.
 fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     let top = match gguf {
@@ -157,6 +207,10 @@ fn hf_name(gguf: &str, arch: &str) -> Option<String> {
         "attn_norm" => "input_layernorm",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
+        // Gemma's norms: before and after each sublayer.
+        "ffn_norm" if arch.starts_with("gemma") => "pre_feedforward_layernorm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -249,6 +303,9 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
         if is_linear && block_quantized {
             *counts.entry(dtype).or_default() += 1;
             quantized.insert(hf, tensor);
+        } else if arch.starts_with("gemma") && hf.ends_with("norm.weight") {
+            // llama.cpp stores Gemma's `(1 + w)` norm weights with the 1 added.
+            dense.insert(hf, (tensor.dequantize(&device)? - 1.0)?);
         } else if hf.ends_with("shared_expert_gate.weight") {
             // llama.cpp stores Qwen2-MoE's shared-expert gate `(1, hidden)` as a vector.
             dense.insert(hf, tensor.dequantize(&device)?.reshape((1, ()))?);

@@ -168,7 +168,9 @@ fn tiny_gguf_files_load_like_transformers_gguf_loader() {
     // qwen2_moe: stacked Q8_0 experts split per expert, the shared expert's vector gate; qwen3_moe
     // (an all-sparse sibling of the fixture): per-head norms, renormalized top-k; mixtral: a
     // llama file with experts (f32; transformers' GGUF loader has no Mixtral, so its reference is
-    // the safetensors fixture's logits).
+    // the safetensors fixture's logits); gemma2, gemma3: (1 + w) norms stored with the 1 added,
+    // soft-caps, window and RoPE scaling from the metadata, Gemma's SentencePiece (no space prefix,
+    // merges in vocabulary order).
     let files = [
         ("qwen2", "qwen2"),
         ("qwen3", "qwen3"),
@@ -177,6 +179,8 @@ fn tiny_gguf_files_load_like_transformers_gguf_loader() {
         ("qwen2_moe", "qwen2_moe"),
         ("qwen3_moe", "qwen3_moe"),
         ("mixtral", "mixtral"),
+        ("gemma2", "gemma2"),
+        ("gemma3", "gemma3_text"),
     ];
     for (name, model_type) in files {
         let path = std::path::Path::new(root).join(format!("{name}.gguf"));

@@ -38,7 +38,14 @@ pub fn tokenizer(content: &Content) -> anyhow::Result<ChatTokenizer> {
     let strings = |key: &str| -> anyhow::Result<Vec<String>> {
         Ok(meta(content, key)?.to_vec()?.iter().map(|v| v.to_string().cloned()).collect::<Result<_>>()?)
     };
-    let tokens = strings("tokenizer.ggml.tokens")?;
+    let gemma = matches!(architecture(content)?.0, "gemma2" | "gemma3");
+    let mut tokens = strings("tokenizer.ggml.tokens")?;
+    if gemma {
+        // Gemma files store tokens of several spaces as spaces; the vocabulary spells them `▁`.
+        for t in tokens.iter_mut().filter(|t| t.contains(' ') && t.trim().is_empty()) {
+            *t = "\u{2581}".repeat(t.chars().count());
+        }
+    }
     let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
         Some(v) => v.to_vec()?.iter().map(|t| t.to_i32()).collect::<Result<_>>()?,
         None => vec![1; tokens.len()],
@@ -68,6 +75,12 @@ pub fn tokenizer(content: &Content) -> anyhow::Result<ChatTokenizer> {
         "llama" => {
             let merges = match content.metadata.get("tokenizer.ggml.merges") {
                 Some(_) => strings("tokenizer.ggml.merges")?.into_iter().map(serde_json::Value::from).collect(),
+                // Gemma's scores do not follow its merge order; its vocabulary order does (as
+                // transformers' GGUF Gemma tokenizer ranks them).
+                None if gemma => {
+                    let positions: Vec<f32> = (0..tokens.len()).map(|i| -(i as f32)).collect();
+                    sentencepiece_merges(&tokens, &positions)
+                }
                 None => {
                     let scores: Vec<f32> = meta(content, "tokenizer.ggml.scores")?
                         .to_vec()?
@@ -80,7 +93,13 @@ pub fn tokenizer(content: &Content) -> anyhow::Result<ChatTokenizer> {
             // transformers' LlamaTokenizer (not legacy) puts a `▁` before the text's first piece;
             // for Phi-3 a normalizer puts one before the text and turns every space into `▁` (so a
             // text starting with a space gets two), as Phi-3's own tokenizer.json does.
-            let (normalizer, pre_tokenizer) = if architecture(content)?.0 == "phi3" {
+            // Gemma: no `▁` before the text, every space one (transformers' `GemmaTokenizer`).
+            let (normalizer, pre_tokenizer) = if gemma {
+                let normalizer = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+                let split = json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                    "invert": false});
+                (normalizer, split)
+            } else if architecture(content)?.0 == "phi3" {
                 let normalizer = json!({"type": "Sequence", "normalizers": [
                     {"type": "Prepend", "prepend": "\u{2581}"},
                     {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]});
@@ -90,6 +109,14 @@ pub fn tokenizer(content: &Content) -> anyhow::Result<ChatTokenizer> {
                     "split": false});
                 (serde_json::Value::Null, metaspace)
             };
+            let mut decoders = vec![
+                json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                json!({"type": "ByteFallback"}),
+                json!({"type": "Fuse"}),
+            ];
+            if !gemma {
+                decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+            }
             // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
             let add_bos =
                 content.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(true);
@@ -110,10 +137,7 @@ pub fn tokenizer(content: &Content) -> anyhow::Result<ChatTokenizer> {
                 "normalizer": normalizer,
                 "pre_tokenizer": pre_tokenizer,
                 "post_processor": post_processor,
-                "decoder": {"type": "Sequence", "decoders": [
-                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-                    {"type": "ByteFallback"}, {"type": "Fuse"},
-                    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+                "decoder": {"type": "Sequence", "decoders": decoders},
                 "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                           "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                           "vocab": vocab, "merges": merges},
