@@ -69,8 +69,10 @@ fn a_trained_lora_adapter_loads_in_peft_with_the_same_logits() {
         ("qwen3", Method::Lora, true),
         ("phi3", Method::Lora, true),
         ("gemma2", Method::Lora, true),
+        ("gemma3", Method::Lora, true),
         ("mixtral", Method::Lora, true),
         ("qwen2_moe", Method::Lora, false),
+        ("qwen3_moe", Method::Lora, false),
         ("llama", Method::Qlora, false),
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -83,8 +85,8 @@ fn a_trained_lora_adapter_loads_in_peft_with_the_same_logits() {
             config.lora.target_parameters = vec!["gate_up_proj".into(), "down_proj".into()];
             config.lora.train_router = true;
         }
-        // mixtral: all-linear as PEFT converts it (experts, the gate-up stack at twice the rank,
-        // and LoRA on the routers).
+        // mixtral, qwen3_moe: all-linear as PEFT converts it (experts, the gate-up stack at twice
+        // the rank, LoRA on the routers; qwen3_moe's dense layer keeps no MLP adapter).
         let output = train(&config, &mut Silent).unwrap().output.unwrap();
         let (lora, norms, tensors) = load_adapter(&output, &Device::Cpu).unwrap();
         assert_eq!(norms, train_norms);
