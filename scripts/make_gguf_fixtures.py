@@ -68,6 +68,10 @@ FIXTURES = {
     "gemma2": ("gemma2", gguf.MODEL_ARCH.GEMMA2, None),
     "gemma3": ("gemma3", gguf.MODEL_ARCH.GEMMA3, None),
     "mixtral": ("mixtral", gguf.MODEL_ARCH.LLAMA, None),
+    # Llama 3.1's RoPE scaling as llama.cpp stores it: a `rope_freqs` tensor of per-frequency
+    # divisors. f32, with the synthetic SentencePiece vocabulary; transformers' GGUF loader ignores
+    # `rope_freqs`, so the logits reference is the safetensors fixture's.
+    "llama3": ("llama3", gguf.MODEL_ARCH.LLAMA, None),
 }
 # Mistral-Instruct's template shape: turns in [INST] ... [/INST], BOS once, EOS after answers.
 SPM_TEMPLATE = (
@@ -196,7 +200,7 @@ def write_gguf(name, path, model_dir):
     rope = config["rope_parameters"]
     writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    quantize = arch != gguf.MODEL_ARCH.PHI3 and name != "mixtral"
+    quantize = arch != gguf.MODEL_ARCH.PHI3 and name not in ("mixtral", "llama3")
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
     if arch == gguf.MODEL_ARCH.PHI3:
         rope = config["rope_parameters"]
@@ -211,6 +215,8 @@ def write_gguf(name, path, model_dir):
         writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     elif arch == gguf.MODEL_ARCH.LLAMA:
         writer.add_rope_dimension_count(config["head_dim"])
+        if config["rope_parameters"].get("rope_type") == "llama3":
+            writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
     else:
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
@@ -294,6 +300,28 @@ def write_gguf(name, path, model_dir):
     writer.close()
 
 
+def llama3_rope_factors(config):
+    """The per-frequency divisors llama.cpp's converter writes for Llama 3.1's RoPE scaling: 1 for
+    short wavelengths, `factor` for long ones, and between them the inverse of the smoothed
+    interpolation `(1 - s) / factor + s`."""
+    rope = config["rope_parameters"]
+    dim, base = config["head_dim"], rope["rope_theta"]
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = original / low, original / high
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * base ** (i / dim)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def stack_experts(weights, config, experts):
     """Per-expert checkpoint weights stacked `(E, out, in)` under the names llama.cpp's converter
     maps to `ffn_{gate,up,down}_exps` (`mlp.experts.gate_proj`, `block_sparse_moe.experts.w1`)."""
@@ -364,7 +392,7 @@ def references(name, path, model_dir):
     with open(stem + ".reference.json", "w", encoding="utf-8") as f:
         json.dump(document, f, indent=1, ensure_ascii=False)
         f.write("\n")
-    if FIXTURES[name][1] == gguf.MODEL_ARCH.PHI3 or name == "mixtral":
+    if FIXTURES[name][1] == gguf.MODEL_ARCH.PHI3 or name in ("mixtral", "llama3"):
         save_file({"input_ids": input_ids, "logits": fixture["logits"]}, stem + ".reference.safetensors")
         print(f"{name}: {os.path.getsize(path)} bytes; logits reference from the safetensors fixture")
         return

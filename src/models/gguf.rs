@@ -84,6 +84,22 @@ pub fn config_json(content: &Content, file: &mut std::fs::File) -> Result<serde_
     let eps = meta(content, &key("attention.layer_norm_rms_epsilon"))?.to_f32()?;
     let theta = content.metadata.get(&key("rope.freq_base")).and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
     let mut extra = serde_json::Map::new();
+    if arch == "llama" && content.tensor_infos.contains_key("rope_freqs.weight") {
+        // Llama 3.1+: llama.cpp stores the llama3 RoPE scaling as one divisor per frequency. The
+        // same divisors for short and long sequences, without attention factor, are that scaling
+        // as a transformers `longrope` configuration (which divides each frequency by its factor).
+        let factors: Vec<f32> = content
+            .tensor(file, "rope_freqs.weight", &Device::Cpu)?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1()?;
+        let context = u("context_length")?;
+        extra.insert(
+            "rope_parameters".into(),
+            json!({"rope_type": "longrope", "rope_theta": theta as f64, "short_factor": factors,
+                "long_factor": factors, "original_max_position_embeddings": context, "attention_factor": 1.0}),
+        );
+    }
     if arch == "phi3" {
         let window = opt_u32(content, &key("attention.sliding_window")).filter(|&w| w > 0);
         extra.insert("sliding_window".into(), json!(window));
@@ -256,7 +272,7 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
     for name in names {
         let Some(hf) = hf_name(name, arch) else {
             if name == "rope_freqs.weight" {
-                continue; // llama3 rope factors, recomputed from the metadata-free default
+                continue; // Llama 3.1's RoPE divisors, read into the configuration
             }
             if name.starts_with("rope_factors_") {
                 continue; // Phi-3's LongRoPE factors, read into the configuration

@@ -170,7 +170,8 @@ fn tiny_gguf_files_load_like_transformers_gguf_loader() {
     // llama file with experts (f32; transformers' GGUF loader has no Mixtral, so its reference is
     // the safetensors fixture's logits); gemma2, gemma3: (1 + w) norms stored with the 1 added,
     // soft-caps, window and RoPE scaling from the metadata, Gemma's SentencePiece (no space prefix,
-    // merges in vocabulary order).
+    // merges in vocabulary order); llama3: Llama 3.1's RoPE scaling from the `rope_freqs` divisors
+    // (f32, against the safetensors fixture: transformers' GGUF loader ignores them).
     let files = [
         ("qwen2", "qwen2"),
         ("qwen3", "qwen3"),
@@ -181,6 +182,7 @@ fn tiny_gguf_files_load_like_transformers_gguf_loader() {
         ("mixtral", "mixtral"),
         ("gemma2", "gemma2"),
         ("gemma3", "gemma3_text"),
+        ("llama3", "llama"),
     ];
     for (name, model_type) in files {
         let path = std::path::Path::new(root).join(format!("{name}.gguf"));
