@@ -133,30 +133,26 @@ impl LoraConfig {
     /// With `train_router`, the routers train whole rather than with LoRA, and Qwen2-MoE's `shared_expert_gate` (which PEFT's `modules_to_save:
     /// ["gate"]` saves whole) is no LoRA target: PEFT cannot do both to one module.
     pub fn converted_for(&self, model_type: &str, linear_modules: &[&str]) -> std::result::Result<Self, String> {
-        if self.train_router && linear_modules.contains(&"shared_expert_gate") {
-            let mut out = self.clone();
-            let kept = |m: &String| m != "shared_expert_gate" && !m.ends_with(".shared_expert_gate");
-            out.target_modules = match &self.target_modules {
-                TargetModules::Keyword(k) if k == "all-linear" => {
-                    TargetModules::List(linear_modules.iter().map(|m| m.to_string()).filter(kept).collect())
-                }
-                TargetModules::List(list) => TargetModules::List(list.iter().filter(|m| kept(m)).cloned().collect()),
-                other => other.clone(),
-            };
-            out.train_router = false;
-            let mut converted = out.converted_for(model_type, linear_modules)?;
-            converted.train_router = true;
-            return Ok(converted);
+        let conversion = moe_conversion(model_type);
+        let shared_gate_whole = self.train_router && linear_modules.contains(&"shared_expert_gate");
+        if conversion.is_none() && !shared_gate_whole {
+            return Ok(self.clone());
         }
-        let Some((mapping, fused)) = moe_conversion(model_type) else { return Ok(self.clone()) };
-        let targets: Vec<String> = match &self.target_modules {
+        // The targets as names; `all-linear` is the model's linear modules and, where PEFT converts
+        // them, the v4 expert and router names too.
+        let mut targets: Vec<String> = match &self.target_modules {
             TargetModules::List(list) => list.clone(),
             TargetModules::Keyword(k) if k == "all-linear" => {
-                let mut all: Vec<String> = linear_modules.iter().map(|m| m.to_string()).collect();
-                all.extend(mapping.iter().map(|(old, _)| old.to_string()));
-                all
+                let old = conversion.iter().flat_map(|(mapping, _)| mapping.iter().map(|(old, _)| *old));
+                linear_modules.iter().copied().chain(old).map(str::to_string).collect()
             }
             TargetModules::Keyword(single) => vec![single.clone()],
+        };
+        if shared_gate_whole {
+            targets.retain(|m| m != "shared_expert_gate" && !m.ends_with(".shared_expert_gate"));
+        }
+        let Some((mapping, fused)) = conversion else {
+            return Ok(Self { target_modules: TargetModules::List(targets), ..self.clone() });
         };
         let mut params: BTreeSet<String> = self.target_parameters.iter().cloned().collect();
         let mut remaining = Vec::new();
@@ -333,6 +329,12 @@ mod tests {
         assert_eq!(converted.scale_for("model.layers.0.mlp.experts.gate_up_proj"), 2.0);
         assert!(!converted.targets("model.layers.1.mlp.gate_proj"), "the dense layer's MLP is no longer a target");
         assert_eq!(c.converted_for("qwen2_moe", &modules).unwrap(), c);
+        // Qwen2-MoE's shared-expert gate, saved whole with trained routers, is no LoRA target.
+        let qwen2_moe: Vec<&str> = modules.iter().copied().chain(["shared_expert_gate"]).collect();
+        let routed = LoraConfig { train_router: true, ..c.clone() }.converted_for("qwen2_moe", &qwen2_moe).unwrap();
+        let TargetModules::List(targets) = &routed.target_modules else { panic!("expanded") };
+        assert_eq!(targets.len(), 7);
+        assert!(!routed.targets("model.layers.0.mlp.shared_expert_gate") && routed.train_router);
         // Mixtral's v4 names; half of a fused pair is refused, as PEFT refuses it.
         let list = config(TargetModules::List(vec!["q_proj".into(), "w1".into(), "w3".into(), "w2".into()]));
         let converted = list.converted_for("mixtral", &modules).unwrap();

@@ -295,20 +295,28 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         // with LoRA; Qwen3-MoE's dense layer 1 keeps no MLP adapter); Qwen2-MoE's router trains whole.
         let model_config = ModelConfig::from_file(&fixture(name).join("config.json")).unwrap();
         let converted = matches!(name, "mixtral" | "qwen3_moe");
-        let config = LoraConfig {
-            r: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            target_modules: TargetModules::Keyword("all-linear".into()),
-            use_rslora: false,
-            target_parameters: experts.clone(),
-            train_router: moe && !converted,
-            rank_pattern: Default::default(),
-            alpha_pattern: Default::default(),
-        }
-        .converted_for(&model_config.model_type, &model_config.linear_modules())
-        .unwrap();
-        let plan = LoraPlan { config, seed: 3, trainable: true, train_norms: true, loaded: None };
+        let lora_config = |train_router: bool| {
+            LoraConfig {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                target_modules: TargetModules::Keyword("all-linear".into()),
+                use_rslora: false,
+                target_parameters: experts.clone(),
+                train_router,
+                rank_pattern: Default::default(),
+                alpha_pattern: Default::default(),
+            }
+            .converted_for(&model_config.model_type, &model_config.linear_modules())
+            .unwrap()
+        };
+        let plan = LoraPlan {
+            config: lora_config(moe && !converted),
+            seed: 3,
+            trainable: true,
+            train_norms: true,
+            loaded: None,
+        };
         let lora = load(name, |_| AdaptationSpec::Lora(plan));
         one_plain_step(&lora, &ids);
         assert_eq!(nonzero_gradients(&lora, &ids), Vec::<String>::new(), "{name}: LoRA with norms");
@@ -334,29 +342,24 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         assert_eq!(modules, modules_expected, "{name}");
         assert_eq!(count, expected + head_norms + output_norms, "{name}: A and B for every module, plus the norms");
 
-        // QLoRA: the same adapters over the projections quantized to q8_0.
-        let plan = LoraPlan {
-            config: LoraConfig {
-                r: 4,
-                alpha: 8.0,
-                dropout: 0.0,
-                target_modules: TargetModules::Keyword("all-linear".into()),
-                use_rslora: false,
-                target_parameters: experts.clone(),
-                train_router: false,
-                rank_pattern: Default::default(),
-                alpha_pattern: Default::default(),
-            },
-            seed: 3,
-            trainable: true,
-            train_norms: false,
-            loaded: None,
-        };
+        // QLoRA: the same adapters (routers not trained whole) over the projections quantized to
+        // q8_0, the experts' too.
+        let plan = LoraPlan { config: lora_config(false), seed: 3, trainable: true, train_norms: false, loaded: None };
         let (dense, quantized) = ferrotune::models::weights::load_quantized_weights(
             &fixture(name),
             Some(ferrotune::models::quantized::Quantization::Q8_0),
         )
         .unwrap();
+        let quantized_experts = quantized.keys().filter(|k| k.contains(".experts.")).count();
+        assert_eq!(
+            quantized_experts,
+            if moe {
+                3 * 4 * model_config.moe.as_ref().unwrap().sparse_layers.iter().filter(|&&s| s).count()
+            } else {
+                0
+            },
+            "{name}: every expert's three weights are quantized"
+        );
         let config = ModelConfig::from_file(&fixture(name).join("config.json")).unwrap();
         let qlora = CausalLm::with_quantized(config, dense, quantized, Adaptation::Lora(&plan)).unwrap();
         one_plain_step(&qlora, &ids);

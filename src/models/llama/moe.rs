@@ -25,6 +25,21 @@ use crate::models::ForwardCtx;
 static FORWARD_NS: AtomicU64 = AtomicU64::new(0);
 static EXPERT_NS: AtomicU64 = AtomicU64::new(0);
 
+/// Adds the time from its start to its drop to a counter.
+struct Timed(&'static AtomicU64, Instant);
+
+impl Timed {
+    fn start(counter: &'static AtomicU64) -> Self {
+        Self(counter, Instant::now())
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        self.0.fetch_add(self.1.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
 /// `(all, experts)` seconds spent in MoE layers' forwards since the last call (then reset).
 pub fn take_forward_seconds() -> (f64, f64) {
     let all = FORWARD_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9;
@@ -140,19 +155,7 @@ impl Moe {
         hooks: Option<&MoeHooks<'_>>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let started = Instant::now();
-        let out = self.forward_timed(x, apply, hooks, ctx);
-        FORWARD_NS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        out
-    }
-
-    fn forward_timed(
-        &self,
-        x: &Tensor,
-        apply: &Apply<'_>,
-        hooks: Option<&MoeHooks<'_>>,
-        ctx: &ForwardCtx,
-    ) -> Result<Tensor> {
+        let _timed = Timed::start(&FORWARD_NS);
         let dims = x.dims().to_vec();
         let hidden = *dims.last().expect("rank >= 1");
         let x2 = x.reshape(((), hidden))?;
@@ -172,7 +175,7 @@ impl Moe {
         let probs = crate::models::fused::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
         let picked = top_k(&probs.to_vec2::<f32>()?, self.top_k);
         self.record(&probs, &picked, ctx)?;
-        let index = Tensor::from_vec(picked.clone(), (n, self.top_k), x.device())?;
+        let index = Tensor::from_slice(&picked, (n, self.top_k), x.device())?;
         let mut weights = probs.gather(&index, 1)?;
         if self.norm_topk {
             weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
@@ -198,7 +201,7 @@ impl Moe {
             }
             let index = Tensor::from_slice(&rows[e], rows[e].len(), x.device())?;
             let input = x2.index_select(&index, 0)?;
-            let expert_started = Instant::now();
+            let timed = Timed::start(&EXPERT_NS);
             let project = |proj: &ExpertProj, lora: &Option<(Tensor, Tensor)>, kind: ProjKind, input: &Tensor| {
                 let mut y = proj.weight.forward(e, input)?;
                 if let Some((a, b)) = lora {
@@ -214,7 +217,7 @@ impl Moe {
             let half = both.dim(1)? / 2;
             let gated = crate::models::fused::swiglu(&both.narrow(1, 0, half)?, &both.narrow(1, half, half)?)?;
             outputs.push(project(&self.down, &down_lora, ProjKind::Down, &gated)?);
-            EXPERT_NS.fetch_add(expert_started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            drop(timed);
             for (k, &slot) in slots[e].iter().enumerate() {
                 position[slot] = (offset + k) as u32;
             }
@@ -226,9 +229,10 @@ impl Moe {
         let weights = weights.to_dtype(x.dtype())?.unsqueeze(2)?;
         let mut out = per_slot.broadcast_mul(&weights)?.sum(1)?;
         if let Some((mlp, gate)) = &self.shared {
-            let shared_started = Instant::now();
-            let shared = mlp.forward(&x2, apply)?;
-            EXPERT_NS.fetch_add(shared_started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let shared = {
+                let _timed = Timed::start(&EXPERT_NS);
+                mlp.forward(&x2, apply)?
+            };
             let g = apply("shared_expert_gate", gate, &x2)?;
             // sigmoid(g) = 1 / (1 + exp(-g)), from differentiable ops.
             let sigmoid = (g.neg()?.exp()? + 1.0)?.recip()?;
@@ -252,7 +256,7 @@ impl Moe {
             let prob_sums = match weights {
                 None => probs.sum(0)?,
                 Some(w) => {
-                    let w = Tensor::from_slice(&w[..n.min(w.len())], n.min(w.len()), probs.device())?;
+                    let w = Tensor::from_slice(w, w.len(), probs.device())?;
                     w.unsqueeze(0)?.matmul(probs)?.squeeze(0)?
                 }
             };
