@@ -28,11 +28,13 @@ mod moe;
 pub use moe::take_forward_seconds as take_moe_forward_seconds;
 mod prefixed;
 mod rows;
+mod serving_adapter;
 use super::attention::Logits;
 use block::{Attention, Block, FeedForward, NormStyle, Qkv};
 use builder::Builder;
 pub use checkpointed::Checkpointed;
-pub use rows::{Row, ServingAdapter};
+pub use rows::Row;
+pub use serving_adapter::ServingAdapter;
 
 /// What to train.
 #[derive(Debug, Clone, Copy)]
