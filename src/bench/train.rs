@@ -18,6 +18,8 @@ use crate::rng::splitmix64;
 use crate::train::grads::batch_gradients;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 
+const DECODER_TARGETS: &str = "q_proj,k_proj,v_proj,o_proj";
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchTrainArgs {
     /// A Hugging Face model directory.
@@ -42,8 +44,8 @@ pub struct BenchTrainArgs {
     pub lora_r: usize,
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
-    /// Comma-separated LoRA target modules.
-    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
+    /// Comma-separated LoRA target modules (encoders: `query,key,value,attention.output.dense`).
+    #[arg(long, default_value = DECODER_TARGETS)]
     pub targets: String,
     /// Mixture-of-experts models: comma-separated stacked expert weights that get LoRA too
     /// (`gate_up_proj,down_proj`, PEFT's `target_parameters`).
@@ -61,6 +63,14 @@ pub struct BenchTrainArgs {
 }
 
 pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
+    if crate::models::bert::config::is_encoder_dir(&args.model) {
+        // The harness's BERT targets, unless others were asked for.
+        let targets = match args.targets.as_str() {
+            DECODER_TARGETS => "query,key,value,attention.output.dense",
+            other => other,
+        };
+        return super::encoder::run(args, targets);
+    }
     let device = super::open_device(&args.device)?;
     anyhow::ensure!(
         args.method != "qlora" || device.is_cpu(),

@@ -39,13 +39,14 @@ impl Observer for ProgressBarObserver {
             let pairs = m.preference.map(|pairs| {
                 format!(", reward accuracy {:.3}, margin {:.3}", pairs.rewards_accuracies, pairs.rewards_margins)
             });
+            let task = m.task.map(|t| format!(", {}", task_summary(&t)));
             self.bar.println(format!(
                 "step {}: validation loss {:.4}, token accuracy {:.3}, perplexity {:.2}{}",
                 p.step,
                 m.loss,
                 m.mean_token_accuracy,
                 m.perplexity,
-                pairs.unwrap_or_default()
+                pairs.or(task).unwrap_or_default()
             ));
         }
     }
@@ -53,6 +54,16 @@ impl Observer for ProgressBarObserver {
     fn checkpointed(&mut self, step: u64, dir: &Path) {
         self.bar.println(format!("step {step}: checkpoint {}", dir.display()));
     }
+}
+
+/// An encoder task's validation metrics as `name value` pairs.
+fn task_summary(task: &crate::train::encoder::metrics::TaskMetrics) -> String {
+    let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(task) else { return String::new() };
+    fields
+        .iter()
+        .filter_map(|(name, value)| Some(format!("{name} {:.4}", value.as_f64()?)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn format_duration(seconds: f64) -> String {
@@ -95,6 +106,9 @@ pub fn train(config_path: &Path, device: Option<&str>) -> anyhow::Result<()> {
     }
     if let Some(eval) = summary.final_eval {
         println!("final valid loss: {:.4} (token accuracy {:.3})", eval.loss, eval.mean_token_accuracy);
+        if let Some(task) = eval.task {
+            println!("final valid metrics: {}", task_summary(&task));
+        }
     }
     if let Some(best) = summary.best_eval_loss {
         println!("best valid loss:  {best:.4}");

@@ -7,6 +7,7 @@
 //! directory and a JSONL path and get plain vectors back.
 
 pub mod dataset;
+pub mod encoder;
 pub mod examples;
 pub mod packing;
 pub mod preference;

@@ -61,13 +61,20 @@ pub struct LoraRequest {
     pub train_router: Option<bool>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EarlyStoppingRequest {
     pub patience: u32,
     #[serde(default)]
     pub min_delta: f64,
+    /// `loss` (default), or an encoder task's validation metric (higher is better).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
 }
+
+/// Every metric `early_stopping.metric` may name (which apply depends on the task).
+pub const EARLY_STOPPING_METRICS: [&str; 9] =
+    ["loss", "accuracy", "macro_f1", "f1", "precision", "recall", "recall_at_1", "recall_at_5", "recall_at_10"];
 
 /// The `hyperparameters` object: OpenAI's three, then ours.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -250,8 +257,16 @@ impl HyperparametersRequest {
         if self.n_checkpoints.is_some_and(|n| n > 100) {
             return Err(invalid("n_checkpoints", "n_checkpoints must be at most 100"));
         }
-        if self.early_stopping.is_some_and(|e| e.patience == 0 || e.min_delta < 0.0) {
+        if self.early_stopping.as_ref().is_some_and(|e| e.patience == 0 || e.min_delta < 0.0) {
             return Err(invalid("early_stopping", "early_stopping needs patience >= 1 and min_delta >= 0"));
+        }
+        if let Some(metric) = self.early_stopping.as_ref().and_then(|e| e.metric.as_deref()) {
+            if !EARLY_STOPPING_METRICS.contains(&metric) {
+                return Err(invalid(
+                    "early_stopping.metric",
+                    format!("early_stopping.metric must be one of {}", EARLY_STOPPING_METRICS.join(", ")),
+                ));
+            }
         }
         if let Some(size) = self.adapter_size {
             if self.training_type != Some(TrainingType::Bottleneck) {

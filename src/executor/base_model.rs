@@ -132,12 +132,23 @@ pub(crate) async fn download_once(
     prefix: &str,
     dir: &Path,
 ) -> Result<PathBuf, crate::storage::StorageError> {
+    download_once_with(storage, prefix, dir, "config.json").await
+}
+
+/// [`download_once`] of a stored directory that must hold `required` (`adapter_config.json` for an
+/// adapter).
+pub(crate) async fn download_once_with(
+    storage: &dyn ArtifactStore,
+    prefix: &str,
+    dir: &Path,
+    required: &str,
+) -> Result<PathBuf, crate::storage::StorageError> {
     if dir.join(COMPLETE).exists() {
         return Ok(dir.to_path_buf());
     }
     let names = storage.list(prefix).await?;
-    if !names.iter().any(|n| n == "config.json") {
-        return Err(crate::storage::StorageError::NotFound(format!("{prefix}/config.json")));
+    if !names.iter().any(|n| n == required) {
+        return Err(crate::storage::StorageError::NotFound(format!("{prefix}/{required}")));
     }
     // Download beside the target and rename, so a concurrent reader never sees half a model.
     let staging = dir.with_extension(format!("partial-{}", crate::ids::random_alphanumeric(6)));

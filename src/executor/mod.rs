@@ -6,7 +6,7 @@
 mod artifacts;
 mod base_model;
 pub use artifacts::download_files;
-pub(crate) use base_model::download_once;
+pub(crate) use base_model::{download_once, download_once_with};
 pub use base_model::{local_model_dir, ModelSources};
 mod bridge;
 pub use bridge::{JobSignals, CONTROL_POLL};

@@ -141,9 +141,11 @@ impl JobPlan {
             gradient_checkpointing: request.gradient_checkpointing.unwrap_or(false),
             router_aux_loss_coef: request.router_aux_loss_coef,
             eval_interval: request.eval_interval.unwrap_or(0),
-            early_stopping: request
-                .early_stopping
-                .map(|e| EarlyStopping { patience: e.patience, min_delta: e.min_delta }),
+            early_stopping: request.early_stopping.as_ref().map(|e| EarlyStopping {
+                patience: e.patience,
+                min_delta: e.min_delta,
+                metric: e.metric.clone(),
+            }),
             n_checkpoints: request.n_checkpoints.unwrap_or(n_epochs.min(3)),
             lora,
             examples,
@@ -218,7 +220,7 @@ impl JobPlan {
             dpo: self.dpo(),
             seed,
             eval_interval: self.eval_interval,
-            early_stopping: self.early_stopping,
+            early_stopping: self.early_stopping.clone(),
             checkpoint_interval: self.checkpoint_interval(),
             resume_from: None,
         }

@@ -35,6 +35,9 @@ fn metrics_data(p: &crate::train::Progress) -> Value {
         if let Some(pairs) = &m.preference {
             add_preference(&mut data, "valid_", pairs);
         }
+        if let Some(task) = &m.task {
+            add_task_metrics(&mut data, task);
+        }
     }
     if let Some(pairs) = &p.preference {
         add_preference(&mut data, "train_", pairs);
@@ -44,6 +47,28 @@ fn metrics_data(p: &crate::train::Progress) -> Value {
     }
     data
 }
+
+/// Encoder tasks' validation metrics, as `valid_<name>` (`valid_accuracy`, `valid_macro_f1`,
+/// `valid_f1`, `valid_recall_at_1`, ...).
+fn add_task_metrics(data: &mut Value, task: &crate::train::encoder::metrics::TaskMetrics) {
+    if let Ok(Value::Object(fields)) = serde_json::to_value(task) {
+        for (name, value) in fields.into_iter().filter(|(name, _)| name != "task") {
+            data[format!("valid_{name}")] = value;
+        }
+    }
+}
+
+/// Every encoder task metric column of the results CSV, in order.
+const TASK_METRIC_COLUMNS: [&str; 8] = [
+    "valid_accuracy",
+    "valid_macro_f1",
+    "valid_precision",
+    "valid_recall",
+    "valid_f1",
+    "valid_recall_at_1",
+    "valid_recall_at_5",
+    "valid_recall_at_10",
+];
 
 /// TRL's preference metric names, after OpenAI's `train_` / `valid_` prefix.
 const PREFERENCE_METRICS: [&str; 6] =
@@ -151,10 +176,17 @@ async fn results_csv(context: &ExecutorContext, job_id: &str) -> Result<String, 
     }
     // A preference job's rows also carry its reward metrics, train then validation.
     let preference = by_step.values().any(|d| d.get("train_rewards/chosen").is_some());
-    let extra: Vec<String> = match preference {
+    let mut extra: Vec<String> = match preference {
         true => ["train_", "valid_"].iter().flat_map(|p| PREFERENCE_METRICS.map(|m| format!("{p}{m}"))).collect(),
         false => Vec::new(),
     };
+    // An encoder job's rows also carry its task's validation metrics (those it reported).
+    extra.extend(
+        TASK_METRIC_COLUMNS
+            .iter()
+            .filter(|column| by_step.values().any(|d| d.get(**column).is_some()))
+            .map(|column| column.to_string()),
+    );
     let mut header: Vec<String> = RESULT_COLUMNS.iter().map(|c| c.to_string()).collect();
     header.extend(extra.iter().cloned());
     let mut csv = header.join(",") + "\n";

@@ -85,6 +85,9 @@ async fn check(context: &ExecutorContext, job: &JobRecord) -> Result<JobPlan, Jo
     let request_seq = request.max_seq_len;
     let method = MethodType::of(&serde_json::from_str(&job.method).map_err(JobFailure::platform)?);
     tokio::task::spawn_blocking(move || {
+        if crate::models::bert::config::is_encoder_dir(&model_dir) {
+            return check_encoder_data(&model_dir, &train, validation.as_deref(), &request, method);
+        }
         let config = ModelConfig::from_file(&model_dir.join("config.json")).map_err(JobFailure::platform)?;
         let tokenizer = ChatTokenizer::from_dir(&model_dir).map_err(JobFailure::platform)?;
         let options = EncodeOptions {
@@ -118,4 +121,68 @@ async fn check(context: &ExecutorContext, job: &JobRecord) -> Result<JobPlan, Jo
     })
     .await
     .map_err(JobFailure::platform)?
+}
+
+/// An encoder base: the files must hold one encoder task's data (labels of the validation file
+/// among the training file's); counts its examples and tokens and resolves the plan.
+fn check_encoder_data(
+    model_dir: &Path,
+    train: &Path,
+    validation: Option<&Path>,
+    request: &HyperparametersRequest,
+    method: MethodType,
+) -> Result<JobPlan, JobFailure> {
+    use crate::data::encoder::{encode_task_dataset, EncoderTokenizer};
+    use crate::domain::hyperparameters::TrainingType;
+    let config =
+        crate::models::bert::EncoderConfig::from_file(&model_dir.join("config.json")).map_err(JobFailure::platform)?;
+    if method == MethodType::Dpo {
+        return Err(JobFailure::user(
+            "invalid_file_format",
+            format!("dpo trains decoder models; the base model is an encoder ({})", config.model_type),
+            Some("method"),
+        ));
+    }
+    if let Some(kind @ (TrainingType::Qlora | TrainingType::Prefix)) = request.training_type {
+        return Err(JobFailure::user(
+            "invalid_hyperparameters",
+            format!(
+                "training_type {} does not apply to encoder models; use lora, full or bottleneck",
+                format!("{kind:?}").to_lowercase()
+            ),
+            Some("method.supervised.hyperparameters.training_type"),
+        ));
+    }
+    let tokenizer = EncoderTokenizer::from_dir(model_dir).map_err(JobFailure::platform)?;
+    let max_len = request.max_seq_len.unwrap_or(512).min(config.max_tokens());
+    let user = |param: &'static str| {
+        move |e: crate::data::DataError| JobFailure::user("invalid_file", e.to_string(), Some(param))
+    };
+    let data = load_jsonl(train).map_err(user("training_file"))?;
+    let task = crate::train::encoder::task_for(&data).ok_or_else(|| {
+        JobFailure::user(
+            "invalid_file_format",
+            format!(
+                "the training file is a {} dataset; an encoder base ({}) trains on classification, \
+                 token_classification or embedding data",
+                data.format.human_name(),
+                config.model_type
+            ),
+            Some("training_file"),
+        )
+    })?;
+    let labels = task.labels().map(<[String]>::to_vec).unwrap_or_default();
+    if task.labels().is_some() && labels.len() < 2 {
+        return Err(JobFailure::user(
+            "invalid_file",
+            format!("the training file has {} distinct label(s); classification needs at least 2", labels.len()),
+            Some("training_file"),
+        ));
+    }
+    let (_, counts) = encode_task_dataset(&tokenizer, &data, &labels, max_len).map_err(user("training_file"))?;
+    if let Some(path) = validation {
+        let held_out = load_jsonl(path).map_err(user("validation_file"))?;
+        encode_task_dataset(&tokenizer, &held_out, &labels, max_len).map_err(user("validation_file"))?;
+    }
+    Ok(JobPlan::resolve(request, method, counts.examples, counts.tokens, config.max_tokens()))
 }

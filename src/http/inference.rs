@@ -192,7 +192,7 @@ pub async fn resolve(state: &AppState, caller: &Caller, name: &str) -> Result<Ta
     }
 }
 
-fn serve_error(err: ServeError) -> ApiError {
+pub fn serve_error(err: ServeError) -> ApiError {
     match err {
         ServeError::NotSupported(message) => ApiError::new(ErrorCode::ModelNotSupported, message).with_param("model"),
         ServeError::Internal(cause) => ApiError::internal(cause),

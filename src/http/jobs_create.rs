@@ -21,6 +21,8 @@ const FIELDS: [&str; 8] =
     ["model", "training_file", "validation_file", "method", "hyperparameters", "suffix", "seed", "metadata"];
 /// Dataset formats a causal language model can be fine-tuned on.
 const TRAINABLE_FORMATS: [&str; 3] = ["chat", "prompt_completion", "text"];
+/// Dataset formats an encoder (BERT family) is fine-tuned on; the format picks the task.
+const ENCODER_FORMATS: [&str; 3] = ["classification", "token_classification", "embedding"];
 const MAX_METADATA_PAIRS: usize = 16;
 const MAX_METADATA_KEY: usize = 64;
 const MAX_METADATA_VALUE: usize = 512;
@@ -51,9 +53,26 @@ pub async fn create_job(
         check_base_model(&state.catalog, &request.model)?;
     }
     check_quantization(&state.catalog, root_base_model(&request.model), &request.hyperparameters).await?;
-    let training = find_training_data(&state, &caller, &request.training_file, "training_file", request.method).await?;
+    let kind = base_kind(&state.catalog, root_base_model(&request.model)).await;
+    if kind == BaseKind::Encoder {
+        if request.model.starts_with("ft:") {
+            return Err(unsupported_model(format!(
+                "{} is a fine-tuned encoder; continuing from one is not supported yet: start from its base model {}",
+                request.model,
+                root_base_model(&request.model)
+            )));
+        }
+        if request.method == MethodType::Dpo {
+            return Err(unsupported_model(format!(
+                "base model {} is an encoder; dpo trains decoder (causal language) models",
+                request.model
+            )));
+        }
+    }
+    let training =
+        find_training_data(&state, &caller, &request.training_file, "training_file", request.method, kind).await?;
     if let Some(id) = &request.validation_file {
-        let validation = find_training_data(&state, &caller, id, "validation_file", request.method).await?;
+        let validation = find_training_data(&state, &caller, id, "validation_file", request.method, kind).await?;
         if validation.format != training.format {
             return Err(ApiError::new(
                 ErrorCode::InvalidFileFormat,
@@ -301,13 +320,38 @@ async fn check_quantization(catalog: &Catalog, name: &str, hyperparameters: &Val
     }
 }
 
-/// A `fine-tune` file of the caller's project in a format supervised training accepts.
+/// What kind of model a base is, when its files are on this machine to tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BaseKind {
+    Decoder,
+    Encoder,
+    /// Stored elsewhere (the executor checks the data against it).
+    Unknown,
+}
+
+async fn base_kind(catalog: &Catalog, name: &str) -> BaseKind {
+    match catalog.get(name).map(|b| b.source.clone()) {
+        Some(ModelSource::Directory(dir)) => {
+            let encoder = tokio::task::spawn_blocking(move || crate::models::bert::config::is_encoder_dir(&dir)).await;
+            match encoder {
+                Ok(true) => BaseKind::Encoder,
+                Ok(false) => BaseKind::Decoder,
+                Err(_) => BaseKind::Unknown,
+            }
+        }
+        Some(ModelSource::Gguf(_)) => BaseKind::Decoder,
+        _ => BaseKind::Unknown,
+    }
+}
+
+/// A `fine-tune` file of the caller's project in a format the method and the base's kind accept.
 async fn find_training_data(
     state: &AppState,
     caller: &Caller,
     id: &str,
     param: &str,
     method: MethodType,
+    kind: BaseKind,
 ) -> Result<FileRecord, ApiError> {
     let file = state
         .store
@@ -322,14 +366,29 @@ async fn find_training_data(
         .with_param(param));
     }
     let format = file.format.as_deref().unwrap_or("unknown");
-    let accepted: &[&str] = match method {
-        MethodType::Supervised => &TRAINABLE_FORMATS,
-        MethodType::Dpo => &["preference"],
+    let accepted: Vec<&str> = match (method, kind) {
+        (MethodType::Dpo, _) => vec!["preference"],
+        (MethodType::Supervised, BaseKind::Decoder) => TRAINABLE_FORMATS.to_vec(),
+        (MethodType::Supervised, BaseKind::Encoder) => ENCODER_FORMATS.to_vec(),
+        (MethodType::Supervised, BaseKind::Unknown) => {
+            TRAINABLE_FORMATS.iter().chain(&ENCODER_FORMATS).copied().collect()
+        }
     };
     if !accepted.contains(&format) {
+        let model = match kind {
+            BaseKind::Encoder => "the base model is an encoder, which",
+            BaseKind::Decoder if ENCODER_FORMATS.contains(&format) => {
+                "the base model is a decoder (causal language model), which"
+            }
+            _ => "it",
+        };
         return Err(ApiError::new(
             ErrorCode::InvalidFileFormat,
-            format!("file {id} is a {format} dataset; {} fine-tuning needs {}", method.as_str(), accepted.join(", ")),
+            format!(
+                "file {id} is a {format} dataset; {model} trains with {} fine-tuning on {}",
+                method.as_str(),
+                accepted.join(", ")
+            ),
         )
         .with_param(param));
     }

@@ -5,6 +5,7 @@
 
 mod chat;
 mod completions;
+mod encoders;
 pub mod error;
 pub mod extract;
 mod files;
@@ -59,6 +60,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/models/{model}/content"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/classifications"),
 ];
 
 fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
@@ -87,6 +90,8 @@ fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
         ("GET", "/v1/models/{model}/content") => routing::get(model_content::download_model),
         ("POST", "/v1/chat/completions") => routing::post(chat::create_chat_completion),
         ("POST", "/v1/completions") => routing::post(completions::create_completion),
+        ("POST", "/v1/embeddings") => routing::post(encoders::create_embeddings),
+        ("POST", "/v1/classifications") => routing::post(encoders::create_classifications),
         _ => unreachable!("route {method} {path} is in ROUTES but has no handler"),
     }
 }

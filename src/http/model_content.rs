@@ -91,6 +91,21 @@ pub async fn download_model(
                 .map_err(|m| ApiError::new(ErrorCode::ModelNotSupported, m).with_param("model"))?,
         ),
     };
+    if let Some(dir) = base_dir.clone() {
+        let encoder = tokio::task::spawn_blocking(move || crate::models::bert::config::is_encoder_dir(&dir))
+            .await
+            .map_err(ApiError::internal)?;
+        if encoder {
+            return Err(ApiError::new(
+                ErrorCode::ModelNotSupported,
+                format!(
+                    "{name} is an encoder model: merged and checkpoint downloads of encoders are not supported yet; \
+                     download the job's final model as stored (format=adapter)"
+                ),
+            )
+            .with_param("model"));
+        }
+    }
     let prefix = match &source {
         Source::Stored { prefix, .. } | Source::Checkpoint { prefix, .. } => prefix.clone(),
     };

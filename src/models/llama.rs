@@ -11,15 +11,14 @@ use candle_core::quantized::QTensor;
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::bottleneck::{Bottleneck, BottleneckPlan};
+use super::bottleneck::Bottleneck;
 use super::config::ModelConfig;
 use super::linear::Linear;
 use super::mask::incremental_causal_mask;
 use super::params::{Param, TrainableParams};
-use super::prefix::{Prefix, PrefixPlan};
+use super::prefix::Prefix;
 use super::rope::RopeTables;
 use super::ForwardCtx;
-use crate::peft::lora::LoraPlan;
 
 mod block;
 mod builder;
@@ -36,20 +35,7 @@ pub use checkpointed::Checkpointed;
 pub use rows::Row;
 pub use serving_adapter::ServingAdapter;
 
-/// What to train.
-#[derive(Debug, Clone, Copy)]
-pub enum Adaptation<'a> {
-    /// Nothing: inference with the base weights.
-    None,
-    /// Every weight.
-    Full,
-    /// LoRA adapters (trained or loaded) over a frozen base.
-    Lora(&'a LoraPlan),
-    /// Bottleneck adapters after attention and MLP (trained or loaded) over a frozen base.
-    Bottleneck(&'a BottleneckPlan),
-    /// Prefix tuning: trained (or loaded) key/value vectors before every input, base frozen.
-    Prefix(&'a PrefixPlan),
-}
+pub use super::adaptation::Adaptation;
 
 pub struct CausalLm {
     pub config: ModelConfig,

@@ -1,7 +1,9 @@
 //! Trainable decoder-only language models (the Llama family), written on candle-core with
 //! differentiable ops, loading Hugging Face configs and safetensors. No HTTP, no SQL.
 
+pub mod adaptation;
 pub mod attention;
+pub mod bert;
 pub mod bottleneck;
 pub mod config;
 pub mod fastmath;

@@ -19,6 +19,17 @@ pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tenso
     normed.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
+/// LayerNorm over the last dimension, `(x − mean) / sqrt(var + eps) · weight + bias` with the
+/// biased variance, computed in f32 (as torch does for f32 input); differentiable.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(variance + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
 /// From 2 up to this many rows, inference computes `(W · xᵀ)ᵀ` (see `frozen_linear`).
 const SMALL_BATCH: usize = 16;
 

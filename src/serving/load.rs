@@ -28,8 +28,20 @@ fn read_model(dir: &Path, adaptation: Adaptation<'_>, device: &Device) -> anyhow
     Ok(load_inference_model(dir, adaptation, device)?)
 }
 
+/// Generation needs a decoder: an encoder is refused with where it is served instead.
+fn refuse_encoder(dir: &Path, name: &str) -> Result<(), ServeError> {
+    if crate::models::bert::config::is_encoder_dir(dir) {
+        return Err(ServeError::NotSupported(format!(
+            "{name} is an encoder model, which does not generate text; use POST /v1/embeddings or \
+             POST /v1/classifications"
+        )));
+    }
+    Ok(())
+}
+
 pub async fn base_engine(inference: &Inference, project: Option<&str>, name: &str) -> Result<Engine, ServeError> {
     let dir = base_dir(inference, project, name).await?;
+    refuse_encoder(&dir, name)?;
     let started = std::time::Instant::now();
     let settings = inference.settings.clone();
     let device = inference.device.clone();
@@ -61,6 +73,7 @@ pub async fn full_engine(
             let dir = crate::executor::download_once(inference.storage.as_ref(), prefix.trim_end_matches('/'), &cache)
                 .await
                 .context("fetching the fine-tuned model from storage")?;
+            refuse_encoder(&dir, id)?;
             // Outputs carry their tokenizer; the base is only looked for when one does not.
             let tokenizer_dir = match dir.join("tokenizer.json").exists() {
                 true => dir.clone(),
@@ -185,4 +198,74 @@ async fn fetch_checkpoint(inference: &Inference, prefix: &str) -> Result<HashMap
 
 fn cache_name(id: &str) -> String {
     id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
+}
+
+/// An encoder engine for `target` (see [`Inference::encoder`]).
+pub async fn encoder_engine(
+    inference: &Inference,
+    target: &super::Target,
+    purpose: super::encoder::Purpose,
+) -> Result<super::encoder::EncoderEngine, ServeError> {
+    use super::encoder::Weights;
+    use super::Target;
+    let not_encoder = |name: &str| {
+        ServeError::NotSupported(format!(
+            "{name} is a decoder (causal language) model; embeddings and classifications are served for encoder \
+             models (BERT family); use /v1/chat/completions or /v1/completions"
+        ))
+    };
+    let stored = |id: &str, source: &WeightsSource| -> Result<String, ServeError> {
+        match source {
+            WeightsSource::Stored { prefix } => Ok(prefix.clone()),
+            WeightsSource::Checkpoint { .. } => Err(ServeError::NotSupported(format!(
+                "{id} is a checkpoint of an encoder job; serving encoder checkpoints is not supported yet (the job's \
+                 final model is served)"
+            ))),
+        }
+    };
+    let (name, weights) = match target {
+        Target::Base { name } => (name.clone(), Weights::Model(base_dir(inference, None, name).await?)),
+        Target::Full { id, source, .. } => {
+            let prefix = stored(id, source)?;
+            let cache = inference.settings.work_dir.join("served-models").join(cache_name(id));
+            let dir = crate::executor::download_once(inference.storage.as_ref(), prefix.trim_end_matches('/'), &cache)
+                .await
+                .context("fetching the fine-tuned model from storage")?;
+            (id.clone(), Weights::Model(dir))
+        }
+        Target::Adapter { id, base, project, source } => {
+            let prefix = stored(id, source)?;
+            let base = base_dir(inference, Some(project), base).await?;
+            let cache = inference.settings.work_dir.join("served-models").join(cache_name(id));
+            let storage = inference.storage.as_ref();
+            let adapter = crate::executor::download_once_with(
+                storage,
+                prefix.trim_end_matches('/'),
+                &cache,
+                "adapter_config.json",
+            )
+            .await
+            .context("fetching the adapter from storage")?;
+            (id.clone(), Weights::Adapter { base, adapter })
+        }
+    };
+    let model_dir = match &weights {
+        Weights::Model(dir) | Weights::Adapter { base: dir, .. } => dir.clone(),
+    };
+    if !crate::models::bert::config::is_encoder_dir(&model_dir) {
+        return Err(not_encoder(&name));
+    }
+    // A task that does not fit the purpose is the user's mistake, not a failure to load.
+    let config = crate::models::bert::EncoderConfig::from_file(&model_dir.join("config.json"))
+        .map_err(|e| ServeError::Internal(e.into()))?;
+    let task_dir = match &weights {
+        Weights::Model(dir) | Weights::Adapter { adapter: dir, .. } => dir.clone(),
+    };
+    super::encoder::task_of(&task_dir, &config, purpose)
+        .map_err(|why| ServeError::NotSupported(format!("{name}: {why}")))?;
+    let device = inference.device.clone();
+    let started = std::time::Instant::now();
+    let engine = blocking(move || super::encoder::load(&name, weights, purpose, &device)).await?;
+    tracing::info!(model = engine.name, ms = started.elapsed().as_millis() as u64, "loaded an encoder for inference");
+    Ok(engine)
 }

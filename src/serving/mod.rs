@@ -7,6 +7,7 @@
 //! runs on blocking threads, generation on each engine's own thread.
 
 mod cache;
+pub mod encoder;
 mod load;
 
 use std::path::PathBuf;
@@ -72,6 +73,8 @@ pub struct Inference {
     device: candle_core::Device,
     engines: LruCells<Engine>,
     adapters: LruCells<ServingAdapter>,
+    /// Encoder engines (embeddings, classification), one per model and purpose.
+    encoders: LruCells<encoder::EncoderEngine>,
 }
 
 impl Inference {
@@ -83,7 +86,16 @@ impl Inference {
         settings: InferenceSettings,
     ) -> Result<Self, crate::device::DeviceError> {
         let device = settings.device.open()?;
-        Ok(Self { catalog, store, storage, settings, device, engines: LruCells::new(), adapters: LruCells::new() })
+        Ok(Self {
+            catalog,
+            store,
+            storage,
+            settings,
+            device,
+            engines: LruCells::new(),
+            adapters: LruCells::new(),
+            encoders: LruCells::new(),
+        })
     }
 
     pub fn settings(&self) -> &InferenceSettings {
@@ -135,6 +147,21 @@ impl Inference {
             )
             .await?;
         Ok(Some(adapter))
+    }
+
+    /// The encoder engine serving `target` for `purpose`, loading it on first use; decoders and
+    /// models trained for another purpose are refused with the reason.
+    pub async fn encoder(
+        &self,
+        target: &Target,
+        purpose: encoder::Purpose,
+    ) -> Result<Arc<encoder::EncoderEngine>, ServeError> {
+        let key = match target {
+            Target::Base { name } => format!("{purpose:?}:base:{name}"),
+            Target::Adapter { id, .. } | Target::Full { id, .. } => format!("{purpose:?}:{id}"),
+        };
+        let max = self.settings.max_models.max(1);
+        self.encoders.get_or_load(&key, || load::encoder_engine(self, target, purpose), |e| e.len() > max).await
     }
 
     /// How many adapters are loaded now (for tests and metrics).

@@ -82,7 +82,7 @@ impl LoraSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EarlyStopping {
     /// Evaluations without improvement before stopping.
@@ -90,6 +90,10 @@ pub struct EarlyStopping {
     /// The smallest decrease of the validation loss that counts as an improvement.
     #[serde(default)]
     pub min_delta: f64,
+    /// What improves: `loss` (the default, lower is better) or, for encoder tasks, a validation
+    /// metric where higher is better (`accuracy`, `macro_f1`, `f1`, `recall_at_1`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -19,6 +19,9 @@ pub struct EvalMetrics {
     /// perplexity are of the chosen answers' tokens).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preference: Option<super::preference::PreferenceMetrics>,
+    /// Encoder runs: the task's metrics (accuracy, F1, recall@k).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<super::encoder::metrics::TaskMetrics>,
 }
 
 pub fn evaluate(model: &CausalLm, sequences: &[Sequence], batch_size: usize) -> Result<EvalMetrics> {
@@ -50,5 +53,6 @@ pub fn evaluate(model: &CausalLm, sequences: &[Sequence], batch_size: usize) -> 
         perplexity: loss.exp(),
         tokens,
         preference: None,
+        task: None,
     })
 }

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod encoder;
 pub mod eval;
 pub mod grads;
 pub mod optimizer;

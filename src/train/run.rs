@@ -27,6 +27,9 @@ use crate::rng::Rng;
 /// Trains per `config`, reporting to `observer`. Runs on the calling thread: use
 /// [`super::spawn_training`] to get a thread with a large enough stack.
 pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summary, TrainError> {
+    if crate::models::bert::config::is_encoder_dir(&config.model) {
+        return super::encoder::train(config, observer);
+    }
     let device = config.device.open().map_err(|e| TrainError::Config(e.to_string()))?;
     let prepared = prepare(config, &device)?;
     let micro_per_epoch = prepared.items().div_ceil(config.batch_size);
@@ -360,12 +363,13 @@ impl Run<'_> {
                     perplexity: pairs.nll_chosen.exp(),
                     tokens,
                     preference: Some(pairs),
+                    task: None,
                 }
             }
             None => evaluate(model, validation, batch)?,
         };
         self.last_eval = Some(metrics);
-        let Some(rule) = self.config.early_stopping else {
+        let Some(rule) = &self.config.early_stopping else {
             return Ok((metrics, false));
         };
         let improved = self.state.best_eval_loss.is_none_or(|best| metrics.loss < best - rule.min_delta);

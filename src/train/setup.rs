@@ -55,6 +55,11 @@ pub fn prepare(config: &TrainConfig, device: &Device) -> Result<Prepared, TrainE
             model_config.model_type
         )));
     }
+    if let Some(metric) = config.early_stopping.as_ref().and_then(|r| r.metric.as_deref()).filter(|m| *m != "loss") {
+        return Err(TrainError::Config(format!(
+            "early_stopping.metric {metric:?}: decoder models stop on the validation loss (metric \"loss\")"
+        )));
+    }
     let tokenizer = ChatTokenizer::from_dir(&config.model)?;
     let (train_data, validation_data) = {
         let train = load_jsonl(&config.train_file)?;

@@ -21,6 +21,8 @@ pub enum DatasetFormat {
     TokenClassification,
     /// `{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}`
     Preference,
+    /// `{"anchor": "...", "positive": "..."}`: embedding fine-tuning with in-batch negatives.
+    Embedding,
 }
 
 impl DatasetFormat {
@@ -32,6 +34,7 @@ impl DatasetFormat {
             Self::Classification => "classification",
             Self::TokenClassification => "token_classification",
             Self::Preference => "preference",
+            Self::Embedding => "embedding",
         }
     }
 
@@ -43,6 +46,7 @@ impl DatasetFormat {
             Self::Classification,
             Self::TokenClassification,
             Self::Preference,
+            Self::Embedding,
         ]
         .into_iter()
         .find(|f| f.as_str() == text)
@@ -56,7 +60,13 @@ impl DatasetFormat {
             Self::Classification => "classification",
             Self::TokenClassification => "token classification",
             Self::Preference => "preference",
+            Self::Embedding => "embedding pair",
         }
+    }
+
+    /// Whether encoder models (not decoders) train on this format.
+    pub fn for_encoders(self) -> bool {
+        matches!(self, Self::Classification | Self::TokenClassification | Self::Embedding)
     }
 
     /// The code for a record that lacks this format's defining key.
@@ -67,6 +77,7 @@ impl DatasetFormat {
             Self::Text | Self::Classification => "missing_text",
             Self::TokenClassification => "missing_tokens",
             Self::Preference => "missing_input",
+            Self::Embedding => "missing_anchor",
         }
     }
 
@@ -80,13 +91,14 @@ impl DatasetFormat {
             Self::Preference => {
                 "expected {\"input\": {\"messages\": [...]}, \"preferred_output\": [...], \"non_preferred_output\": [...]}"
             }
+            Self::Embedding => "expected {\"anchor\": \"...\", \"positive\": \"...\"}",
         }
     }
 }
 
 pub(super) const UNRECOGNIZED_MESSAGE: &str = "the record matches no dataset format; expected one of \
     {\"messages\": [...]} (chat), {\"prompt\", \"completion\"}, {\"text\"}, {\"text\", \"label\"}, \
-    {\"tokens\", \"tags\"} or {\"input\", \"preferred_output\", \"non_preferred_output\"}";
+    {\"tokens\", \"tags\"}, {\"anchor\", \"positive\"} or {\"input\", \"preferred_output\", \"non_preferred_output\"}";
 
 /// Why one record is invalid. `format` is the format its keys point to, when they point to one.
 #[derive(Debug)]
@@ -144,6 +156,8 @@ fn detect_format(record: &Map<String, Value>) -> Option<DatasetFormat> {
         Some(DatasetFormat::Preference)
     } else if has("prompt") || has("completion") {
         Some(DatasetFormat::PromptCompletion)
+    } else if has("anchor") || has("positive") {
+        Some(DatasetFormat::Embedding)
     } else if has("tokens") || has("tags") {
         Some(DatasetFormat::TokenClassification)
     } else if has("label") || has("text_pair") {
@@ -200,6 +214,16 @@ fn check_record(format: DatasetFormat, record: &Map<String, Value>) -> Result<()
         }
         DatasetFormat::TokenClassification => check_token_tags(record),
         DatasetFormat::Preference => check_preference(record),
+        DatasetFormat::Embedding => {
+            for key in ["anchor", "positive"] {
+                let code = if key == "anchor" { "missing_anchor" } else { "missing_positive" };
+                let text = required_string(record, key, code, "invalid_text")?;
+                if text.trim().is_empty() {
+                    return Err(LineError::new("empty_text", key, format!("`{key}` is empty")));
+                }
+            }
+            Ok(())
+        }
     }
 }
 

@@ -94,6 +94,7 @@ fn each_format_is_detected() {
         (r#"{"text":"great film","label":"positive"}"#, DatasetFormat::Classification),
         (r#"{"text":"a","text_pair":"b","label":1}"#, DatasetFormat::Classification),
         (r#"{"tokens":["Paris","is"],"tags":["B-LOC","O"]}"#, DatasetFormat::TokenClassification),
+        (r#"{"anchor":"reset my password","positive":"how do I change my password"}"#, DatasetFormat::Embedding),
         (
             r#"{"input":{"messages":[{"role":"user","content":"q"}]},"preferred_output":[{"role":"assistant","content":"good"}],"non_preferred_output":[{"role":"assistant","content":"bad"}]}"#,
             DatasetFormat::Preference,
@@ -181,4 +182,16 @@ fn reported_problems_are_capped_but_all_are_counted() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn an_embedding_pair_needs_both_texts() {
+    let Outcome::Invalid { problems, .. } = validate(r#"{"anchor":"reset my password","positive":"  "}"#) else {
+        panic!("an empty positive must be refused")
+    };
+    assert_eq!((problems[0].code, problems[0].field.as_deref()), ("empty_text", Some("positive")));
+    let Outcome::Invalid { problems, .. } = validate(r#"{"anchor":"reset my password"}"#) else {
+        panic!("a missing positive must be refused")
+    };
+    assert_eq!(problems[0].code, "missing_positive");
 }
