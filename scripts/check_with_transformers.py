@@ -4,7 +4,10 @@
     check_with_transformers.py --model BASE --adapter DIR --expect FILE  # a PEFT adapter on BASE
 
 FILE is a safetensors file with `input_ids` (int64 [b, t]) and `logits` (float32 [b, t, vocab])
-computed by ferrotune. Prints the max absolute difference; exits 1 above --tolerance.
+computed by ferrotune. Encoders (`--task seq_cls|token_cls|embedding`): FILE also holds
+`attention_mask` and `token_type_ids`, and `logits` are the head's logits (`[b, labels]` or
+`[b, t, labels]`, compared on real tokens) or the mean-pooled, normalized embeddings `[b, hidden]`;
+an adapter's labels come from its `task.json`. Prints the max absolute difference; exits 1 above --tolerance.
 An adapter must load without a warning from PEFT (a Python UserWarning, e.g. an unknown key in
 adapter_config.json, or a logged warning such as missing or unexpected weights): any is an error,
 exit 2. The libraries' deprecation notices about each other's APIs are let through.
@@ -18,7 +21,7 @@ import warnings
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 
 class _Collect(logging.Handler):
@@ -71,9 +74,12 @@ def main() -> int:
     parser.add_argument("--adapter")
     parser.add_argument("--expect", required=True)
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--task", default="causal", choices=["causal", "seq_cls", "token_cls", "embedding"])
     args = parser.parse_args()
 
     expected = load_file(args.expect)
+    if args.task != "causal":
+        return check_encoder(args, expected)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager")
     if args.adapter:
         model = load_adapter_strictly(model, args.adapter)
@@ -81,6 +87,39 @@ def main() -> int:
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
     diff = (logits - expected["logits"]).abs().max().item()
+    print(f"max |transformers - ferrotune| = {diff:.3g}")
+    return 0 if diff <= args.tolerance else 1
+
+
+def check_encoder(args, expected):
+    import json
+    import os
+
+    classes = {"seq_cls": AutoModelForSequenceClassification, "token_cls": AutoModelForTokenClassification,
+               "embedding": AutoModel}
+    extra = {}
+    if args.adapter and args.task != "embedding":
+        with open(os.path.join(args.adapter, "task.json")) as f:
+            labels = json.load(f)["labels"]
+        # The head comes from the adapter (modules_to_save); the base's may have another size.
+        extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                 "label2id": {l: i for i, l in enumerate(labels)}, "ignore_mismatched_sizes": True}
+    model = classes[args.task].from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager", **extra)
+    if args.adapter:
+        model = load_adapter_strictly(model, args.adapter)
+    model.eval()
+    mask = expected["attention_mask"]
+    with torch.no_grad():
+        out = model(input_ids=expected["input_ids"], attention_mask=mask, token_type_ids=expected["token_type_ids"])
+    if args.task == "embedding":
+        m = mask.unsqueeze(-1).float()
+        pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        ours = torch.nn.functional.normalize(pooled, dim=-1)
+        diff = (ours - expected["logits"]).abs().max().item()
+    elif args.task == "token_cls":
+        diff = ((out.logits - expected["logits"]).abs() * mask.unsqueeze(-1)).max().item()
+    else:
+        diff = (out.logits - expected["logits"]).abs().max().item()
     print(f"max |transformers - ferrotune| = {diff:.3g}")
     return 0 if diff <= args.tolerance else 1
 

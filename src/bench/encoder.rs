@@ -11,7 +11,7 @@ use serde_json::json;
 use super::train::BenchTrainArgs;
 use crate::models::adaptation::Adaptation;
 use crate::models::bert::{Encoder, EncoderConfig, EncoderInput, Task};
-use crate::models::ops::masked_cross_entropy_sum;
+use crate::models::common::ops::masked_cross_entropy_sum;
 use crate::models::weights::load_model_weights;
 use crate::models::ForwardCtx;
 use crate::peft::lora::{LoraConfig, LoraPlan, TargetModules};

@@ -7,10 +7,10 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use serde_json::json;
 
+use crate::models::common::mask::packed_causal_mask;
+use crate::models::common::ops::masked_cross_entropy_sum;
 use crate::models::config::ModelConfig;
 use crate::models::llama::{Adaptation, CausalLm};
-use crate::models::mask::packed_causal_mask;
-use crate::models::ops::masked_cross_entropy_sum;
 use crate::models::weights::load_model_weights;
 use crate::models::ForwardCtx;
 use crate::peft::lora::{LoraConfig, LoraPlan, TargetModules};
@@ -90,7 +90,7 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
     let (weights, quantized) = if args.method == "qlora" {
         let quantization = match args.quantization.as_deref() {
             Some(name) => Some(
-                crate::models::quantized::Quantization::parse(name)
+                crate::models::common::quantized::Quantization::parse(name)
                     .ok_or_else(|| anyhow::anyhow!("unknown --quantization {name}"))?,
             ),
             None => None,

@@ -288,7 +288,7 @@ impl HyperparametersRequest {
             if self.training_type != Some(TrainingType::Qlora) {
                 return Err(invalid("quantization", "quantization applies to training_type qlora only"));
             }
-            if crate::models::quantized::Quantization::parse(q).is_none() {
+            if crate::models::common::quantized::Quantization::parse(q).is_none() {
                 return Err(invalid("quantization", "quantization must be q4_0, q4_1, q4_k, q5_k, q6_k or q8_0"));
             }
         }

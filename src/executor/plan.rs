@@ -197,7 +197,7 @@ impl JobPlan {
             prefix_length: self.prefix_length.unwrap_or(16),
             prefix_projection: self.prefix_projection,
             adapter_size: self.adapter_size.unwrap_or(64),
-            quantization: self.quantization.as_deref().and_then(crate::models::quantized::Quantization::parse),
+            quantization: self.quantization.as_deref().and_then(crate::models::common::quantized::Quantization::parse),
             lora: self.lora.clone().unwrap_or_default(),
             epochs: self.n_epochs,
             max_steps: None,

@@ -294,7 +294,7 @@ fn check_base_model(catalog: &Catalog, name: &str) -> Result<(), ApiError> {
 /// base is on this machine; otherwise when the job is validated).
 async fn check_quantization(catalog: &Catalog, name: &str, hyperparameters: &Value) -> Result<(), ApiError> {
     let Some(q) = hyperparameters.get("quantization").and_then(Value::as_str) else { return Ok(()) };
-    let Some(quantization) = crate::models::quantized::Quantization::parse(q) else { return Ok(()) };
+    let Some(quantization) = crate::models::common::quantized::Quantization::parse(q) else { return Ok(()) };
     let config = match catalog.get(name).map(|b| b.source.clone()) {
         Some(ModelSource::Directory(dir)) => tokio::task::spawn_blocking(move || {
             crate::models::config::ModelConfig::from_file(&dir.join("config.json")).ok()
@@ -313,7 +313,7 @@ async fn check_quantization(catalog: &Catalog, name: &str, hyperparameters: &Val
         .flatten(),
         _ => None,
     };
-    match config.map(|c| crate::models::quantized::check_fits(&c, quantization)) {
+    match config.map(|c| crate::models::common::quantized::check_fits(&c, quantization)) {
         Some(Err(why)) => Err(ApiError::new(ErrorCode::InvalidHyperparameters, why)
             .with_param("method.supervised.hyperparameters.quantization")),
         _ => Ok(()),
@@ -375,22 +375,16 @@ async fn find_training_data(
         }
     };
     if !accepted.contains(&format) {
-        let model = match kind {
-            BaseKind::Encoder => "the base model is an encoder, which",
+        let accepted = accepted.join(", ");
+        let why = match kind {
+            BaseKind::Encoder => format!("the base model is an encoder, which trains on {accepted}"),
             BaseKind::Decoder if ENCODER_FORMATS.contains(&format) => {
-                "the base model is a decoder (causal language model), which"
+                format!("the base model is a decoder (causal language model), which trains on {accepted}")
             }
-            _ => "it",
+            _ => format!("{} fine-tuning needs {accepted}", method.as_str()),
         };
-        return Err(ApiError::new(
-            ErrorCode::InvalidFileFormat,
-            format!(
-                "file {id} is a {format} dataset; {model} trains with {} fine-tuning on {}",
-                method.as_str(),
-                accepted.join(", ")
-            ),
-        )
-        .with_param(param));
+        return Err(ApiError::new(ErrorCode::InvalidFileFormat, format!("file {id} is a {format} dataset; {why}"))
+            .with_param(param));
     }
     Ok(file)
 }

@@ -14,8 +14,8 @@ use std::path::Path;
 use candle_core::{Device, Result, Tensor};
 use serde_json::json;
 
-use super::linear::{Linear, LinearWeight};
-use super::params::{Param, TrainableParams};
+use super::common::linear::{Linear, LinearWeight};
+use super::common::params::{Param, TrainableParams};
 use super::ForwardCtx;
 
 pub const ADAPTER_TYPE: &str = "bottleneck";

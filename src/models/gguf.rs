@@ -31,7 +31,7 @@ pub struct GgufModel {
     pub quantized: HashMap<String, Arc<QTensor>>,
     pub tokenizer: ChatTokenizer,
     /// The quantization of most linear weights (what QLoRA keeps by default).
-    pub quantization: Option<super::quantized::Quantization>,
+    pub quantization: Option<super::common::quantized::Quantization>,
 }
 
 fn meta<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
@@ -290,7 +290,7 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
             };
             for (e, expert) in split_experts(&tensor, moe.num_experts)?.into_iter().enumerate() {
                 let expert_name = moe.expert_weight_names(layer, e)[index].clone();
-                match super::quantized::Quantization::from_ggml(expert.dtype()) {
+                match super::common::quantized::Quantization::from_ggml(expert.dtype()) {
                     Some(_) => {
                         *counts.entry(expert.dtype()).or_default() += 1;
                         quantized.insert(expert_name, Arc::new(expert));
@@ -309,7 +309,7 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
         }
         let is_linear = hf.ends_with("_proj.weight") || hf == "lm_head.weight";
         let dtype = tensor.dtype();
-        let block_quantized = super::quantized::Quantization::from_ggml(dtype).is_some();
+        let block_quantized = super::common::quantized::Quantization::from_ggml(dtype).is_some();
         let tensor = Arc::new(tensor);
         if hf == "model.embed_tokens.weight" && config.tie_word_embeddings && block_quantized {
             // The tied output head reads this table once per generated token: kept quantized too,
@@ -329,8 +329,10 @@ pub fn load(path: &Path) -> anyhow::Result<GgufModel> {
             dense.insert(hf, tensor.dequantize(&device)?);
         }
     }
-    let quantization =
-        counts.into_iter().max_by_key(|(_, n)| *n).and_then(|(d, _)| super::quantized::Quantization::from_ggml(d));
+    let quantization = counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .and_then(|(d, _)| super::common::quantized::Quantization::from_ggml(d));
     let tokenizer = tokenizer(&content)?;
     Ok(GgufModel { config, dense, quantized, tokenizer, quantization })
 }

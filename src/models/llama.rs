@@ -12,23 +12,24 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::bottleneck::Bottleneck;
+use super::common::linear::Linear;
+use super::common::mask::incremental_causal_mask;
+use super::common::params::{Param, TrainableParams};
+use super::common::rope::RopeTables;
 use super::config::ModelConfig;
-use super::linear::Linear;
-use super::mask::incremental_causal_mask;
-use super::params::{Param, TrainableParams};
 use super::prefix::Prefix;
-use super::rope::RopeTables;
 use super::ForwardCtx;
 
 mod block;
 mod builder;
 mod checkpointed;
+pub mod merge;
 mod moe;
 pub use moe::take_forward_seconds as take_moe_forward_seconds;
 mod prefixed;
 mod rows;
 mod serving_adapter;
-use super::attention::Logits;
+use super::common::attention::Logits;
 use block::{Attention, Block, FeedForward, NormStyle, Qkv};
 use builder::Builder;
 pub use checkpointed::Checkpointed;
@@ -282,7 +283,9 @@ impl CausalLm {
     fn layer_inputs(&self, positions: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> Result<LayerInputs> {
         // Gemma's sliding layers: the same causal mask, closed beyond the window.
         let windowed = match &self.config.gemma {
-            Some(g) if g.sliding_layers.iter().any(|&s| s) => Some(super::mask::windowed(mask, positions, g.window)?),
+            Some(g) if g.sliding_layers.iter().any(|&s| s) => {
+                Some(super::common::mask::windowed(mask, positions, g.window)?)
+            }
             _ => None,
         };
         let prefix = self.prefix.as_ref().filter(|_| ctx.adapters_on());
@@ -294,9 +297,9 @@ impl CausalLm {
             0 => (mask.clone(), windowed, positions.clone()),
             n => {
                 let gemma_window = self.config.gemma.as_ref().map(|g| g.window);
-                let mask = super::mask::with_prefix(mask, positions, n, self.config.sliding_window)?;
+                let mask = super::common::mask::with_prefix(mask, positions, n, self.config.sliding_window)?;
                 let windowed = match windowed {
-                    Some(windowed) => Some(super::mask::with_prefix(&windowed, positions, n, gemma_window)?),
+                    Some(windowed) => Some(super::common::mask::with_prefix(&windowed, positions, n, gemma_window)?),
                     None => None,
                 };
                 (mask, windowed, (positions + n as f64)?)
@@ -327,7 +330,7 @@ impl CausalLm {
         let logits = match (&self.lm_head, &self.tied_head) {
             (Some(head), _) => head.forward(hidden, ctx)?,
             (None, Some(q)) if !hidden.track_op() && !self.embed.is_trainable() => {
-                super::quantized::quantized_linear(hidden, q)?
+                super::common::quantized::quantized_linear(hidden, q)?
             }
             (None, _) => hidden.broadcast_matmul(&self.embed.tensor().t()?)?,
         };

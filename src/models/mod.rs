@@ -1,25 +1,19 @@
-//! Trainable decoder-only language models (the Llama family), written on candle-core with
-//! differentiable ops, loading Hugging Face configs and safetensors. No HTTP, no SQL.
+//! Trainable models written on candle-core with differentiable ops, loading Hugging Face configs
+//! and safetensors: one folder per architecture (`llama`: the Llama-family decoders with their
+//! config, mixture of experts, GGUF loading and prefix tuning; `bert`: encoders and task heads)
+//! over the pieces in `common`. Depends on `peft` for LoRA settings, never the other way. No HTTP,
+//! no SQL.
 
 pub mod adaptation;
-pub mod attention;
 pub mod bert;
 pub mod bottleneck;
+pub mod common;
 pub mod config;
-pub mod fastmath;
-pub mod fused;
 pub mod gguf;
 pub mod kv_cache;
-pub mod linear;
 pub mod llama;
-pub mod mask;
 pub mod moe;
-pub mod ops;
-pub mod params;
 pub mod prefix;
-pub mod q4_1;
-pub mod quantized;
-pub mod rope;
 pub mod weights;
 
 use std::cell::RefCell;

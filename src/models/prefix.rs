@@ -16,9 +16,9 @@ use std::path::Path;
 use candle_core::{Device, Result, Tensor};
 use serde_json::json;
 
+use super::common::linear::{Linear, LinearWeight};
+use super::common::params::{Param, TrainableParams};
 use super::config::ModelConfig;
-use super::linear::{Linear, LinearWeight};
-use super::params::{Param, TrainableParams};
 use super::ForwardCtx;
 
 #[derive(Debug, Clone)]

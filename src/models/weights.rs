@@ -9,8 +9,8 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::common::quantized::{quantize, Quantization};
 use super::gguf::{self, GGUF_FILE};
-use super::quantized::{quantize, Quantization};
 
 /// Block-quantized linear weights by transformers' name.
 pub type QuantizedWeights = HashMap<String, Arc<QTensor>>;

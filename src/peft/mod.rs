@@ -1,6 +1,5 @@
-//! Parameter-efficient fine-tuning: LoRA configuration, initialisation, Hugging Face PEFT's file
-//! format (save/load), and merging an adapter into its base model.
+//! Parameter-efficient fine-tuning: LoRA configuration, initialisation and Hugging Face PEFT's file
+//! format (save/load). Independent of the models (merging lives with each architecture).
 
 pub mod adapter;
 pub mod lora;
-pub mod merge;

@@ -3,8 +3,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::data::packing::Sequence;
+use crate::models::common::mask::packed_causal_mask;
 use crate::models::llama::CausalLm;
-use crate::models::mask::packed_causal_mask;
 use crate::models::ForwardCtx;
 
 /// Padding's segment id: padding attends only to itself and is never a target.

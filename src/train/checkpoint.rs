@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optimizer::AdamW;
 use super::TrainError;
-use crate::models::params::TrainableParams;
+use crate::models::common::params::TrainableParams;
 use crate::rng::Rng;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -115,7 +115,7 @@ pub struct TrainConfig {
     pub lora: LoraSettings,
     /// QLoRA: the base's quantization (default: a GGUF base's own, else q4_0).
     #[serde(default)]
-    pub quantization: Option<crate::models::quantized::Quantization>,
+    pub quantization: Option<crate::models::common::quantized::Quantization>,
     /// Bottleneck adapters: the width they project down to.
     #[serde(default = "default_adapter_size")]
     pub adapter_size: usize,

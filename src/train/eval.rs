@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use super::batch::{make_batch, prediction_logits};
 use crate::data::packing::Sequence;
+use crate::models::common::ops::masked_cross_entropy_sum;
 use crate::models::llama::CausalLm;
-use crate::models::ops::masked_cross_entropy_sum;
 use crate::models::ForwardCtx;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

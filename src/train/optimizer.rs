@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::models::params::NamedParam;
+use crate::models::common::params::NamedParam;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {

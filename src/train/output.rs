@@ -109,6 +109,6 @@ pub fn merge_adapter_dir(base: &Path, adapter: &Path, out: &Path) -> anyhow::Res
     let plan = LoraPlan { config, seed: 0, trainable: false, train_norms: norms, loaded: Some(tensors) };
     let weights = crate::models::weights::load_model_weights(base, candle_core::DType::F32, &Device::Cpu)?;
     let model = CausalLm::new(ModelConfig::from_file(&base.join("config.json"))?, weights, Adaptation::Lora(&plan))?;
-    write_model_dir(out, &model, crate::peft::merge::merged_tensors(&model)?, base)?;
+    write_model_dir(out, &model, crate::models::llama::merge::merged_tensors(&model)?, base)?;
     Ok(())
 }

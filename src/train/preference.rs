@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::batch::{make_batch, trained_logits, Batch};
 use crate::data::packing::Sequence;
-use crate::models::fused::label_log_probs;
+use crate::models::common::fused::label_log_probs;
 use crate::models::llama::CausalLm;
 use crate::models::ForwardCtx;
 

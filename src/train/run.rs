@@ -19,8 +19,8 @@ use super::preference::{
 use super::schedule::Schedule;
 use super::setup::{prepare, Prepared};
 use super::{output, Control, Observer, Progress, StopReason, Summary, TrainError};
+use crate::models::common::ops::masked_cross_entropy_sum;
 use crate::models::moe::load_balancing_loss;
-use crate::models::ops::masked_cross_entropy_sum;
 use crate::models::ForwardCtx;
 use crate::rng::Rng;
 

@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use ferrotune::models::common::mask::packed_causal_mask;
+use ferrotune::models::common::ops::masked_cross_entropy_sum;
 use ferrotune::models::config::ModelConfig;
 use ferrotune::models::llama::{Adaptation, CausalLm};
-use ferrotune::models::mask::packed_causal_mask;
-use ferrotune::models::ops::masked_cross_entropy_sum;
 use ferrotune::models::weights::load_model_weights;
 use ferrotune::models::ForwardCtx;
 use ferrotune::peft::lora::{LoraConfig, LoraPlan, TargetModules};
@@ -150,7 +150,7 @@ fn checkpointed_gradients_equal_the_uncut_graph_s_for_every_method() {
         let plan = lora_plan(0.0, false);
         let (dense_weights, quantized) = ferrotune::models::weights::load_quantized_weights(
             &fixture(name),
-            Some(ferrotune::models::quantized::Quantization::Q8_0),
+            Some(ferrotune::models::common::quantized::Quantization::Q8_0),
         )
         .unwrap();
         let config = ModelConfig::from_file(&fixture(name).join("config.json")).unwrap();

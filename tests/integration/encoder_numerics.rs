@@ -83,7 +83,7 @@ fn loss(model: &Encoder, x: &EncoderInput, reference: &HashMap<String, Tensor>) 
     let mask: Vec<f32> = labels.iter().map(|&l| if l < 0 { 0.0 } else { 1.0 }).collect();
     let count = mask.iter().sum::<f32>() as f64;
     let targets: Vec<u32> = labels.iter().map(|&l| l.max(0) as u32).collect();
-    let sum = ferrotune::models::ops::masked_cross_entropy_sum(
+    let sum = ferrotune::models::common::ops::masked_cross_entropy_sum(
         &flat,
         &Tensor::new(targets.as_slice(), &Device::Cpu).unwrap(),
         &Tensor::new(mask.as_slice(), &Device::Cpu).unwrap(),

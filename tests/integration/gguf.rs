@@ -214,7 +214,8 @@ fn tiny_gguf_files_load_like_transformers_gguf_loader() {
         let positions =
             Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((b, 1)).unwrap();
         let window = dense.config.sliding_window;
-        let mask = ferrotune::models::mask::packed_causal_mask(&vec![0; b * t], b, t, window, &Device::Cpu).unwrap();
+        let mask =
+            ferrotune::models::common::mask::packed_causal_mask(&vec![0; b * t], b, t, window, &Device::Cpu).unwrap();
         let ctx = ferrotune::models::ForwardCtx::inference();
         let logits = dense.logits(&dense.forward_hidden(&input, &positions, &mask, &ctx).unwrap(), &ctx).unwrap();
         let diff: f32 = (logits - &tensors["logits"])

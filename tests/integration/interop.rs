@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use ferrotune::models::common::mask::packed_causal_mask;
 use ferrotune::models::config::ModelConfig;
 use ferrotune::models::llama::{Adaptation, CausalLm};
-use ferrotune::models::mask::packed_causal_mask;
 use ferrotune::models::weights::load_model_weights;
 use ferrotune::models::ForwardCtx;
 use ferrotune::peft::adapter::load_adapter;

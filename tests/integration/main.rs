@@ -7,6 +7,7 @@ mod bench_cli;
 mod checkpointing;
 mod continuing;
 mod devices;
+mod encoder_interop;
 mod encoder_numerics;
 mod encoder_training;
 mod encoders_api;

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use ferrotune::infer::generate::generate_greedy;
+use ferrotune::models::common::mask::packed_causal_mask;
+use ferrotune::models::common::ops::masked_cross_entropy_sum;
 use ferrotune::models::config::ModelConfig;
 use ferrotune::models::llama::{Adaptation, CausalLm};
-use ferrotune::models::mask::packed_causal_mask;
 use ferrotune::models::moe::load_balancing_loss;
-use ferrotune::models::ops::masked_cross_entropy_sum;
 use ferrotune::models::weights::load_model_weights;
 use ferrotune::models::ForwardCtx;
 use ferrotune::peft::adapter::load_adapter;
@@ -347,7 +347,7 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         let plan = LoraPlan { config: lora_config(false), seed: 3, trainable: true, train_norms: false, loaded: None };
         let (dense, quantized) = ferrotune::models::weights::load_quantized_weights(
             &fixture(name),
-            Some(ferrotune::models::quantized::Quantization::Q8_0),
+            Some(ferrotune::models::common::quantized::Quantization::Q8_0),
         )
         .unwrap();
         let quantized_experts = quantized.keys().filter(|k| k.contains(".experts.")).count();

@@ -131,7 +131,7 @@ fn lora_learns_the_question_answer_set_and_merges() {
 
     // The merged model answers the same.
     let merged_dir = dir.path().join("merged");
-    let merged = ferrotune::peft::merge::merged_tensors(&model).unwrap();
+    let merged = ferrotune::models::llama::merge::merged_tensors(&model).unwrap();
     ferrotune::train::output::write_model_dir(&merged_dir, &model, merged, &fixture("llama")).unwrap();
     let merged_model = load_base(Adaptation::None, &merged_dir);
     assert_eq!(exact_answers(&merged_model, &tokenizer), correct);
@@ -139,7 +139,7 @@ fn lora_learns_the_question_answer_set_and_merges() {
 
 #[test]
 fn qlora_learns_the_question_answer_set_over_a_quantized_base() {
-    use ferrotune::models::quantized::Quantization;
+    use ferrotune::models::common::quantized::Quantization;
     for quantization in [Quantization::Q8_0, Quantization::Q4_0] {
         let dir = tempfile::tempdir().unwrap();
         let mut config = adapter_run(config(dir.path(), Method::Qlora));

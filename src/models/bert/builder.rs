@@ -8,8 +8,8 @@ use candle_core::{Result, Tensor};
 
 use super::{Head, LayerNorm};
 use crate::models::adaptation::Adaptation;
-use crate::models::linear::{Linear, LinearWeight, LoraWeights};
-use crate::models::params::{Param, TrainableParams};
+use crate::models::common::linear::{Linear, LinearWeight, LoraWeights};
+use crate::models::common::params::{Param, TrainableParams};
 use crate::models::weights::take;
 use crate::peft::lora::{peft_names, LoraPlan};
 use crate::rng::Rng;

@@ -18,8 +18,8 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::adaptation::Adaptation;
 use super::bottleneck::Bottleneck;
-use super::linear::Linear;
-use super::params::{Param, TrainableParams};
+use super::common::linear::Linear;
+use super::common::params::{Param, TrainableParams};
 use super::ForwardCtx;
 use builder::Builder;
 pub use config::EncoderConfig;
@@ -130,7 +130,7 @@ pub(crate) struct LayerNorm {
 
 impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::ops::layer_norm(x, self.weight.tensor(), self.bias.tensor(), self.eps)
+        super::common::ops::layer_norm(x, self.weight.tensor(), self.bias.tensor(), self.eps)
     }
 }
 
@@ -337,9 +337,9 @@ impl Layer {
         let q = heads(self.query.forward(x, ctx)?)?;
         let k = heads(self.key.forward(x, ctx)?)?;
         let v = heads(self.value.forward(x, ctx)?)?;
-        let logits = super::attention::Logits::standard(c.head_dim());
-        let attended = if super::attention::supported(&q) {
-            super::attention::attention(&q, &k, &v, cos, sin, key_bias, logits)?
+        let logits = super::common::attention::Logits::standard(c.head_dim());
+        let attended = if super::common::attention::supported(&q) {
+            super::common::attention::attention(&q, &k, &v, cos, sin, key_bias, logits)?
         } else {
             composite_attention(&q, &k, &v, key_bias, logits)?
         };
@@ -369,7 +369,7 @@ fn composite_attention(
     k: &Tensor,
     v: &Tensor,
     key_bias: &Tensor,
-    logits: super::attention::Logits,
+    logits: super::common::attention::Logits,
 ) -> Result<Tensor> {
     let (b, t, n, d) = q.dims4()?;
     let [q, k, v] = [q, k, v].map(|x| x.transpose(1, 2).and_then(|x| x.contiguous()));

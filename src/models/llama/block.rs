@@ -5,12 +5,12 @@
 
 use candle_core::{Result, Tensor, D};
 
-use crate::models::attention::Logits;
 use crate::models::bottleneck::Bottleneck;
+use crate::models::common::attention::Logits;
+use crate::models::common::linear::Linear;
+use crate::models::common::ops::{apply_rope, repeat_kv, rms_norm};
+use crate::models::common::params::Param;
 use crate::models::kv_cache::LayerCache;
-use crate::models::linear::Linear;
-use crate::models::ops::{apply_rope, repeat_kv, rms_norm};
-use crate::models::params::Param;
 use crate::models::ForwardCtx;
 
 use super::moe::{Moe, MoeHooks};
@@ -80,7 +80,7 @@ impl Mlp {
                 (both.narrow(D::Minus1, 0, half)?, both.narrow(D::Minus1, half, half)?)
             }
         };
-        let gated = if self.gelu { (gate.gelu()? * up)? } else { crate::models::fused::swiglu(&gate, &up)? };
+        let gated = if self.gelu { (gate.gelu()? * up)? } else { crate::models::common::fused::swiglu(&gate, &up)? };
         apply("down_proj", &self.down, &gated)
     }
 
@@ -256,12 +256,12 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = self.project(x, &|_, linear: &Linear, x: &Tensor| linear.forward(x, ctx))?;
-        if cache.is_none() && prefix.is_none() && crate::models::attention::supported(x) {
+        if cache.is_none() && prefix.is_none() && crate::models::common::attention::supported(x) {
             // Training and evaluation: one fused node over the projections' own layout.
             let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim));
             let (q, k) = self.head_norms(split(q, self.heads)?, split(k, self.kv_heads)?)?;
             let v = split(v, self.kv_heads)?;
-            let out = crate::models::attention::attention(&q, &k, &v, cos, sin, mask, self.logits)?;
+            let out = crate::models::common::attention::attention(&q, &k, &v, cos, sin, mask, self.logits)?;
             return self.o.forward(&out, ctx);
         }
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -283,7 +283,7 @@ impl Attention {
         let k = repeat_kv(&k, groups)?;
         let v = repeat_kv(&v, groups)?;
         let scores = self.logits.apply(&q.matmul(&k.t()?)?)?.broadcast_add(mask)?;
-        let probs = crate::models::fused::softmax_last_dim(&scores)?;
+        let probs = crate::models::common::fused::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&out, ctx)
     }

@@ -10,10 +10,10 @@ use candle_core::{Result, Tensor};
 use super::block::{GateUp, Mlp};
 use super::moe::{ExpertLora, ExpertProj, ExpertWeights, Moe};
 use super::Adaptation;
+use crate::models::common::linear::{Linear, LinearWeight, LoraWeights};
+use crate::models::common::params::{Param, TrainableParams};
 use crate::models::config::ModelConfig;
-use crate::models::linear::{Linear, LinearWeight, LoraWeights};
 use crate::models::moe::{stacked_names, MoeConfig};
-use crate::models::params::{Param, TrainableParams};
 use crate::models::weights::take;
 use crate::peft::lora::LoraPlan;
 

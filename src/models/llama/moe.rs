@@ -13,11 +13,11 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Result, Tensor, D};
 
 use super::block::{Apply, Mlp};
-use crate::models::linear::{Linear, LoraWeights};
+use crate::models::common::linear::{Linear, LoraWeights};
+use crate::models::common::ops::frozen_linear;
+use crate::models::common::params::Param;
+use crate::models::common::quantized::quantized_linear;
 use crate::models::moe::RoutingStats;
-use crate::models::ops::frozen_linear;
-use crate::models::params::Param;
-use crate::models::quantized::quantized_linear;
 use crate::models::ForwardCtx;
 
 /// Nanoseconds spent in MoE layers' forwards, in all and in the experts' own projections (the
@@ -172,7 +172,7 @@ impl Moe {
             logits = (hooks.router)(&x2, logits)?;
         }
         // As transformers: the softmax in f32 whatever the model's dtype.
-        let probs = crate::models::fused::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+        let probs = crate::models::common::fused::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
         let picked = top_k(&probs.to_vec2::<f32>()?, self.top_k);
         self.record(&probs, &picked, ctx)?;
         let index = Tensor::from_slice(&picked, (n, self.top_k), x.device())?;
@@ -215,7 +215,7 @@ impl Moe {
             };
             let both = project(&self.gate_up, &gate_up_lora, ProjKind::GateUp, &input)?;
             let half = both.dim(1)? / 2;
-            let gated = crate::models::fused::swiglu(&both.narrow(1, 0, half)?, &both.narrow(1, half, half)?)?;
+            let gated = crate::models::common::fused::swiglu(&both.narrow(1, 0, half)?, &both.narrow(1, half, half)?)?;
             outputs.push(project(&self.down, &down_lora, ProjKind::Down, &gated)?);
             drop(timed);
             for (k, &slot) in slots[e].iter().enumerate() {

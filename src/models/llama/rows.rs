@@ -12,9 +12,9 @@ use super::moe::{MoeHooks, ProjKind};
 use super::serving_adapter::{LoraPair, ServingAdapter};
 use super::{CausalLm, KvCache, LayerCache, Linear};
 use crate::models::bottleneck::Bottleneck;
-use crate::models::mask::incremental_causal_mask;
-use crate::models::ops::{apply_rope, repeat_kv};
-use crate::models::params::Param;
+use crate::models::common::mask::incremental_causal_mask;
+use crate::models::common::ops::{apply_rope, repeat_kv};
+use crate::models::common::params::Param;
 use crate::models::ForwardCtx;
 
 /// One sequence of a batched step: the tokens it adds, its cache, and its adapter.
@@ -148,7 +148,7 @@ impl CausalLm {
                     if let Some(mask) = &mask {
                         scores = scores.broadcast_add(mask)?;
                     }
-                    let probs = crate::models::fused::softmax_last_dim(&scores)?;
+                    let probs = crate::models::common::fused::softmax_last_dim(&scores)?;
                     probs.matmul(&values)?.reshape((1, att.heads * att.head_dim))?
                 } else {
                     let (keys, values) = (repeat_kv(&keys, group_size)?, repeat_kv(&values, group_size)?);
@@ -156,7 +156,7 @@ impl CausalLm {
                     if let Some(mask) = &mask {
                         scores = scores.broadcast_add(mask)?;
                     }
-                    let probs = crate::models::fused::softmax_last_dim(&scores)?;
+                    let probs = crate::models::common::fused::softmax_last_dim(&scores)?;
                     probs.matmul(&values)?.transpose(1, 2)?.reshape((t, att.heads * att.head_dim))?
                 };
                 outs.push(out);

@@ -242,7 +242,8 @@ impl ServingAdapter {
         let count = tensors.len();
         let bytes = tensors.values().map(|t| t.elem_count() * 4).sum();
         let plan = BottleneckPlan { adapter_size, seed: 0, trainable: false, loaded: Some(tensors) };
-        let (mut rng, mut unused) = (crate::rng::Rng::new(0), crate::models::params::TrainableParams::default());
+        let (mut rng, mut unused) =
+            (crate::rng::Rng::new(0), crate::models::common::params::TrainableParams::default());
         let like = model.embed.tensor();
         let h = model.config.hidden_size;
         let mut bottlenecks = Vec::with_capacity(model.layers.len());

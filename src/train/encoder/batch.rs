@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use crate::data::encoder::{Target, TaskExample, IGNORE};
 use crate::models::bert::{Encoder, EncoderConfig, EncoderInput, Task};
-use crate::models::ops::masked_cross_entropy_sum;
+use crate::models::common::ops::masked_cross_entropy_sum;
 use crate::models::ForwardCtx;
 
 /// sentence-transformers' default similarity scale for `MultipleNegativesRankingLoss`.

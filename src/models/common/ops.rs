@@ -20,8 +20,13 @@ pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tenso
 }
 
 /// LayerNorm over the last dimension, `(x − mean) / sqrt(var + eps) · weight + bias` with the
-/// biased variance, computed in f32 (as torch does for f32 input); differentiable.
+/// biased variance (one fused node on the CPU in f32, see `fused`); differentiable.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    super::fused::layer_norm(x, weight, bias, eps)
+}
+
+/// LayerNorm from composite (differentiable) ops, computed in f32 (as torch does for f32 input).
+pub fn layer_norm_composite(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;

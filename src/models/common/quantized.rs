@@ -75,7 +75,10 @@ impl Quantization {
 
 /// Whether every linear layer of `config` can be quantized with `quantization` (rows of
 /// `hidden_size`, `num_heads·head_dim` and `intermediate_size` weights).
-pub fn check_fits(config: &super::config::ModelConfig, quantization: Quantization) -> std::result::Result<(), String> {
+pub fn check_fits(
+    config: &crate::models::config::ModelConfig,
+    quantization: Quantization,
+) -> std::result::Result<(), String> {
     let block = quantization.block_size();
     for (what, n) in [
         ("hidden_size", config.hidden_size),

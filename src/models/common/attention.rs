@@ -396,7 +396,7 @@ mod tests {
     use candle_core::{Device, Var, D};
 
     use super::*;
-    use crate::models::ops::{apply_rope, repeat_kv};
+    use crate::models::common::ops::{apply_rope, repeat_kv};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
@@ -447,7 +447,7 @@ mod tests {
         let cos = Tensor::from_vec(angles.iter().map(|a| a.cos()).collect::<Vec<_>>(), (b, 1, t, d), &device).unwrap();
         let sin = Tensor::from_vec(angles.iter().map(|a| a.sin()).collect::<Vec<_>>(), (b, 1, t, d), &device).unwrap();
         let segments = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1];
-        let mask = crate::models::mask::packed_causal_mask(&segments, b, t, None, &device).unwrap();
+        let mask = crate::models::common::mask::packed_causal_mask(&segments, b, t, None, &device).unwrap();
 
         let fused = attention(&q, &k, &v, &cos, &sin, &mask, logits).unwrap();
         let reference = composite(&q, &k, &v, &cos, &sin, &mask, logits);

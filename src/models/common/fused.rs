@@ -1,10 +1,10 @@
 //! Fused CPU kernels with hand-written backward passes for the hottest element-wise blocks of
-//! training: softmax over the last dimension, RMSNorm, SwiGLU's `silu(gate) · up` and the masked
-//! cross-entropy. Each is one graph node instead of two to ten, which saves the autograd
+//! training: softmax over the last dimension, RMSNorm, LayerNorm, SwiGLU's `silu(gate) · up` and
+//! the masked cross-entropy. Each is one graph node instead of two to ten, which saves the autograd
 //! bookkeeping (a zeroed gradient buffer and an add per node) and the intermediate activations.
 //! Other dtypes and devices use the composite ops. Attention has its own module (`attention`).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Softmax over the last dimension; differentiable.
@@ -21,6 +21,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         return super::ops::rms_norm_composite(x, weight, eps);
     }
     x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+/// `(x − mean) / sqrt(var + eps) · weight + bias` over the last dimension (biased variance);
+/// differentiable in all three.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    if !f32_cpu(x) || !f32_cpu(weight) || !f32_cpu(bias) {
+        return super::ops::layer_norm_composite(x, weight, bias, eps);
+    }
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps: eps as f32 })
 }
 
 /// `silu(gate) · up`, element-wise; differentiable in both.
@@ -144,6 +154,66 @@ impl CustomOp2 for RmsNorm {
         let dot = (&gw * &x_hat)?.mean_keepdim(D::Minus1)?;
         let dx = (gw - x_hat.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?);
+        let dim = w.len();
+        if l1.dims().last() != Some(&dim) || b.len() != dim {
+            candle_core::bail!("fused-layer-norm: weight {dim} and bias {} for input {:?}", b.len(), l1.dims());
+        }
+        let mut out = super::fastmath::for_overwrite(x.len());
+        out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(y, x)| {
+            let mean = x.iter().sum::<f32>() / dim as f32;
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+            let r = 1.0 / (var + self.eps).sqrt();
+            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                *y = (x - mean) * r * w + b;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// With x̂ = (x − mean)·r, r = 1/√(var+ε): db = Σ_rows g, dw = Σ_rows g·x̂,
+    /// dx = r·(g·w − mean(g·w) − x̂·mean(g·w·x̂)).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (&x.detach(), &w.detach(), &g.detach());
+        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let r = (centered.sqr()?.mean_keepdim(D::Minus1)? + f64::from(self.eps))?.sqrt()?.recip()?;
+        let x_hat = centered.broadcast_mul(&r)?;
+        let hidden = w.dim(0)?;
+        let dw = (g * &x_hat)?.reshape(((), hidden))?.sum(0)?;
+        let db = g.reshape(((), hidden))?.sum(0)?;
+        let gw = g.broadcast_mul(w)?;
+        let mean_gw = gw.mean_keepdim(D::Minus1)?;
+        let dot = (&gw * &x_hat)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw.broadcast_sub(&mean_gw)? - x_hat.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
@@ -271,6 +341,18 @@ mod tests {
         // Gradients must not carry the forward graph: the optimizer keeps them (as moments)
         // across steps, and a tracked one would keep every step's activations alive.
         assert!(!gf.get(&x).unwrap().track_op() && !gf.get(&w).unwrap().track_op());
+
+        let b = Var::randn(0f32, 0.5, 16, &device).unwrap();
+        let fused = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let composite =
+            super::super::ops::layer_norm_composite(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        assert!(max_diff(&fused, &composite) < 1e-5);
+        let gf = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (composite * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w, &b] {
+            assert!(max_diff(gf.get(v).unwrap(), gc.get(v).unwrap()) < 1e-4);
+            assert!(!gf.get(v).unwrap().track_op());
+        }
 
         let up = Var::randn(0f32, 1.0, (3, 5, 16), &device).unwrap();
         let fused = swiglu(x.as_tensor(), up.as_tensor()).unwrap();

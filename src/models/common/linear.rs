@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor};
 use super::ops::frozen_linear;
 use super::params::Param;
 use super::quantized::quantized_linear;
-use super::ForwardCtx;
+use crate::models::ForwardCtx;
 
 /// A linear layer's weight: dense (frozen or trained) or frozen and block-quantized (QLoRA).
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::config::{ModelConfig, RopeScaling};
+use crate::models::config::{ModelConfig, RopeScaling};
 
 /// cos and sin for every position up to `max_positions`, `(positions, head_dim)`; with LongRoPE
 /// the short-context rows come first and the long-context rows after them.
