@@ -196,13 +196,19 @@ pub enum Weights {
     Model(PathBuf),
     /// An adapter directory (LoRA or bottleneck) over a base directory.
     Adapter { base: PathBuf, adapter: PathBuf },
+    /// A checkpoint directory (`trainable.safetensors`, `task.json`) of a job run with `plan`.
+    Checkpoint { base: PathBuf, dir: PathBuf, plan: Box<crate::executor::plan::JobPlan> },
 }
 
 /// Loads the encoder of `weights` for `purpose` (blocking).
 pub fn load(name: &str, weights: Weights, purpose: Purpose, device: &Device) -> anyhow::Result<EncoderEngine> {
+    if let Weights::Checkpoint { base, dir, plan } = &weights {
+        return load_checkpoint(name, base, dir, plan, purpose, device);
+    }
     let (model_dir, adapter_dir) = match &weights {
         Weights::Model(dir) => (dir.clone(), None),
         Weights::Adapter { base, adapter } => (base.clone(), Some(adapter.clone())),
+        Weights::Checkpoint { .. } => unreachable!("handled above"),
     };
     let config = EncoderConfig::from_file(&model_dir.join("config.json"))?;
     let task_dir = adapter_dir.as_deref().unwrap_or(&model_dir);
@@ -234,6 +240,49 @@ pub fn load(name: &str, weights: Weights, purpose: Purpose, device: &Device) -> 
     };
     let tokenizer = EncoderTokenizer::from_dir(task_dir).or_else(|_| EncoderTokenizer::from_dir(&model_dir))?;
     EncoderEngine::start(name, model, tokenizer)
+}
+
+/// A checkpoint: the base with the checkpoint's trainable tensors, as the job trained them (its
+/// plan says LoRA, bottleneck or full).
+fn load_checkpoint(
+    name: &str,
+    base: &Path,
+    dir: &Path,
+    plan: &crate::executor::plan::JobPlan,
+    purpose: Purpose,
+    device: &Device,
+) -> anyhow::Result<EncoderEngine> {
+    let config = EncoderConfig::from_file(&base.join("config.json"))?;
+    let task = task_of(dir, &config, purpose).map_err(anyhow::Error::msg)?;
+    let weights = crate::models::weights::load_model_weights(base, DType::F32, device)?;
+    let trainable = candle_core::safetensors::load(dir.join("trainable.safetensors"), device)?;
+    let model = if let Some(lora) = &plan.lora {
+        let tensors = trainable
+            .into_iter()
+            .map(|(k, v)| if k.starts_with("base_model.") { (k, v) } else { (format!("base_model.model.{k}"), v) })
+            .collect();
+        let plan = crate::peft::lora::LoraPlan {
+            config: lora.lora_config(),
+            seed: 0,
+            trainable: false,
+            train_norms: false,
+            loaded: Some(tensors),
+        };
+        Encoder::new(config, task, weights, Adaptation::Lora(&plan))?
+    } else if let Some(size) = plan.adapter_size {
+        let plan = crate::models::bottleneck::BottleneckPlan {
+            adapter_size: size,
+            seed: 0,
+            trainable: false,
+            loaded: Some(trainable),
+        };
+        Encoder::new(config, task, weights, Adaptation::Bottleneck(&plan))?
+    } else {
+        let model = Encoder::new(config, task, weights, Adaptation::Full)?;
+        model.trainable.restore(&trainable).context("the checkpoint does not fit its base model")?;
+        model
+    };
+    EncoderEngine::start(name, model, EncoderTokenizer::from_dir(base)?)
 }
 
 /// Byte offsets in `text` to character offsets (what clients index strings by).

@@ -214,19 +214,25 @@ pub async fn encoder_engine(
              models (BERT family); use /v1/chat/completions or /v1/completions"
         ))
     };
-    let stored = |id: &str, source: &WeightsSource| -> Result<String, ServeError> {
+    let stored = |source: &WeightsSource| -> String {
         match source {
-            WeightsSource::Stored { prefix } => Ok(prefix.clone()),
-            WeightsSource::Checkpoint { .. } => Err(ServeError::NotSupported(format!(
-                "{id} is a checkpoint of an encoder job; serving encoder checkpoints is not supported yet (the job's \
-                 final model is served)"
-            ))),
+            WeightsSource::Stored { prefix } | WeightsSource::Checkpoint { prefix, .. } => prefix.clone(),
         }
     };
     let (name, weights) = match target {
         Target::Base { name } => (name.clone(), Weights::Model(base_dir(inference, None, name).await?)),
+        Target::Adapter { id, base, project, source: WeightsSource::Checkpoint { prefix, plan } }
+        | Target::Full { id, base, project, source: WeightsSource::Checkpoint { prefix, plan } } => {
+            let base = base_dir(inference, Some(project), base).await?;
+            let cache = inference.settings.work_dir.join("served-models").join(cache_name(id));
+            let storage = inference.storage.as_ref();
+            let dir = crate::executor::download_once_with(storage, prefix.trim_end_matches('/'), &cache, "task.json")
+                .await
+                .context("fetching the checkpoint from storage")?;
+            (id.clone(), Weights::Checkpoint { base, dir, plan: plan.clone() })
+        }
         Target::Full { id, source, .. } => {
-            let prefix = stored(id, source)?;
+            let prefix = stored(source);
             let cache = inference.settings.work_dir.join("served-models").join(cache_name(id));
             let dir = crate::executor::download_once(inference.storage.as_ref(), prefix.trim_end_matches('/'), &cache)
                 .await
@@ -234,7 +240,7 @@ pub async fn encoder_engine(
             (id.clone(), Weights::Model(dir))
         }
         Target::Adapter { id, base, project, source } => {
-            let prefix = stored(id, source)?;
+            let prefix = stored(source);
             let base = base_dir(inference, Some(project), base).await?;
             let cache = inference.settings.work_dir.join("served-models").join(cache_name(id));
             let storage = inference.storage.as_ref();
@@ -250,7 +256,7 @@ pub async fn encoder_engine(
         }
     };
     let model_dir = match &weights {
-        Weights::Model(dir) | Weights::Adapter { base: dir, .. } => dir.clone(),
+        Weights::Model(dir) | Weights::Adapter { base: dir, .. } | Weights::Checkpoint { base: dir, .. } => dir.clone(),
     };
     if !crate::models::bert::config::is_encoder_dir(&model_dir) {
         return Err(not_encoder(&name));
@@ -259,7 +265,7 @@ pub async fn encoder_engine(
     let config = crate::models::bert::EncoderConfig::from_file(&model_dir.join("config.json"))
         .map_err(|e| ServeError::Internal(e.into()))?;
     let task_dir = match &weights {
-        Weights::Model(dir) | Weights::Adapter { adapter: dir, .. } => dir.clone(),
+        Weights::Model(dir) | Weights::Adapter { adapter: dir, .. } | Weights::Checkpoint { dir, .. } => dir.clone(),
     };
     super::encoder::task_of(&task_dir, &config, purpose)
         .map_err(|why| ServeError::NotSupported(format!("{name}: {why}")))?;

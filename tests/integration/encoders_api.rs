@@ -290,7 +290,7 @@ async fn tiny_encoders_train_token_classification_and_embeddings_through_jobs() 
         let file = app.upload_dataset("ner.jsonl", &(lines.join("\n") + "\n"), None).await;
         let held = app.upload_dataset("ner-val.jsonl", &(lines[..6].join("\n") + "\n"), None).await;
         let hyperparameters = json!({"n_epochs": 6, "batch_size": 4, "learning_rate": 1e-2, "lora": {"r": 4, "alpha": 8},
-                   "early_stopping": {"patience": 100, "metric": "f1"}});
+                   "early_stopping": {"patience": 100, "metric": "f1"}, "n_checkpoints": 2});
         let finished =
             run_job(&app, &job("tiny-bert", file["id"].as_str().unwrap(), held["id"].as_str(), hyperparameters)).await;
         let model = finished["fine_tuned_model"].as_str().unwrap();
@@ -310,6 +310,20 @@ async fn tiny_encoders_train_token_classification_and_embeddings_through_jobs() 
         for token in tokens {
             let (start, end) = (token["start"].as_u64().unwrap() as usize, token["end"].as_u64().unwrap() as usize);
             assert_eq!(token["text"].as_str().unwrap(), &"alice met bob in paris"[start..end], "{token}");
+        }
+        // Its checkpoints serve too (LoRA factors and the head, with the job's labels).
+        let checkpoints = app
+            .get(&format!("/v1/fine_tuning/jobs/{}/checkpoints", finished["id"].as_str().unwrap()), None)
+            .await
+            .json();
+        let checkpoints = checkpoints["data"].as_array().unwrap();
+        assert!(!checkpoints.is_empty());
+        for checkpoint in checkpoints {
+            let name = checkpoint["fine_tuned_model_checkpoint"].as_str().unwrap();
+            let body = json!({"model": name, "input": "bob is in berlin"});
+            let response = app.post_json("/v1/classifications", &body, None).await;
+            assert_eq!(response.status, StatusCode::OK, "{name}: {}", response.text());
+            assert_eq!(response.json()["data"][0]["object"], "token_classification");
         }
         let adapter = crate::jobs_e2e::download_tar(&app, model, "").await;
         let config: Value =

@@ -349,6 +349,8 @@ impl Run<'_> {
     fn checkpoint(&mut self, observer: &mut dyn Observer) -> Result<(), TrainError> {
         let dir = self.config.output_dir.join("checkpoints").join(format!("step-{}", self.state.step));
         checkpoint::save(&dir, &self.state, &self.prepared.model.trainable, &self.optimizer, None)?;
+        // What the checkpoint's head means, for serving it.
+        output::write_task_file(&dir, &self.prepared.model.task)?;
         observer.checkpointed(self.state.step, &dir);
         self.last_checkpoint = Some(dir);
         Ok(())

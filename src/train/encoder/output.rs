@@ -96,7 +96,7 @@ fn write_lora(
     save_tensors(&dir.join(crate::peft::adapter::WEIGHTS_FILE), named)
 }
 
-fn write_task_file(dir: &Path, task: &Task) -> Result<(), TrainError> {
+pub(super) fn write_task_file(dir: &Path, task: &Task) -> Result<(), TrainError> {
     let document = match task {
         Task::Classification { labels } => json!({ "task": "classification", "labels": labels }),
         Task::TokenClassification { labels } => json!({ "task": "token_classification", "labels": labels }),
