@@ -72,12 +72,7 @@ pub fn run(args: &BenchTrainArgs, targets: &str) -> anyhow::Result<()> {
             let logits = model.logits(&model.hidden(input, &ctx)?, &ctx)?;
             let loss = (masked_cross_entropy_sum(&logits, labels, &ones)? / b as f64)?;
             let store = loss.backward()?;
-            let grads = model
-                .trainable
-                .params
-                .iter()
-                .filter_map(|p| Some((p.name.clone(), store.get(p.var.as_tensor())?.clone())))
-                .collect();
+            let grads = model.trainable.gradients(&store).into_iter().collect();
             optimizer.step(&model.trainable.params, &grads, 1e-4)?;
             Ok(loss.to_scalar::<f32>()?)
         })?;

@@ -19,6 +19,8 @@ pub const IGNORE: i64 = -100;
 /// padding and truncation switched off (as transformers does unless asked).
 pub struct EncoderTokenizer {
     tokenizer: Tokenizer,
+    /// A copy that truncates, for the length last asked (built once, not per over-long input).
+    truncating: std::sync::Mutex<Option<(usize, Tokenizer)>>,
 }
 
 /// One encoded input: token ids and segment ids, and the byte span of each token in its text
@@ -42,7 +44,7 @@ impl EncoderTokenizer {
         })?;
         tokenizer.with_truncation(None).map_err(DataError::Tokenizer)?;
         tokenizer.with_padding(None);
-        Ok(Self { tokenizer })
+        Ok(Self { tokenizer, truncating: std::sync::Mutex::new(None) })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -69,10 +71,15 @@ impl EncoderTokenizer {
         let full = self.tokenizer.encode(input.clone(), true).map_err(DataError::Tokenizer)?;
         let truncated = full.len() > max_len;
         let encoding = if truncated {
-            let mut tokenizer = self.tokenizer.clone();
-            tokenizer
-                .with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
-                .map_err(DataError::Tokenizer)?;
+            let mut cached = self.truncating.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if cached.as_ref().is_none_or(|(len, _)| *len != max_len) {
+                let mut tokenizer = self.tokenizer.clone();
+                tokenizer
+                    .with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
+                    .map_err(DataError::Tokenizer)?;
+                *cached = Some((max_len, tokenizer));
+            }
+            let (_, tokenizer) = cached.as_ref().expect("built above");
             tokenizer.encode(input, true).map_err(DataError::Tokenizer)?
         } else {
             full

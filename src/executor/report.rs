@@ -58,18 +58,6 @@ fn add_task_metrics(data: &mut Value, task: &crate::train::encoder::metrics::Tas
     }
 }
 
-/// Every encoder task metric column of the results CSV, in order.
-const TASK_METRIC_COLUMNS: [&str; 8] = [
-    "valid_accuracy",
-    "valid_macro_f1",
-    "valid_precision",
-    "valid_recall",
-    "valid_f1",
-    "valid_recall_at_1",
-    "valid_recall_at_5",
-    "valid_recall_at_10",
-];
-
 /// TRL's preference metric names, after OpenAI's `train_` / `valid_` prefix.
 const PREFERENCE_METRICS: [&str; 6] =
     ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
@@ -182,10 +170,11 @@ async fn results_csv(context: &ExecutorContext, job_id: &str) -> Result<String, 
     };
     // An encoder job's rows also carry its task's validation metrics (those it reported).
     extra.extend(
-        TASK_METRIC_COLUMNS
+        crate::domain::hyperparameters::EARLY_STOPPING_METRICS
             .iter()
-            .filter(|column| by_step.values().any(|d| d.get(**column).is_some()))
-            .map(|column| column.to_string()),
+            .filter(|metric| **metric != "loss")
+            .map(|metric| format!("valid_{metric}"))
+            .filter(|column| by_step.values().any(|d| d.get(column).is_some())),
     );
     let mut header: Vec<String> = RESULT_COLUMNS.iter().map(|c| c.to_string()).collect();
     header.extend(extra.iter().cloned());

@@ -214,11 +214,6 @@ pub async fn encoder_engine(
              models (BERT family); use /v1/chat/completions or /v1/completions"
         ))
     };
-    let stored = |source: &WeightsSource| -> String {
-        match source {
-            WeightsSource::Stored { prefix } | WeightsSource::Checkpoint { prefix, .. } => prefix.clone(),
-        }
-    };
     let (name, weights) = match target {
         Target::Base { name } => (name.clone(), Weights::Model(base_dir(inference, None, name).await?)),
         Target::Adapter { id, base, project, source: WeightsSource::Checkpoint { prefix, plan } }
@@ -231,16 +226,14 @@ pub async fn encoder_engine(
                 .context("fetching the checkpoint from storage")?;
             (id.clone(), Weights::Checkpoint { base, dir, plan: plan.clone() })
         }
-        Target::Full { id, source, .. } => {
-            let prefix = stored(source);
+        Target::Full { id, source: WeightsSource::Stored { prefix }, .. } => {
             let cache = inference.settings.work_dir.join("served-models").join(cache_name(id));
             let dir = crate::executor::download_once(inference.storage.as_ref(), prefix.trim_end_matches('/'), &cache)
                 .await
                 .context("fetching the fine-tuned model from storage")?;
             (id.clone(), Weights::Model(dir))
         }
-        Target::Adapter { id, base, project, source } => {
-            let prefix = stored(source);
+        Target::Adapter { id, base, project, source: WeightsSource::Stored { prefix } } => {
             let base = base_dir(inference, Some(project), base).await?;
             let cache = inference.settings.work_dir.join("served-models").join(cache_name(id));
             let storage = inference.storage.as_ref();

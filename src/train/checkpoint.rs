@@ -33,6 +33,23 @@ pub struct TrainState {
     pub last_loss: Option<f64>,
 }
 
+impl TrainState {
+    /// Where a fresh run starts: step 0, the dropout generator derived from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            next_group: 0,
+            dropout_rng: Rng::derive(seed, "dropout"),
+            trained_tokens: 0,
+            processed_tokens: 0,
+            best_eval_loss: None,
+            evals_without_improvement: 0,
+            last_loss: None,
+        }
+    }
+}
+
 /// A preference run's reference log-probabilities, per training and validation sequence: kept
 /// with checkpoints because after full fine-tuning steps they cannot be recomputed.
 #[derive(Debug, Clone, Default, PartialEq)]

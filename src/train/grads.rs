@@ -35,7 +35,6 @@ pub fn batch_gradients<T>(
     let (loss, out) = head(&model.forward_hidden(input_ids, positions, mask, ctx)?)?;
     let value = f64::from(loss.to_scalar::<f32>()?);
     let store = loss.backward()?;
-    let params = &model.trainable.params;
-    let grads = params.iter().filter_map(|p| Some((p.name.clone(), store.get(p.var.as_tensor())?.clone()))).collect();
+    let grads = model.trainable.gradients(&store);
     Ok(BatchGrads { head: out, loss: value, grads })
 }

@@ -32,34 +32,11 @@ pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summar
     }
     let device = config.device.open().map_err(|e| TrainError::Config(e.to_string()))?;
     let prepared = prepare(config, &device)?;
-    let micro_per_epoch = prepared.items().div_ceil(config.batch_size);
-    let steps_per_epoch = micro_per_epoch.div_ceil(config.gradient_accumulation_steps) as u64;
-    let mut total_steps = steps_per_epoch * u64::from(config.epochs);
-    if let Some(max) = config.max_steps {
-        total_steps = total_steps.min(max);
-    }
-    let warmup_steps = config.warmup_steps.unwrap_or_else(|| (config.warmup_ratio * total_steps as f64).ceil() as u64);
-    let schedule = Schedule {
-        kind: config.lr_scheduler,
-        base_lr: config.learning_rate,
-        warmup_steps,
-        total_steps,
-        min_lr_ratio: config.min_lr_ratio,
-    };
+    let (steps_per_epoch, total_steps, schedule) = Schedule::for_run(config, prepared.items());
     let mut run = Run {
         config,
         optimizer: AdamW::new(AdamWConfig { weight_decay: config.weight_decay, ..Default::default() }),
-        state: TrainState {
-            step: 0,
-            epoch: 0,
-            next_group: 0,
-            dropout_rng: Rng::derive(config.seed, "dropout"),
-            trained_tokens: 0,
-            processed_tokens: 0,
-            best_eval_loss: None,
-            evals_without_improvement: 0,
-            last_loss: None,
-        },
+        state: TrainState::new(config.seed),
         best: None,
         last_eval: None,
         last_checkpoint: None,
@@ -422,7 +399,7 @@ impl Run<'_> {
 }
 
 /// Adds `part` into `grads`, parameter by parameter.
-fn accumulate(grads: &mut HashMap<String, Tensor>, part: Vec<(String, Tensor)>) -> candle_core::Result<()> {
+pub(super) fn accumulate(grads: &mut HashMap<String, Tensor>, part: Vec<(String, Tensor)>) -> candle_core::Result<()> {
     for (name, g) in part {
         let sum = match grads.remove(&name) {
             Some(acc) => (acc + g)?,

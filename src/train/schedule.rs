@@ -23,6 +23,27 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// A run's optimizer steps per epoch and in all (`max_steps` caps them) for `items` shuffled
+    /// items (examples, or preference pairs), and its schedule.
+    pub fn for_run(config: &super::TrainConfig, items: usize) -> (u64, u64, Self) {
+        let micro_per_epoch = items.div_ceil(config.batch_size);
+        let steps_per_epoch = micro_per_epoch.div_ceil(config.gradient_accumulation_steps) as u64;
+        let mut total_steps = steps_per_epoch * u64::from(config.epochs);
+        if let Some(max) = config.max_steps {
+            total_steps = total_steps.min(max);
+        }
+        let warmup_steps =
+            config.warmup_steps.unwrap_or_else(|| (config.warmup_ratio * total_steps as f64).ceil() as u64);
+        let schedule = Self {
+            kind: config.lr_scheduler,
+            base_lr: config.learning_rate,
+            warmup_steps,
+            total_steps,
+            min_lr_ratio: config.min_lr_ratio,
+        };
+        (steps_per_epoch, total_steps, schedule)
+    }
+
     pub fn lr(&self, step: u64) -> f64 {
         self.base_lr * self.factor(step)
     }

@@ -47,6 +47,11 @@ impl TrainableParams {
         Ok(Param::Trainable(var))
     }
 
+    /// Each parameter's gradient in `store` (those that have one), by name.
+    pub fn gradients(&self, store: &candle_core::backprop::GradStore) -> Vec<(String, Tensor)> {
+        self.params.iter().filter_map(|p| Some((p.name.clone(), store.get(p.var.as_tensor())?.clone()))).collect()
+    }
+
     pub fn count(&self) -> usize {
         self.params.iter().map(|p| p.var.elem_count()).sum()
     }

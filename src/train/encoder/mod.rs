@@ -147,34 +147,12 @@ fn prepare(config: &TrainConfig, device: &candle_core::Device) -> Result<Prepare
 pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summary, TrainError> {
     let device = config.device.open().map_err(|e| TrainError::Config(e.to_string()))?;
     let prepared = prepare(config, &device)?;
-    let micro_per_epoch = prepared.train.len().div_ceil(config.batch_size);
-    let steps_per_epoch = micro_per_epoch.div_ceil(config.gradient_accumulation_steps) as u64;
-    let mut total_steps = steps_per_epoch * u64::from(config.epochs);
-    if let Some(max) = config.max_steps {
-        total_steps = total_steps.min(max);
-    }
-    let warmup_steps = config.warmup_steps.unwrap_or_else(|| (config.warmup_ratio * total_steps as f64).ceil() as u64);
+    let (steps_per_epoch, total_steps, schedule) = Schedule::for_run(config, prepared.train.len());
     let mut run = Run {
         config,
         optimizer: AdamW::new(AdamWConfig { weight_decay: config.weight_decay, ..Default::default() }),
-        state: TrainState {
-            step: 0,
-            epoch: 0,
-            next_group: 0,
-            dropout_rng: Rng::derive(config.seed, "dropout"),
-            trained_tokens: 0,
-            processed_tokens: 0,
-            best_eval_loss: None,
-            evals_without_improvement: 0,
-            last_loss: None,
-        },
-        schedule: Schedule {
-            kind: config.lr_scheduler,
-            base_lr: config.learning_rate,
-            warmup_steps,
-            total_steps,
-            min_lr_ratio: config.min_lr_ratio,
-        },
+        state: TrainState::new(config.seed),
+        schedule,
         prepared,
         total_steps,
         steps_per_epoch,
@@ -297,16 +275,7 @@ impl Run<'_> {
             let loss = (out.loss_sum / scored as f64)?;
             loss_total += f64::from(loss.to_scalar::<f32>()?);
             correct += out.correct;
-            let store = loss.backward()?;
-            for p in &model.trainable.params {
-                if let Some(g) = store.get(p.var.as_tensor()) {
-                    let sum = match grads.remove(&p.name) {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
-                    };
-                    grads.insert(p.name.clone(), sum);
-                }
-            }
+            super::run::accumulate(&mut grads, model.trainable.gradients(&loss.backward()?))?;
             if let Some(rng) = ctx.into_rng() {
                 self.state.dropout_rng = rng;
             }
