@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod encoder;
 pub mod eval;
+pub mod files;
 pub mod grads;
 pub mod optimizer;
 pub mod output;
@@ -15,6 +16,7 @@ pub mod preference;
 mod run;
 pub mod schedule;
 mod setup;
+pub mod task_loop;
 
 use std::path::PathBuf;
 

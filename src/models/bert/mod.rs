@@ -18,10 +18,10 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::adaptation::Adaptation;
 use super::bottleneck::Bottleneck;
+use super::common::builder::Builder;
 use super::common::linear::Linear;
 use super::common::params::{Param, TrainableParams};
 use super::ForwardCtx;
-use builder::Builder;
 pub use config::EncoderConfig;
 
 /// What the encoder is trained or served for.

@@ -4,6 +4,7 @@
 //! An architecture (`super::llama`, `super::bert`) builds on these and adds only its own folder.
 
 pub mod attention;
+pub mod builder;
 pub mod fastmath;
 pub mod fused;
 pub mod linear;

@@ -7,27 +7,21 @@ mod batch;
 pub mod metrics;
 mod output;
 
-use std::collections::HashMap;
-use std::time::Instant;
-
 use candle_core::{DType, Tensor};
 
-use super::checkpoint::{self, TrainState};
 use super::config::{Method, TrainConfig};
 use super::eval::EvalMetrics;
-use super::optimizer::{AdamW, AdamWConfig};
-use super::run::clip_global_norm;
-use super::schedule::Schedule;
-use super::{Control, Observer, Progress, StopReason, Summary, TrainError};
-use crate::data::dataset::{load_jsonl, split_validation, LoadedDataset};
+use super::task_loop::{BatchSize, TaskData, TaskModel};
+use super::{Observer, Summary, TrainError};
+use crate::data::dataset::LoadedDataset;
 use crate::data::encoder::{encode_task_dataset, label_set, EncodeCounts, EncoderTokenizer, TaskExample};
 use crate::domain::dataset::DatasetFormat;
 use crate::models::adaptation::Adaptation;
 use crate::models::bert::{Encoder, EncoderConfig, Task};
 use crate::models::bottleneck::BottleneckPlan;
+use crate::models::common::params::TrainableParams;
 use crate::models::ForwardCtx;
 use crate::peft::lora::LoraPlan;
-use crate::rng::Rng;
 pub use batch::{embed, normalize, CONTRASTIVE_SCALE};
 use metrics::TaskMetrics;
 pub use output::{read_task_file, write_encoder_output};
@@ -75,7 +69,7 @@ fn prepare(config: &TrainConfig, device: &candle_core::Device) -> Result<Prepare
     let encoder_config =
         EncoderConfig::from_file(&config.model.join("config.json")).map_err(|e| TrainError::Model(e.to_string()))?;
     let tokenizer = EncoderTokenizer::from_dir(&config.model)?;
-    let train_data = load_jsonl(&config.train_file)?;
+    let (train_data, validation_data) = super::task_loop::load_splits(config)?;
     let task = task_for(&train_data).ok_or_else(|| {
         TrainError::Config(format!(
             "{} datasets do not train an encoder ({}); use classification, token_classification or embedding data",
@@ -83,24 +77,6 @@ fn prepare(config: &TrainConfig, device: &candle_core::Device) -> Result<Prepare
             encoder_config.model_type
         ))
     })?;
-    let (train_data, validation_data) = match &config.validation_file {
-        Some(path) => {
-            let validation = load_jsonl(path)?;
-            if validation.format != train_data.format {
-                return Err(TrainError::Config(format!(
-                    "the validation file holds {} data, the training file {}",
-                    validation.format.human_name(),
-                    train_data.format.human_name()
-                )));
-            }
-            (train_data, Some(validation))
-        }
-        None if config.validation_fraction > 0.0 => {
-            let (train, held_out) = split_validation(train_data, config.validation_fraction, config.seed);
-            (train, Some(held_out))
-        }
-        None => (train_data, None),
-    };
     if let Some(rule) = &config.early_stopping {
         if let Some(metric) = rule.metric.as_deref().filter(|m| *m != "loss") {
             if !TaskMetrics::names(&task).contains(&metric) {
@@ -146,212 +122,46 @@ fn prepare(config: &TrainConfig, device: &candle_core::Device) -> Result<Prepare
 /// Trains an encoder per `config`, reporting to `observer`.
 pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summary, TrainError> {
     let device = config.device.open().map_err(|e| TrainError::Config(e.to_string()))?;
-    let prepared = prepare(config, &device)?;
-    let (steps_per_epoch, total_steps, schedule) = Schedule::for_run(config, prepared.train.len());
-    let mut run = Run {
-        config,
-        optimizer: AdamW::new(AdamWConfig { weight_decay: config.weight_decay, ..Default::default() }),
-        state: TrainState::new(config.seed),
-        schedule,
-        prepared,
-        total_steps,
-        steps_per_epoch,
-        best: None,
-        last_eval: None,
-        last_checkpoint: None,
-    };
-    if let Some(dir) = &config.resume_from {
-        let loaded = checkpoint::load(dir, &device)?;
-        run.prepared.model.trainable.restore(&loaded.trainable)?;
-        run.optimizer.restore(loaded.optimizer_step, &loaded.moments)?;
-        run.state = loaded.state;
-        run.last_checkpoint = Some(dir.clone());
-    }
-    let stop = run.epochs(observer)?;
-    run.finish(stop)
+    let Prepared { model, train, validation, counts } = prepare(config, &device)?;
+    let data = TaskData { train, validation, examples: counts.examples, truncated: counts.truncated };
+    super::task_loop::train(config, model, data, observer)
 }
 
-struct Run<'a> {
-    config: &'a TrainConfig,
-    prepared: Prepared,
-    optimizer: AdamW,
-    state: TrainState,
-    schedule: Schedule,
-    total_steps: u64,
-    steps_per_epoch: u64,
-    /// The trainable weights at the best validation score (kept when early stopping is on).
-    best: Option<HashMap<String, Tensor>>,
-    last_eval: Option<EvalMetrics>,
-    last_checkpoint: Option<std::path::PathBuf>,
+impl BatchSize for batch::TaskBatch {
+    fn scored(&self) -> usize {
+        self.scored
+    }
+    fn tokens(&self) -> usize {
+        self.tokens
+    }
 }
 
-impl Run<'_> {
-    fn epochs(&mut self, observer: &mut dyn Observer) -> Result<StopReason, TrainError> {
-        let started = Instant::now();
-        let steps_at_start = self.state.step;
-        while self.state.epoch < self.config.epochs {
-            let mut order: Vec<usize> = (0..self.prepared.train.len()).collect();
-            Rng::derive(self.config.seed, &format!("epoch-{}", self.state.epoch)).shuffle(&mut order);
-            let micro: Vec<&[usize]> = order.chunks(self.config.batch_size).collect();
-            let groups: Vec<&[&[usize]]> = micro.chunks(self.config.gradient_accumulation_steps).collect();
-            while self.state.next_group < groups.len() {
-                if self.state.step >= self.total_steps {
-                    return Ok(StopReason::Completed);
-                }
-                match observer.control() {
-                    Control::Continue => {}
-                    Control::Cancel => return Ok(StopReason::Cancelled),
-                    Control::Pause => {
-                        self.checkpoint(observer)?;
-                        return Ok(StopReason::Paused);
-                    }
-                }
-                let step_started = Instant::now();
-                let group = groups[self.state.next_group];
-                let (loss, accuracy, tokens) = super::on_pool(|| self.step(group))?;
-                self.state.next_group += 1;
-                if self.state.next_group == groups.len() {
-                    self.state.epoch += 1;
-                    self.state.next_group = 0;
-                }
-                let epoch_ended = self.state.next_group == 0;
-                let interval = self.config.eval_interval;
-                let due = if interval > 0 { self.state.step.is_multiple_of(interval) } else { epoch_ended };
-                let (eval, stop_early) = if due && !self.prepared.validation.is_empty() {
-                    let (metrics, stop) = super::on_pool(|| self.evaluate())?;
-                    (Some(metrics), stop)
-                } else {
-                    (None, false)
-                };
-                let elapsed = started.elapsed().as_secs_f64();
-                let done = (self.state.step - steps_at_start).max(1) as f64;
-                observer.progress(&Progress {
-                    step: self.state.step,
-                    total_steps: self.total_steps,
-                    epoch: self.state.step as f64 / self.steps_per_epoch as f64,
-                    loss,
-                    accuracy,
-                    learning_rate: self.schedule.lr(self.state.step - 1),
-                    tokens_per_second: tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
-                    eta_seconds: elapsed / done * (self.total_steps - self.state.step) as f64,
-                    trained_tokens: self.state.trained_tokens,
-                    processed_tokens: self.state.processed_tokens,
-                    eval,
-                    preference: None,
-                    router_aux_loss: None,
-                });
-                if stop_early {
-                    return Ok(StopReason::EarlyStopped);
-                }
-                let every = self.config.checkpoint_interval;
-                if every > 0 && self.state.step.is_multiple_of(every) && self.state.step < self.total_steps {
-                    self.checkpoint(observer)?;
-                }
-                if epoch_ended {
-                    break;
-                }
-            }
-        }
-        Ok(StopReason::Completed)
-    }
+impl TaskModel for Encoder {
+    type Example = TaskExample;
+    type Batch = batch::TaskBatch;
 
-    /// One optimizer step over a group of micro-batches: (mean loss, accuracy, tokens).
-    fn step(&mut self, group: &[&[usize]]) -> Result<(f64, f64, usize), TrainError> {
-        let model = &self.prepared.model;
-        let batches = group
-            .iter()
-            .map(|indices| {
-                let rows: Vec<&TaskExample> = indices.iter().map(|&i| &self.prepared.train[i]).collect();
-                batch::make_batch(&rows, &model.config, model.device())
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let scored: usize = batches.iter().map(|b| b.scored).sum();
-        let tokens: usize = batches.iter().map(|b| b.tokens).sum();
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let (mut loss_total, mut correct) = (0.0, 0usize);
-        for batch in batches.iter().filter(|b| b.scored > 0) {
-            let ctx = ForwardCtx::training(self.state.dropout_rng.clone());
-            let out = batch::batch_loss(model, batch, &ctx)?;
-            let loss = (out.loss_sum / scored as f64)?;
-            loss_total += f64::from(loss.to_scalar::<f32>()?);
-            correct += out.correct;
-            super::run::accumulate(&mut grads, model.trainable.gradients(&loss.backward()?))?;
-            if let Some(rng) = ctx.into_rng() {
-                self.state.dropout_rng = rng;
-            }
-        }
-        if self.config.max_grad_norm > 0.0 {
-            clip_global_norm(&mut grads, self.config.max_grad_norm)?;
-        }
-        let lr = self.schedule.lr(self.state.step);
-        self.optimizer.step(&model.trainable.params, &grads, lr)?;
-        self.state.step += 1;
-        self.state.trained_tokens += tokens as u64;
-        self.state.processed_tokens += tokens as u64;
-        self.state.last_loss = Some(loss_total);
-        Ok((loss_total, correct as f64 / scored.max(1) as f64, tokens))
+    fn trainable(&self) -> &TrainableParams {
+        &self.trainable
     }
-
-    /// Evaluates; returns the metrics and whether early stopping says stop. The watched value is
-    /// kept in `best_eval_loss` as "lower is better" (a score's negation).
-    fn evaluate(&mut self) -> Result<(EvalMetrics, bool), TrainError> {
-        let metrics = evaluate(&self.prepared.model, &self.prepared.validation, self.config.batch_size)?;
-        self.last_eval = Some(metrics);
-        let Some(rule) = &self.config.early_stopping else {
-            return Ok((metrics, false));
-        };
-        let watched = match rule.metric.as_deref() {
-            None | Some("loss") => metrics.loss,
-            Some(name) => -metrics.task.and_then(|t| t.get(name)).unwrap_or(f64::NEG_INFINITY),
-        };
-        let improved = self.state.best_eval_loss.is_none_or(|best| watched < best - rule.min_delta);
-        if improved {
-            self.state.best_eval_loss = Some(watched);
-            self.state.evals_without_improvement = 0;
-            self.best = Some(self.prepared.model.trainable.snapshot()?);
-        } else {
-            self.state.evals_without_improvement += 1;
-        }
-        Ok((metrics, self.state.evals_without_improvement >= rule.patience))
+    fn device(&self) -> &candle_core::Device {
+        Encoder::device(self)
     }
-
-    fn checkpoint(&mut self, observer: &mut dyn Observer) -> Result<(), TrainError> {
-        let dir = self.config.output_dir.join("checkpoints").join(format!("step-{}", self.state.step));
-        checkpoint::save(&dir, &self.state, &self.prepared.model.trainable, &self.optimizer, None)?;
+    fn make_batch(&self, rows: &[&TaskExample]) -> candle_core::Result<batch::TaskBatch> {
+        batch::make_batch(rows, &self.config, Encoder::device(self))
+    }
+    fn batch_loss(&self, batch: &batch::TaskBatch, ctx: &ForwardCtx) -> candle_core::Result<(Tensor, usize)> {
+        let out = batch::batch_loss(self, batch, ctx)?;
+        Ok((out.loss_sum, out.correct))
+    }
+    fn evaluate(&self, examples: &[TaskExample], batch_size: usize) -> Result<EvalMetrics, TrainError> {
+        evaluate(self, examples, batch_size)
+    }
+    fn checkpoint_files(&self, dir: &std::path::Path) -> Result<(), TrainError> {
         // What the checkpoint's head means, for serving it.
-        output::write_task_file(&dir, &self.prepared.model.task)?;
-        observer.checkpointed(self.state.step, &dir);
-        self.last_checkpoint = Some(dir);
-        Ok(())
+        output::write_task_file(dir, &self.task)
     }
-
-    fn finish(mut self, stop: StopReason) -> Result<Summary, TrainError> {
-        let output = match stop {
-            StopReason::Completed | StopReason::EarlyStopped => {
-                if let Some(best) = self.best.take() {
-                    self.prepared.model.trainable.restore(&best)?;
-                }
-                Some(write_encoder_output(&self.prepared.model, self.config)?)
-            }
-            StopReason::Cancelled | StopReason::Paused => None,
-        };
-        let watches_loss =
-            self.config.early_stopping.as_ref().is_none_or(|r| r.metric.as_deref().is_none_or(|m| m == "loss"));
-        Ok(Summary {
-            steps: self.state.step,
-            total_steps: self.total_steps,
-            trained_tokens: self.state.trained_tokens,
-            processed_tokens: self.state.processed_tokens,
-            examples: self.prepared.counts.examples,
-            truncated: self.prepared.counts.truncated,
-            dropped: 0,
-            final_train_loss: self.state.last_loss,
-            final_eval: self.last_eval,
-            best_eval_loss: self.state.best_eval_loss.filter(|_| watches_loss),
-            stop,
-            output,
-            last_checkpoint: self.last_checkpoint,
-        })
+    fn write_output(&self, config: &TrainConfig) -> Result<std::path::PathBuf, TrainError> {
+        write_encoder_output(self, config)
     }
 }
 

@@ -5,20 +5,17 @@
 //! adapter; each with the tokenizer files and `task.json` (the task and its labels), which
 //! serving reads.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use crate::models::bert::{Encoder, Task};
 use crate::train::config::{Method, TrainConfig};
+use crate::train::files::{copy_tokenizer_files, save_tensors, write_json, write_peft_lora};
 use crate::train::TrainError;
 
 /// The task file written beside every encoder output.
 pub const TASK_FILE: &str = "task.json";
-
-const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"];
 
 pub fn write_encoder_output(model: &Encoder, config: &TrainConfig) -> Result<PathBuf, TrainError> {
     let dir = config.output_dir.clone();
@@ -26,7 +23,10 @@ pub fn write_encoder_output(model: &Encoder, config: &TrainConfig) -> Result<Pat
     let base = config.model.display().to_string();
     let tensors = model.trainable.snapshot()?;
     match config.method {
-        Method::Lora => write_lora(&dir, model, config, &base, tensors)?,
+        Method::Lora => {
+            let heads: &[&str] = if model.task == Task::Embedding { &[] } else { &["classifier"] };
+            write_peft_lora(&dir, config, &base, model.task.peft_task_type(), heads, tensors)?
+        }
         Method::Bottleneck => crate::models::bottleneck::save(&dir, config.adapter_size, &base, &tensors)?,
         _ => {
             let architecture = model.task.architecture(&model.config.model_type);
@@ -39,61 +39,8 @@ pub fn write_encoder_output(model: &Encoder, config: &TrainConfig) -> Result<Pat
         }
     }
     write_task_file(&dir, &model.task)?;
-    for name in TOKENIZER_FILES {
-        let source = config.model.join(name);
-        if source.exists() {
-            std::fs::copy(&source, dir.join(name))?;
-        }
-    }
+    copy_tokenizer_files(&config.model, &dir)?;
     Ok(dir)
-}
-
-/// PEFT's adapter: LoRA factors and the head saved whole under `base_model.model.` names; the
-/// targets are written as the exact module paths that got adapters, so PEFT wraps the same ones.
-fn write_lora(
-    dir: &Path,
-    model: &Encoder,
-    config: &TrainConfig,
-    base: &str,
-    tensors: HashMap<String, Tensor>,
-) -> Result<(), TrainError> {
-    let lora = config.lora.lora_config();
-    let mut targets: Vec<String> = tensors
-        .keys()
-        .filter_map(|k| k.strip_prefix("base_model.model.")?.strip_suffix(".lora_A.weight").map(str::to_string))
-        .collect();
-    targets.sort();
-    let heads: Vec<&str> = match model.task {
-        Task::Embedding => Vec::new(),
-        _ => vec!["classifier"],
-    };
-    let document = json!({
-        "peft_type": "LORA",
-        "task_type": model.task.peft_task_type(),
-        "base_model_name_or_path": base,
-        "r": lora.r,
-        "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout,
-        "target_modules": targets,
-        "use_rslora": lora.use_rslora,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "init_lora_weights": true,
-        "modules_to_save": if heads.is_empty() { None } else { Some(heads) },
-        "layers_to_transform": null,
-        "layers_pattern": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "use_dora": false,
-        "revision": null,
-    });
-    crate::peft::adapter::write_config(dir, &document, "lora", base)?;
-    let named: HashMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(k, v)| if k.starts_with("base_model.") { (k, v) } else { (format!("base_model.model.{k}"), v) })
-        .collect();
-    save_tensors(&dir.join(crate::peft::adapter::WEIGHTS_FILE), named)
 }
 
 pub(super) fn write_task_file(dir: &Path, task: &Task) -> Result<(), TrainError> {
@@ -143,19 +90,4 @@ fn write_sentence_transformers_modules(dir: &Path) -> Result<(), TrainError> {
         "pooling_mode_mean_sqrt_len_tokens": false
     });
     write_json(&dir.join("1_Pooling/config.json"), &pooling)
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), TrainError> {
-    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
-    std::fs::write(path, text + "\n")?;
-    Ok(())
-}
-
-fn save_tensors(path: &Path, tensors: HashMap<String, Tensor>) -> Result<(), TrainError> {
-    let cpu: HashMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<candle_core::Result<_>>()?;
-    candle_core::safetensors::save(&cpu, path)?;
-    Ok(())
 }
