@@ -51,6 +51,11 @@ impl EncoderTokenizer {
         self.tokenizer.get_vocab_size(true)
     }
 
+    /// The text of `ids`, special tokens left out when `skip_special`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, DataError> {
+        self.tokenizer.decode(ids, skip_special).map_err(DataError::Tokenizer)
+    }
+
     /// `text` (and `pair`) with special tokens, cut to `max_len` tokens (the longer part first,
     /// as transformers' `longest_first`).
     pub fn encode_text(&self, text: &str, pair: Option<&str>, max_len: usize) -> Result<Encoded, DataError> {

@@ -14,6 +14,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod moe;
 pub mod prefix;
+pub mod t5;
 pub mod weights;
 
 use std::cell::RefCell;
