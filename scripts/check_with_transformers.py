@@ -7,7 +7,9 @@ FILE is a safetensors file with `input_ids` (int64 [b, t]) and `logits` (float32
 computed by ferrotune. Encoders (`--task seq_cls|token_cls|embedding`): FILE also holds
 `attention_mask` and `token_type_ids`, and `logits` are the head's logits (`[b, labels]` or
 `[b, t, labels]`, compared on real tokens) or the mean-pooled, normalized embeddings `[b, hidden]`;
-an adapter's labels come from its `task.json`. Prints the max absolute difference; exits 1 above --tolerance.
+an adapter's labels come from its `task.json`. Encoder-decoders (`--task seq2seq`, T5): FILE also
+holds `attention_mask` and `decoder_input_ids`, and `logits` are `[b, t, vocab]` over the decoder
+inputs. Prints the max absolute difference; exits 1 above --tolerance.
 An adapter must load without a warning from PEFT (a Python UserWarning, e.g. an unknown key in
 adapter_config.json, or a logged warning such as missing or unexpected weights): any is an error,
 exit 2. The libraries' deprecation notices about each other's APIs are let through.
@@ -74,10 +76,12 @@ def main() -> int:
     parser.add_argument("--adapter")
     parser.add_argument("--expect", required=True)
     parser.add_argument("--tolerance", type=float, default=1e-4)
-    parser.add_argument("--task", default="causal", choices=["causal", "seq_cls", "token_cls", "embedding"])
+    parser.add_argument("--task", default="causal", choices=["causal", "seq_cls", "token_cls", "embedding", "seq2seq"])
     args = parser.parse_args()
 
     expected = load_file(args.expect)
+    if args.task == "seq2seq":
+        return check_seq2seq(args, expected)
     if args.task != "causal":
         return check_encoder(args, expected)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager")
@@ -86,6 +90,24 @@ def main() -> int:
     model.eval()
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
+    diff = (logits - expected["logits"]).abs().max().item()
+    print(f"max |transformers - ferrotune| = {diff:.3g}")
+    return 0 if diff <= args.tolerance else 1
+
+
+def check_seq2seq(args, expected):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.adapter:
+        model = load_adapter_strictly(model, args.adapter)
+    model.eval()
+    with torch.no_grad():
+        logits = model(
+            input_ids=expected["input_ids"],
+            attention_mask=expected["attention_mask"],
+            decoder_input_ids=expected["decoder_input_ids"],
+        ).logits
     diff = (logits - expected["logits"]).abs().max().item()
     print(f"max |transformers - ferrotune| = {diff:.3g}")
     return 0 if diff <= args.tolerance else 1

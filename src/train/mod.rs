@@ -15,6 +15,7 @@ mod pool;
 pub mod preference;
 mod run;
 pub mod schedule;
+pub mod seq2seq;
 mod setup;
 pub mod task_loop;
 

@@ -30,6 +30,9 @@ pub fn train(config: &TrainConfig, observer: &mut dyn Observer) -> Result<Summar
     if crate::models::bert::config::is_encoder_dir(&config.model) {
         return super::encoder::train(config, observer);
     }
+    if crate::models::t5::config::is_seq2seq_dir(&config.model) {
+        return super::seq2seq::train(config, observer);
+    }
     let device = config.device.open().map_err(|e| TrainError::Config(e.to_string()))?;
     let prepared = prepare(config, &device)?;
     let (steps_per_epoch, total_steps, schedule) = Schedule::for_run(config, prepared.items());

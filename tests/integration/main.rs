@@ -31,5 +31,6 @@ mod schema;
 mod sdk;
 mod storage;
 mod store;
+mod t5;
 mod training;
 mod worker_crash;
