@@ -88,6 +88,9 @@ async fn check(context: &ExecutorContext, job: &JobRecord) -> Result<JobPlan, Jo
         if crate::models::bert::config::is_encoder_dir(&model_dir) {
             return check_encoder_data(&model_dir, &train, validation.as_deref(), &request, method);
         }
+        if crate::models::t5::config::is_seq2seq_dir(&model_dir) {
+            return check_seq2seq_data(&model_dir, &train, validation.as_deref(), &request, method);
+        }
         let config = ModelConfig::from_file(&model_dir.join("config.json")).map_err(JobFailure::platform)?;
         let tokenizer = ChatTokenizer::from_dir(&model_dir).map_err(JobFailure::platform)?;
         let options = EncodeOptions {
@@ -185,4 +188,63 @@ fn check_encoder_data(
         encode_task_dataset(&tokenizer, &held_out, &labels, max_len).map_err(user("validation_file"))?;
     }
     Ok(JobPlan::resolve(request, method, counts.examples, counts.tokens, config.max_tokens()))
+}
+
+/// The longest input or target a T5 job trains on unless `max_seq_len` says otherwise (relative
+/// positions set no limit; memory does).
+const SEQ2SEQ_DEFAULT_LEN: usize = 512;
+
+/// An encoder-decoder (T5) base: the files must hold `prompt_completion` data, and the training
+/// type be full or LoRA; counts its examples and tokens and resolves the plan.
+fn check_seq2seq_data(
+    model_dir: &Path,
+    train: &Path,
+    validation: Option<&Path>,
+    request: &HyperparametersRequest,
+    method: MethodType,
+) -> Result<JobPlan, JobFailure> {
+    use crate::data::encoder::EncoderTokenizer;
+    use crate::domain::dataset::DatasetFormat;
+    use crate::domain::hyperparameters::TrainingType;
+    if method == MethodType::Dpo {
+        return Err(JobFailure::user(
+            "invalid_file_format",
+            "dpo trains decoder models; the base model is an encoder-decoder (T5)",
+            Some("method"),
+        ));
+    }
+    if let Some(kind @ (TrainingType::Qlora | TrainingType::Prefix | TrainingType::Bottleneck)) = request.training_type
+    {
+        return Err(JobFailure::user(
+            "invalid_hyperparameters",
+            format!(
+                "training_type {} does not apply to encoder-decoder (T5) models; use lora or full",
+                format!("{kind:?}").to_lowercase()
+            ),
+            Some("method.supervised.hyperparameters.training_type"),
+        ));
+    }
+    let tokenizer = EncoderTokenizer::from_dir(model_dir).map_err(JobFailure::platform)?;
+    let max_len = request.max_seq_len.unwrap_or(SEQ2SEQ_DEFAULT_LEN);
+    let load = |path: &Path, param: &'static str| {
+        let data = load_jsonl(path).map_err(|e| JobFailure::user("invalid_file", e.to_string(), Some(param)))?;
+        if data.format != DatasetFormat::PromptCompletion {
+            return Err(JobFailure::user(
+                "invalid_file_format",
+                format!(
+                    "the {param} is a {} dataset; an encoder-decoder (T5) base trains on prompt_completion data",
+                    data.format.human_name()
+                ),
+                Some(param),
+            ));
+        }
+        crate::train::seq2seq::encode(&tokenizer, &data, max_len)
+            .map_err(|e| JobFailure::user("invalid_file", e.to_string(), Some(param)))
+    };
+    let (examples, _) = load(train, "training_file")?;
+    if let Some(path) = validation {
+        load(path, "validation_file")?;
+    }
+    let tokens = examples.iter().map(|e| e.input.len() + e.labels.len()).sum();
+    Ok(JobPlan::resolve(request, method, examples.len(), tokens, max_len))
 }

@@ -101,6 +101,16 @@ pub async fn create_chat_completion(
     let messages = template_messages(&request.messages)?;
     let model_name = request.common.model.clone();
     let target = inference::resolve(&state, &caller, &model_name).await?;
+    if state.inference.is_seq2seq(&target).await.map_err(inference::serve_error)? {
+        return Err(ApiError::new(
+            ErrorCode::ModelNotSupported,
+            format!(
+                "{model_name} is an encoder-decoder (T5) model, which has no chat template; use POST /v1/completions \
+                 with the input text as the prompt"
+            ),
+        )
+        .with_param("model"));
+    }
     let (engine, adapter) = inference::load(&state, &caller, &model_name, &target).await?;
     let tokenizer = engine.tokenizer.clone();
     let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, DataError> {

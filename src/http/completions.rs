@@ -1,4 +1,5 @@
-//! `POST /v1/completions` (OpenAI's legacy text completions): a raw prompt, no chat template.
+//! `POST /v1/completions` (OpenAI's legacy text completions): a raw prompt, no chat template;
+//! decoders continue it, encoder-decoders (T5) answer it (the prompt is the encoder's input).
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -99,15 +100,15 @@ pub async fn create_completion(
     }
     let model_name = request.common.model.clone();
     let target = inference::resolve(&state, &caller, &model_name).await?;
-    let (engine, adapter) = inference::load(&state, &caller, &model_name, &target).await?;
-    let tokenizer = engine.tokenizer.clone();
-    let vocab = engine.model.config.vocab_size as u32;
+    let generator = std::sync::Arc::new(inference::Generator::load(&state, &caller, &model_name, &target).await?);
+    let vocab = generator.vocab_size();
+    let encoding = generator.clone();
     let encoded = tokio::task::spawn_blocking(move || -> Result<Vec<(Vec<u32>, String)>, ApiError> {
         prompts
             .into_iter()
             .map(|prompt| {
                 let (ids, text) = match prompt {
-                    Prompt::Text(text) => (tokenizer.encode(&text, true), text),
+                    Prompt::Text(text) => (encoding.encode(&text), text),
                     Prompt::Tokens(ids) => {
                         if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
                             return Err(ApiError::new(
@@ -116,12 +117,11 @@ pub async fn create_completion(
                             )
                             .with_param("prompt"));
                         }
-                        let text = tokenizer.decode(&ids, false).unwrap_or_default();
+                        let text = encoding.decode(&ids);
                         (Ok(ids), text)
                     }
                 };
-                let ids =
-                    ids.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.to_string()).with_param("prompt"))?;
+                let ids = ids.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e).with_param("prompt"))?;
                 if ids.is_empty() {
                     return Err(ApiError::new(ErrorCode::InvalidRequest, "the prompt is empty").with_param("prompt"));
                 }
@@ -137,7 +137,7 @@ pub async fn create_completion(
     let prompt_tokens: usize = encoded.iter().map(|(ids, _)| ids.len()).sum();
     if prepared.stream {
         let (ids, prompt_text) = encoded.into_iter().next().expect("one prompt");
-        let events = inference::submit(&engine, adapter, ids, &prepared)?;
+        let events = generator.submit(ids, &prepared)?;
         let chunk = move |item: StreamItem<'_>| -> Option<Value> {
             let (choices, usage) = match item {
                 StreamItem::Start { choice } if echo => (choice_json(choice, &prompt_text, None, None), Value::Null),
@@ -162,7 +162,7 @@ pub async fn create_completion(
     }
     let mut receivers = Vec::with_capacity(encoded.len());
     for (ids, text) in encoded {
-        receivers.push((inference::submit(&engine, adapter.clone(), ids, &prepared)?, text));
+        receivers.push((generator.submit(ids, &prepared)?, text));
     }
     let mut choices = Vec::new();
     let mut completion_tokens = 0;

@@ -20,6 +20,7 @@ use crate::executor::plan::JobPlan;
 use crate::infer::engine::{Engine, FinishReason, GenEvent, GenerationRequest, SubmitError, TokenInfo};
 use crate::infer::sampling::SamplingParams;
 use crate::models::llama::ServingAdapter;
+use crate::serving::seq2seq::Seq2SeqEngine;
 use crate::serving::{ServeError, Target, WeightsSource};
 
 /// `stop`: one string or up to four.
@@ -223,6 +224,99 @@ pub async fn load(
     }
 }
 
+/// What generates for a model: the decoder engine (with the adapter, if any), or an
+/// encoder-decoder's (T5) engine.
+pub enum Generator {
+    Decoder { engine: Arc<Engine>, adapter: Option<Arc<ServingAdapter>> },
+    Seq2Seq(Arc<Seq2SeqEngine>),
+}
+
+impl Generator {
+    /// The generator of `target` (what `name` resolved to), loaded on first use.
+    pub async fn load(state: &AppState, caller: &Caller, name: &str, target: &Target) -> Result<Self, ApiError> {
+        if state.inference.is_seq2seq(target).await.map_err(serve_error)? {
+            return Ok(Self::Seq2Seq(state.inference.seq2seq(target).await.map_err(serve_error)?));
+        }
+        let (engine, adapter) = load(state, caller, name, target).await?;
+        Ok(Self::Decoder { engine, adapter })
+    }
+
+    pub fn vocab_size(&self) -> u32 {
+        match self {
+            Self::Decoder { engine, .. } => engine.model.config.vocab_size as u32,
+            Self::Seq2Seq(engine) => engine.vocab_size as u32,
+        }
+    }
+
+    /// A prompt's ids with the tokenizer's special tokens (BOS, or T5's `</s>`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        match self {
+            Self::Decoder { engine, .. } => engine.tokenizer.encode(text, true).map_err(|e| e.to_string()),
+            Self::Seq2Seq(engine) => {
+                engine.tokenizer.encode_text(text, None, usize::MAX).map(|e| e.ids).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        match self {
+            Self::Decoder { engine, .. } => engine.tokenizer.decode(ids, false).unwrap_or_default(),
+            Self::Seq2Seq(engine) => engine.tokenizer.decode(ids, false).unwrap_or_default(),
+        }
+    }
+
+    /// Submits `prompt`; the receiver yields the engine's events.
+    pub fn submit(&self, prompt: Vec<u32>, prepared: &Prepared) -> Result<UnboundedReceiver<GenEvent>, ApiError> {
+        match self {
+            Self::Decoder { engine, adapter } => submit(engine, adapter.clone(), prompt, prepared),
+            Self::Seq2Seq(engine) => submit_seq2seq(engine, prompt, prepared),
+        }
+    }
+}
+
+/// An encoder-decoder's prompt is only bounded by [`crate::serving::seq2seq::MAX_PROMPT_TOKENS`];
+/// its completion, unless limited, by [`crate::serving::seq2seq::DEFAULT_MAX_TOKENS`].
+fn submit_seq2seq(
+    engine: &Seq2SeqEngine,
+    prompt: Vec<u32>,
+    prepared: &Prepared,
+) -> Result<UnboundedReceiver<GenEvent>, ApiError> {
+    use crate::serving::seq2seq::{Seq2SeqRequest, DEFAULT_MAX_TOKENS, MAX_PROMPT_TOKENS};
+    if prompt.len() > MAX_PROMPT_TOKENS {
+        return Err(ApiError::new(
+            ErrorCode::ContextLengthExceeded,
+            format!(
+                "This model takes prompts of at most {MAX_PROMPT_TOKENS} tokens; the prompt has {}. Please shorten it.",
+                prompt.len()
+            ),
+        )
+        .with_param("prompt"));
+    }
+    if prepared.ignore_eos {
+        return Err(unsupported("ignore_eos", "ignore_eos is not supported for encoder-decoder (T5) models"));
+    }
+    let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let request = Seq2SeqRequest {
+        prompt,
+        n: prepared.n,
+        params: prepared.sampling.clone(),
+        max_new_tokens: prepared.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        stop: prepared.stop.clone(),
+        events,
+    };
+    engine.submit(request).map_err(submit_error)?;
+    Ok(receiver)
+}
+
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::Overloaded => {
+            ApiError::new(ErrorCode::EngineOverloaded, "this model's generation queue is full; retry the request later")
+        }
+        SubmitError::Stopped => ApiError::internal(anyhow::anyhow!("the generation engine has stopped")),
+    }
+}
+
 /// Checks the prompt against the context and submits it; the receiver yields the engine's events.
 pub fn submit(
     engine: &Engine,
@@ -258,12 +352,7 @@ pub fn submit(
         ignore_eos: prepared.ignore_eos,
         events,
     };
-    engine.submit(request).map_err(|e| match e {
-        SubmitError::Overloaded => {
-            ApiError::new(ErrorCode::EngineOverloaded, "this model's generation queue is full; retry the request later")
-        }
-        SubmitError::Stopped => ApiError::internal(anyhow::anyhow!("the generation engine has stopped")),
-    })?;
+    engine.submit(request).map_err(submit_error)?;
     Ok(receiver)
 }
 

@@ -54,20 +54,21 @@ pub async fn create_job(
     }
     check_quantization(&state.catalog, root_base_model(&request.model), &request.hyperparameters).await?;
     let kind = base_kind(&state.catalog, root_base_model(&request.model)).await;
-    if kind == BaseKind::Encoder {
+    if let Some(what) = kind.non_decoder() {
         if request.model.starts_with("ft:") {
             return Err(unsupported_model(format!(
-                "{} is a fine-tuned encoder; continuing from one is not supported yet: start from its base model {}",
+                "{} is a fine-tuned {what}; continuing from one is not supported yet: start from its base model {}",
                 request.model,
                 root_base_model(&request.model)
             )));
         }
         if request.method == MethodType::Dpo {
             return Err(unsupported_model(format!(
-                "base model {} is an encoder; dpo trains decoder (causal language) models",
+                "base model {} is an {what}; dpo trains decoder (causal language) models",
                 request.model
             )));
         }
+        check_training_type(kind, &request.hyperparameters)?;
     }
     let training =
         find_training_data(&state, &caller, &request.training_file, "training_file", request.method, kind).await?;
@@ -325,19 +326,59 @@ async fn check_quantization(catalog: &Catalog, name: &str, hyperparameters: &Val
 enum BaseKind {
     Decoder,
     Encoder,
+    /// An encoder-decoder (T5).
+    Seq2Seq,
     /// Stored elsewhere (the executor checks the data against it).
     Unknown,
+}
+
+impl BaseKind {
+    /// What the base is called in messages, when it is not a decoder.
+    fn non_decoder(self) -> Option<&'static str> {
+        match self {
+            Self::Encoder => Some("encoder"),
+            Self::Seq2Seq => Some("encoder-decoder (T5)"),
+            _ => None,
+        }
+    }
+}
+
+/// The training types an encoder or encoder-decoder base cannot use, refused before any work.
+fn check_training_type(kind: BaseKind, hyperparameters: &Value) -> Result<(), ApiError> {
+    let requested = hyperparameters.get("training_type").and_then(Value::as_str).unwrap_or("lora");
+    let allowed: &[&str] = match kind {
+        BaseKind::Encoder => &["lora", "full", "bottleneck"],
+        BaseKind::Seq2Seq => &["lora", "full"],
+        _ => return Ok(()),
+    };
+    if allowed.contains(&requested) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::InvalidHyperparameters,
+        format!(
+            "training_type {requested} does not apply to an {} base; use {}",
+            kind.non_decoder().unwrap_or_default(),
+            allowed.join(", ")
+        ),
+    )
+    .with_param("method.supervised.hyperparameters.training_type"))
 }
 
 async fn base_kind(catalog: &Catalog, name: &str) -> BaseKind {
     match catalog.get(name).map(|b| b.source.clone()) {
         Some(ModelSource::Directory(dir)) => {
-            let encoder = tokio::task::spawn_blocking(move || crate::models::bert::config::is_encoder_dir(&dir)).await;
-            match encoder {
-                Ok(true) => BaseKind::Encoder,
-                Ok(false) => BaseKind::Decoder,
-                Err(_) => BaseKind::Unknown,
-            }
+            let kind = tokio::task::spawn_blocking(move || {
+                if crate::models::bert::config::is_encoder_dir(&dir) {
+                    BaseKind::Encoder
+                } else if crate::models::t5::config::is_seq2seq_dir(&dir) {
+                    BaseKind::Seq2Seq
+                } else {
+                    BaseKind::Decoder
+                }
+            })
+            .await;
+            kind.unwrap_or(BaseKind::Unknown)
         }
         Some(ModelSource::Gguf(_)) => BaseKind::Decoder,
         _ => BaseKind::Unknown,
@@ -370,6 +411,7 @@ async fn find_training_data(
         (MethodType::Dpo, _) => vec!["preference"],
         (MethodType::Supervised, BaseKind::Decoder) => TRAINABLE_FORMATS.to_vec(),
         (MethodType::Supervised, BaseKind::Encoder) => ENCODER_FORMATS.to_vec(),
+        (MethodType::Supervised, BaseKind::Seq2Seq) => vec!["prompt_completion"],
         (MethodType::Supervised, BaseKind::Unknown) => {
             TRAINABLE_FORMATS.iter().chain(&ENCODER_FORMATS).copied().collect()
         }
@@ -378,6 +420,9 @@ async fn find_training_data(
         let accepted = accepted.join(", ");
         let why = match kind {
             BaseKind::Encoder => format!("the base model is an encoder, which trains on {accepted}"),
+            BaseKind::Seq2Seq => {
+                format!("the base model is an encoder-decoder (T5), which trains on {accepted} (input → target)")
+            }
             BaseKind::Decoder if ENCODER_FORMATS.contains(&format) => {
                 format!("the base model is a decoder (causal language model), which trains on {accepted}")
             }

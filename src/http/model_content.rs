@@ -92,14 +92,22 @@ pub async fn download_model(
         ),
     };
     if let Some(dir) = base_dir.clone() {
-        let encoder = tokio::task::spawn_blocking(move || crate::models::bert::config::is_encoder_dir(&dir))
-            .await
-            .map_err(ApiError::internal)?;
-        if encoder {
+        let kind = tokio::task::spawn_blocking(move || {
+            if crate::models::bert::config::is_encoder_dir(&dir) {
+                Some("an encoder")
+            } else if crate::models::t5::config::is_seq2seq_dir(&dir) {
+                Some("an encoder-decoder (T5)")
+            } else {
+                None
+            }
+        })
+        .await
+        .map_err(ApiError::internal)?;
+        if let Some(kind) = kind {
             return Err(ApiError::new(
                 ErrorCode::ModelNotSupported,
                 format!(
-                    "{name} is an encoder model: merged and checkpoint downloads of encoders are not supported yet; \
+                    "{name} is {kind} model: merged and checkpoint downloads of these are not supported yet; \
                      download the job's final model as stored (format=adapter)"
                 ),
             )

@@ -5,13 +5,14 @@
 //! sorted by length and cut into batches, so that concurrent callers share forward passes and
 //! no tokio worker ever runs the model.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 
 use anyhow::Context;
 use candle_core::{DType, Device, D};
 use tokio::sync::oneshot;
 
+pub use super::Weights;
 use crate::data::encoder::{Encoded, EncoderTokenizer};
 use crate::models::adaptation::Adaptation;
 use crate::models::bert::{Encoder, EncoderConfig, EncoderInput, Task};
@@ -188,16 +189,6 @@ pub fn task_of(dir: &Path, config: &EncoderConfig, purpose: Purpose) -> Result<T
             Err("the model was fine-tuned for embeddings; POST /v1/embeddings serves it".into())
         }
     }
-}
-
-/// Where an encoder's weights come from.
-pub enum Weights {
-    /// A model directory (a base, or a fully fine-tuned output).
-    Model(PathBuf),
-    /// An adapter directory (LoRA or bottleneck) over a base directory.
-    Adapter { base: PathBuf, adapter: PathBuf },
-    /// A checkpoint directory (`trainable.safetensors`, `task.json`) of a job run with `plan`.
-    Checkpoint { base: PathBuf, dir: PathBuf, plan: Box<crate::executor::plan::JobPlan> },
 }
 
 /// Loads the encoder of `weights` for `purpose` (blocking).

@@ -36,6 +36,11 @@ fn refuse_encoder(dir: &Path, name: &str) -> Result<(), ServeError> {
              POST /v1/classifications"
         )));
     }
+    if crate::models::t5::config::is_seq2seq_dir(dir) {
+        return Err(ServeError::NotSupported(format!(
+            "{name} is an encoder-decoder (T5) model; POST /v1/completions serves it"
+        )));
+    }
     Ok(())
 }
 
@@ -207,23 +212,54 @@ pub async fn encoder_engine(
     purpose: super::encoder::Purpose,
 ) -> Result<super::encoder::EncoderEngine, ServeError> {
     use super::encoder::Weights;
-    use super::Target;
     let not_encoder = |name: &str| {
         ServeError::NotSupported(format!(
             "{name} is a decoder (causal language) model; embeddings and classifications are served for encoder \
              models (BERT family); use /v1/chat/completions or /v1/completions"
         ))
     };
-    let (name, weights) = match target {
+    let (name, weights) = local_weights(inference, target, "task.json").await?;
+    let model_dir = match &weights {
+        Weights::Model(dir) | Weights::Adapter { base: dir, .. } | Weights::Checkpoint { base: dir, .. } => dir.clone(),
+    };
+    if !crate::models::bert::config::is_encoder_dir(&model_dir) {
+        return Err(not_encoder(&name));
+    }
+    // A task that does not fit the purpose is the user's mistake, not a failure to load.
+    let config = crate::models::bert::EncoderConfig::from_file(&model_dir.join("config.json"))
+        .map_err(|e| ServeError::Internal(e.into()))?;
+    let task_dir = match &weights {
+        Weights::Model(dir) | Weights::Adapter { adapter: dir, .. } | Weights::Checkpoint { dir, .. } => dir.clone(),
+    };
+    super::encoder::task_of(&task_dir, &config, purpose)
+        .map_err(|why| ServeError::NotSupported(format!("{name}: {why}")))?;
+    let device = inference.device.clone();
+    let started = std::time::Instant::now();
+    let engine = blocking(move || super::encoder::load(&name, weights, purpose, &device)).await?;
+    tracing::info!(model = engine.name, ms = started.elapsed().as_millis() as u64, "loaded an encoder for inference");
+    Ok(engine)
+}
+
+/// Where `target`'s weights are on this machine (fetched from storage once): a model directory, an
+/// adapter over its base, or a checkpoint (`checkpoint_file` marks a complete download) over its
+/// base; with the name it is served under.
+async fn local_weights(
+    inference: &Inference,
+    target: &super::Target,
+    checkpoint_file: &str,
+) -> Result<(String, super::Weights), ServeError> {
+    use super::{Target, Weights};
+    Ok(match target {
         Target::Base { name } => (name.clone(), Weights::Model(base_dir(inference, None, name).await?)),
         Target::Adapter { id, base, project, source: WeightsSource::Checkpoint { prefix, plan } }
         | Target::Full { id, base, project, source: WeightsSource::Checkpoint { prefix, plan } } => {
             let base = base_dir(inference, Some(project), base).await?;
             let cache = inference.settings.work_dir.join("served-models").join(cache_name(id));
             let storage = inference.storage.as_ref();
-            let dir = crate::executor::download_once_with(storage, prefix.trim_end_matches('/'), &cache, "task.json")
-                .await
-                .context("fetching the checkpoint from storage")?;
+            let dir =
+                crate::executor::download_once_with(storage, prefix.trim_end_matches('/'), &cache, checkpoint_file)
+                    .await
+                    .context("fetching the checkpoint from storage")?;
             (id.clone(), Weights::Checkpoint { base, dir, plan: plan.clone() })
         }
         Target::Full { id, source: WeightsSource::Stored { prefix }, .. } => {
@@ -247,24 +283,38 @@ pub async fn encoder_engine(
             .context("fetching the adapter from storage")?;
             (id.clone(), Weights::Adapter { base, adapter })
         }
-    };
-    let model_dir = match &weights {
-        Weights::Model(dir) | Weights::Adapter { base: dir, .. } | Weights::Checkpoint { base: dir, .. } => dir.clone(),
-    };
-    if !crate::models::bert::config::is_encoder_dir(&model_dir) {
-        return Err(not_encoder(&name));
-    }
-    // A task that does not fit the purpose is the user's mistake, not a failure to load.
-    let config = crate::models::bert::EncoderConfig::from_file(&model_dir.join("config.json"))
-        .map_err(|e| ServeError::Internal(e.into()))?;
-    let task_dir = match &weights {
-        Weights::Model(dir) | Weights::Adapter { adapter: dir, .. } | Weights::Checkpoint { dir, .. } => dir.clone(),
-    };
-    super::encoder::task_of(&task_dir, &config, purpose)
-        .map_err(|why| ServeError::NotSupported(format!("{name}: {why}")))?;
+    })
+}
+
+/// The generation engine of an encoder-decoder `target` (see [`Inference::seq2seq`]).
+pub async fn seq2seq_engine(
+    inference: &Inference,
+    target: &super::Target,
+) -> Result<super::seq2seq::Seq2SeqEngine, ServeError> {
+    let (name, weights) = local_weights(inference, target, "trainable.safetensors").await?;
     let device = inference.device.clone();
+    let settings = inference.settings.engine;
     let started = std::time::Instant::now();
-    let engine = blocking(move || super::encoder::load(&name, weights, purpose, &device)).await?;
-    tracing::info!(model = engine.name, ms = started.elapsed().as_millis() as u64, "loaded an encoder for inference");
+    let engine = blocking(move || {
+        let (model, tokenizer) = super::seq2seq::load(weights, &device)?;
+        super::seq2seq::Seq2SeqEngine::start(&name, model, tokenizer, settings)
+    })
+    .await?;
+    tracing::info!(model = engine.name, ms = started.elapsed().as_millis() as u64, "loaded a T5 model for inference");
     Ok(engine)
+}
+
+/// Whether `target` is an encoder-decoder: its root base model is. (Fine-tuned models cannot be
+/// the start of another T5 job, so a base named `ft:` is a decoder's.)
+pub async fn is_seq2seq(inference: &Inference, target: &super::Target) -> Result<bool, ServeError> {
+    use super::Target;
+    let base = match target {
+        Target::Base { name } => name,
+        Target::Adapter { base, .. } | Target::Full { base, .. } => base,
+    };
+    if base.starts_with("ft:") {
+        return Ok(false);
+    }
+    let dir = base_dir(inference, None, base).await?;
+    Ok(tokio::task::spawn_blocking(move || crate::models::t5::config::is_seq2seq_dir(&dir)).await.unwrap_or(false))
 }

@@ -9,6 +9,7 @@
 mod cache;
 pub mod encoder;
 mod load;
+pub mod seq2seq;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +44,18 @@ pub enum WeightsSource {
     Checkpoint { prefix: String, plan: Box<JobPlan> },
 }
 
+/// Where the weights of an encoder or encoder-decoder being served are, on this machine.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    /// A model directory (a base, or a fully fine-tuned output).
+    Model(PathBuf),
+    /// An adapter directory (LoRA or bottleneck) over a base directory.
+    Adapter { base: PathBuf, adapter: PathBuf },
+    /// A checkpoint directory (`trainable.safetensors`, and an encoder's `task.json`) of a job run
+    /// with `plan`.
+    Checkpoint { base: PathBuf, dir: PathBuf, plan: Box<crate::executor::plan::JobPlan> },
+}
+
 /// What a requested model name resolved to (after the caller's access was checked).
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -75,6 +88,8 @@ pub struct Inference {
     adapters: LruCells<ServingAdapter>,
     /// Encoder engines (embeddings, classification), one per model and purpose.
     encoders: LruCells<encoder::EncoderEngine>,
+    /// Encoder-decoder (T5) generation engines, one per model, adapter or checkpoint.
+    seq2seq: LruCells<seq2seq::Seq2SeqEngine>,
 }
 
 impl Inference {
@@ -95,6 +110,7 @@ impl Inference {
             engines: LruCells::new(),
             adapters: LruCells::new(),
             encoders: LruCells::new(),
+            seq2seq: LruCells::new(),
         })
     }
 
@@ -162,6 +178,23 @@ impl Inference {
         };
         let max = self.settings.max_models.max(1);
         self.encoders.get_or_load(&key, || load::encoder_engine(self, target, purpose), |e| e.len() > max).await
+    }
+
+    /// Whether `target` is an encoder-decoder (T5), served by [`Self::seq2seq`] rather than
+    /// [`Self::engine`].
+    pub async fn is_seq2seq(&self, target: &Target) -> Result<bool, ServeError> {
+        load::is_seq2seq(self, target).await
+    }
+
+    /// The encoder-decoder engine serving `target` (its base, adapter or checkpoint merged in at
+    /// load), loading it on first use.
+    pub async fn seq2seq(&self, target: &Target) -> Result<Arc<seq2seq::Seq2SeqEngine>, ServeError> {
+        let key = match target {
+            Target::Base { name } => format!("base:{name}"),
+            Target::Adapter { id, .. } | Target::Full { id, .. } => id.clone(),
+        };
+        let max = self.settings.max_models.max(1);
+        self.seq2seq.get_or_load(&key, || load::seq2seq_engine(self, target), |e| e.len() > max).await
     }
 
     /// How many adapters are loaded now (for tests and metrics).

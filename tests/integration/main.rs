@@ -32,5 +32,6 @@ mod sdk;
 mod storage;
 mod store;
 mod t5;
+mod t5_api;
 mod training;
 mod worker_crash;
