@@ -91,28 +91,24 @@ pub async fn download_model(
                 .map_err(|m| ApiError::new(ErrorCode::ModelNotSupported, m).with_param("model"))?,
         ),
     };
+    let mut seq2seq = false;
     if let Some(dir) = base_dir.clone() {
-        let kind = tokio::task::spawn_blocking(move || {
-            if crate::models::bert::config::is_encoder_dir(&dir) {
-                Some("an encoder")
-            } else if crate::models::t5::config::is_seq2seq_dir(&dir) {
-                Some("an encoder-decoder (T5)")
-            } else {
-                None
-            }
+        let (encoder, t5) = tokio::task::spawn_blocking(move || {
+            (crate::models::bert::config::is_encoder_dir(&dir), crate::models::t5::config::is_seq2seq_dir(&dir))
         })
         .await
         .map_err(ApiError::internal)?;
-        if let Some(kind) = kind {
+        if encoder {
             return Err(ApiError::new(
                 ErrorCode::ModelNotSupported,
                 format!(
-                    "{name} is {kind} model: merged and checkpoint downloads of these are not supported yet; \
+                    "{name} is an encoder model: merged and checkpoint downloads of these are not supported yet; \
                      download the job's final model as stored (format=adapter)"
                 ),
             )
             .with_param("model"));
         }
+        seq2seq = t5;
     }
     let prefix = match &source {
         Source::Stored { prefix, .. } | Source::Checkpoint { prefix, .. } => prefix.clone(),
@@ -128,11 +124,13 @@ pub async fn download_model(
     }
     let out = work.path().join("out");
     let base_name = base.clone();
-    let dir =
-        tokio::task::spawn_blocking(move || package(&source, &src, &out, base_dir.as_deref(), &base_name, merged))
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(|e| ApiError::internal(anyhow::anyhow!("packaging the model failed: {e}")))?;
+    let dir = tokio::task::spawn_blocking(move || match base_dir.as_deref() {
+        Some(base_dir) if seq2seq => package_t5(&source, &src, &out, base_dir, &base_name, merged),
+        _ => package(&source, &src, &out, base_dir.as_deref(), &base_name, merged).map_err(Into::into),
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| ApiError::internal(anyhow::anyhow!("packaging the model failed: {e}")))?;
     archive(dir, work, &name).await
 }
 
@@ -232,6 +230,37 @@ fn package(
     crate::train::output::merge_adapter_dir(base_dir()?, &adapter_dir, &merged_dir)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     Ok(merged_dir)
+}
+
+/// [`package`] for an encoder-decoder (T5): a checkpoint's LoRA as a PEFT `SEQ_2_SEQ_LM` adapter,
+/// anything merged (or a full checkpoint) as a `T5ForConditionalGeneration` directory.
+fn package_t5(
+    source: &Source,
+    src: &Path,
+    out: &Path,
+    base_dir: &Path,
+    base: &str,
+    merged: bool,
+) -> anyhow::Result<PathBuf> {
+    use crate::serving::Weights;
+    let weights = match source {
+        Source::Stored { lora: false, .. } => return Ok(src.to_path_buf()),
+        Source::Stored { lora: true, .. } if !merged => return Ok(src.to_path_buf()),
+        Source::Stored { lora: true, .. } => Weights::Adapter { base: base_dir.into(), adapter: src.into() },
+        Source::Checkpoint { plan, .. } => match &plan.lora {
+            Some(lora) if !merged => {
+                let trainable = candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?;
+                let dir = out.join("adapter");
+                crate::train::seq2seq::write_adapter_dir(&lora.lora_config(), trainable, base_dir, base, &dir)?;
+                return Ok(dir);
+            }
+            _ => Weights::Checkpoint { base: base_dir.into(), dir: src.into(), plan: plan.clone() },
+        },
+    };
+    let (model, _) = crate::serving::seq2seq::load(weights, &Device::Cpu)?;
+    let dir = out.join("model");
+    crate::train::seq2seq::write_model_dir(&model, base_dir, &dir)?;
+    Ok(dir)
 }
 
 fn base_model(dir: &Path, adaptation: Adaptation<'_>) -> candle_core::Result<CausalLm> {

@@ -7,8 +7,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
-use super::config::TrainConfig;
 use super::TrainError;
+use crate::peft::lora::LoraConfig;
 
 /// The tokenizer files copied from the base beside a trained model or adapter.
 const TOKENIZER_FILES: [&str; 6] = [
@@ -24,13 +24,12 @@ const TOKENIZER_FILES: [&str; 6] = [
 /// whole under `base_model.model.` names; the targets are written as the exact module paths that got adapters, so PEFT wraps the same ones.
 pub fn write_peft_lora(
     dir: &Path,
-    config: &TrainConfig,
+    lora: &LoraConfig,
     base: &str,
     task_type: &str,
     heads: &[&str],
     tensors: HashMap<String, Tensor>,
 ) -> Result<(), TrainError> {
-    let lora = config.lora.lora_config();
     let mut targets: Vec<String> = tensors
         .keys()
         .filter_map(|k| k.strip_prefix("base_model.model.")?.strip_suffix(".lora_A.weight").map(str::to_string))

@@ -3,6 +3,7 @@
 //! `</s>`) the labels, and the decoder reads the labels shifted right after the decoder start
 //! token. Full fine-tuning or LoRA (PEFT's `SEQ_2_SEQ_LM`), on the shared task loop.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
@@ -21,7 +22,7 @@ use crate::models::common::ops::masked_cross_entropy_sum;
 use crate::models::common::params::TrainableParams;
 use crate::models::t5::{T5Config, T5};
 use crate::models::ForwardCtx;
-use crate::peft::lora::LoraPlan;
+use crate::peft::lora::{LoraConfig, LoraPlan};
 
 /// PEFT's task type of a LoRA adapter on an encoder-decoder.
 pub const PEFT_TASK_TYPE: &str = "SEQ_2_SEQ_LM";
@@ -258,17 +259,37 @@ pub fn evaluate(model: &T5, examples: &[Seq2SeqExample], batch_size: usize) -> R
 /// tokenizer files.
 fn write_output(model: &T5, base: &Path, config: &TrainConfig) -> Result<PathBuf, TrainError> {
     let dir = config.output_dir.clone();
-    std::fs::create_dir_all(&dir)?;
-    let tensors = model.trainable.snapshot()?;
     match config.method {
-        Method::Lora => write_peft_lora(&dir, config, &base.display().to_string(), PEFT_TASK_TYPE, &[], tensors)?,
-        _ => {
-            let mut document = model.config.raw.clone();
-            document["architectures"] = serde_json::json!(["T5ForConditionalGeneration"]);
-            write_json(&dir.join("config.json"), &document)?;
-            save_tensors(&dir.join("model.safetensors"), tensors)?;
+        Method::Lora => {
+            let tensors = model.trainable.snapshot()?;
+            write_adapter_dir(&config.lora.lora_config(), tensors, base, &base.display().to_string(), &dir)?
         }
+        _ => write_model_dir(model, base, &dir)?,
     }
-    copy_tokenizer_files(base, &dir)?;
     Ok(dir)
+}
+
+/// `model`, each LoRA adapter folded into its linear, as a transformers
+/// `T5ForConditionalGeneration` directory with the tokenizer files of the base in `base_dir`.
+pub fn write_model_dir(model: &T5, base_dir: &Path, dir: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir)?;
+    let mut document = model.config.raw.clone();
+    document["architectures"] = serde_json::json!(["T5ForConditionalGeneration"]);
+    write_json(&dir.join("config.json"), &document)?;
+    save_tensors(&dir.join("model.safetensors"), model.merged_tensors()?.into_iter().collect())?;
+    copy_tokenizer_files(base_dir, dir)
+}
+
+/// A LoRA run's trainable `tensors` as a PEFT `SEQ_2_SEQ_LM` adapter on the base `base_name`,
+/// with the tokenizer files of the base in `base_dir`.
+pub fn write_adapter_dir(
+    lora: &LoraConfig,
+    tensors: HashMap<String, Tensor>,
+    base_dir: &Path,
+    base_name: &str,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir)?;
+    write_peft_lora(dir, lora, base_name, PEFT_TASK_TYPE, &[], tensors)?;
+    copy_tokenizer_files(base_dir, dir)
 }

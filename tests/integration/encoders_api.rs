@@ -377,9 +377,11 @@ async fn impossible_model_and_data_pairs_are_refused_when_the_job_is_created() {
     app.post_json("/v1/fine_tuning/jobs", &dpo, None)
         .await
         .assert_error(StatusCode::BAD_REQUEST, "model_not_supported");
+    // A training type encoders cannot use is refused before any work, naming the field.
     let qlora = job("tiny-bert", classification, None, json!({"training_type": "qlora"}));
-    let id = create_job(&app, &qlora).await;
-    let failed = wait_for(&app, &id, Duration::from_secs(120), |j| ["succeeded", "failed"].contains(&status(j))).await;
-    assert_eq!(status(&failed), "failed", "{failed}");
-    assert_eq!(failed["error"]["code"], "invalid_hyperparameters", "{failed}");
+    let response = app.post_json("/v1/fine_tuning/jobs", &qlora, None).await;
+    let error = response.assert_error(StatusCode::BAD_REQUEST, "invalid_hyperparameters");
+    assert_eq!(error["param"], "method.supervised.hyperparameters.training_type", "{error}");
+    let jobs = app.get("/v1/fine_tuning/jobs", None).await.json();
+    assert!(jobs["data"].as_array().unwrap().is_empty(), "no job was recorded: {jobs}");
 }

@@ -30,7 +30,7 @@ fn reference(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(t5_fixture(name).join("reference.safetensors"), &Device::Cpu).unwrap()
 }
 
-fn load_dir(dir: &Path, adaptation: Adaptation<'_>) -> T5 {
+pub fn load_dir(dir: &Path, adaptation: Adaptation<'_>) -> T5 {
     let config = T5Config::from_file(&dir.join("config.json")).unwrap();
     T5::new(config, load_model_weights(dir, DType::F32, &Device::Cpu).unwrap(), adaptation).unwrap()
 }
@@ -130,6 +130,26 @@ fn t5_lora_logits_and_gradients_equal_peft() {
     }
 }
 
+#[test]
+fn t5_lora_merged_into_a_model_directory_gives_the_adapters_logits() {
+    for name in VARIANTS {
+        let reference = reference(name);
+        let (config, _, tensors) = load_adapter(&t5_fixture(name).join("lora"), &Device::Cpu).unwrap();
+        let plan = LoraPlan { config, seed: 0, trainable: false, train_norms: false, loaded: Some(tensors) };
+        let tuned = load_dir(&t5_fixture(name), Adaptation::Lora(&plan));
+        let dir = tempfile::tempdir().unwrap();
+        ferrotune::train::seq2seq::write_model_dir(&tuned, &t5_fixture(name), dir.path()).unwrap();
+        let merged = load_dir(dir.path(), Adaptation::None);
+        assert_eq!(merged.tied_head, tuned.tied_head, "{name}");
+        assert!(dir.path().join("tokenizer.json").exists());
+        let (logits, _) = logits_and_loss(&merged, &reference);
+        let diff = max_abs_diff(&logits, &reference["lora.logits"]);
+        let moved = max_abs_diff(&reference["logits"], &reference["lora.logits"]);
+        eprintln!("{name}: merged logits differ from PEFT's by {diff:.2e} (the adapter moves them by {moved:.2e})");
+        assert!(diff <= 1e-4 && moved > 1e-2, "{name}: merged {diff}, adapter effect {moved}");
+    }
+}
+
 fn greedy() -> Sampler {
     Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() }, 0)
 }
@@ -194,7 +214,7 @@ fn seq2seq_config(dir: &Path, base: &str, method: Method) -> TrainConfig {
 }
 
 /// How many of the taught prompts decode (greedily) to their completion.
-fn decoded_right(model: &T5, base: &Path) -> usize {
+pub fn decoded_right(model: &T5, base: &Path) -> usize {
     let tokenizer = EncoderTokenizer::from_dir(base).unwrap();
     let prompts: Vec<Vec<u32>> = PAIRS.iter().map(|(p, _)| tokenizer.encode_text(p, None, 64).unwrap().ids).collect();
     let mut samplers: Vec<Sampler> = PAIRS.iter().map(|_| greedy()).collect();
@@ -311,33 +331,49 @@ fn peft_and_transformers_load_our_t5_outputs_with_our_logits() {
         let out = train(&config, &mut Silent).unwrap().output.unwrap();
         let expect = dir.path().join("expected.safetensors");
         let base_dir = t5_fixture(base);
-        let mut args = vec!["--task".to_string(), "seq2seq".into(), "--expect".into(), expect.display().to_string()];
+        let mut runs = Vec::new();
         match method {
             Method::Full => {
                 write_expected(&load_dir(&out, Adaptation::None), &expect);
-                args.extend(["--model".into(), out.display().to_string()]);
+                runs.push(("model", vec!["--model".to_string(), out.display().to_string()]));
             }
             _ => {
                 let (lora, _, tensors) = load_adapter(&out, &Device::Cpu).unwrap();
                 let plan =
                     LoraPlan { config: lora, seed: 0, trainable: false, train_norms: false, loaded: Some(tensors) };
-                write_expected(&load_dir(&base_dir, Adaptation::Lora(&plan)), &expect);
-                args.extend([
-                    "--model".into(),
-                    base_dir.display().to_string(),
-                    "--adapter".into(),
-                    out.display().to_string(),
-                ]);
+                let tuned = load_dir(&base_dir, Adaptation::Lora(&plan));
+                write_expected(&tuned, &expect);
+                runs.push((
+                    "adapter",
+                    vec![
+                        "--model".into(),
+                        base_dir.display().to_string(),
+                        "--adapter".into(),
+                        out.display().to_string(),
+                    ],
+                ));
+                // Merged into a model directory, it gives the adapter's logits without PEFT.
+                let merged = dir.path().join("merged");
+                ferrotune::train::seq2seq::write_model_dir(&tuned, &base_dir, &merged).unwrap();
+                runs.push(("merged", vec!["--model".into(), merged.display().to_string()]));
             }
         }
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_with_transformers.py");
-        let output = std::process::Command::new(&python).arg(script).args(&args).output().unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "{base} {method:?}: transformers disagrees:\n{stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        eprintln!("{base} {method:?}: {}", stdout.trim());
+        for (what, model_args) in runs {
+            let output = std::process::Command::new(&python)
+                .arg(script)
+                .args(["--task", "seq2seq", "--expect"])
+                .arg(&expect)
+                .args(&model_args)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success(),
+                "{base} {method:?} {what}: transformers disagrees:\n{stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            eprintln!("{base} {method:?} {what}: {}", stdout.trim());
+        }
     }
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
+use ferrotune::models::adaptation::Adaptation;
+
 use crate::helpers::{backends, test_catalog, Backend, TestApp};
 use crate::jobs_e2e::{create_job, status, wait_for};
 use crate::t5::t5_fixture;
@@ -50,6 +52,12 @@ fn sse_data(text: &str) -> Vec<String> {
     text.split("\n\n")
         .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_string))
         .collect()
+}
+
+fn adapter_task_type(dir: &std::path::Path) -> String {
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    config["task_type"].as_str().unwrap_or_default().to_string()
 }
 
 #[tokio::test]
@@ -144,14 +152,25 @@ async fn t5_learns_through_a_lora_job_and_answers_at_completions() {
             complete(&app, json!({"model": name, "prompt": "translate: the cat", "max_tokens": 4})).await;
         }
 
-        // The adapter downloads as PEFT's SEQ_2_SEQ_LM; merging is not offered yet; T5 does not chat.
+        // The adapter downloads as PEFT's SEQ_2_SEQ_LM; merged, it is a T5 model directory that
+        // decodes what was taught without the adapter.
         let adapter = crate::jobs_e2e::download_tar(&app, &model, "").await;
+        assert_eq!(adapter_task_type(adapter.path()), "SEQ_2_SEQ_LM");
+        let merged = crate::jobs_e2e::download_tar(&app, &model, "?format=merged").await;
+        assert_eq!(crate::t5::decoded_right(&crate::t5::load_dir(merged.path(), Adaptation::None), merged.path()), 6);
+        // A checkpoint downloads as an adapter too, or merged.
+        let checkpoint = checkpoints[0]["fine_tuned_model_checkpoint"].as_str().unwrap();
+        let adapter = crate::jobs_e2e::download_tar(&app, checkpoint, "").await;
+        assert_eq!(adapter_task_type(adapter.path()), "SEQ_2_SEQ_LM");
+        assert!(
+            adapter.path().join("adapter_model.safetensors").exists() && adapter.path().join("tokenizer.json").exists()
+        );
+        let merged = crate::jobs_e2e::download_tar(&app, checkpoint, "?format=merged").await;
         let config: Value =
-            serde_json::from_str(&std::fs::read_to_string(adapter.path().join("adapter_config.json")).unwrap())
-                .unwrap();
-        assert_eq!(config["task_type"], "SEQ_2_SEQ_LM");
-        let merged = app.get(&format!("/v1/models/{model}/content?format=merged"), None).await;
-        merged.assert_error(StatusCode::BAD_REQUEST, "model_not_supported");
+            serde_json::from_str(&std::fs::read_to_string(merged.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["architectures"][0], "T5ForConditionalGeneration");
+        crate::t5::load_dir(merged.path(), Adaptation::None);
+        // T5 does not chat.
         let chat = json!({"model": model, "messages": [{"role": "user", "content": "translate: the cat"}]});
         app.post_json("/v1/chat/completions", &chat, None)
             .await

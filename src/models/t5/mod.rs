@@ -14,6 +14,7 @@
 //! (`encoder.block.0.layer.0.SelfAttention.q.weight`), so PEFT adapters map one to one.
 
 pub mod config;
+mod export;
 
 use std::collections::HashMap;
 

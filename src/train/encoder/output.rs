@@ -25,7 +25,7 @@ pub fn write_encoder_output(model: &Encoder, config: &TrainConfig) -> Result<Pat
     match config.method {
         Method::Lora => {
             let heads: &[&str] = if model.task == Task::Embedding { &[] } else { &["classifier"] };
-            write_peft_lora(&dir, config, &base, model.task.peft_task_type(), heads, tensors)?
+            write_peft_lora(&dir, &config.lora.lora_config(), &base, model.task.peft_task_type(), heads, tensors)?
         }
         Method::Bottleneck => crate::models::bottleneck::save(&dir, config.adapter_size, &base, &tensors)?,
         _ => {
