@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::header;
@@ -91,24 +92,19 @@ pub async fn download_model(
                 .map_err(|m| ApiError::new(ErrorCode::ModelNotSupported, m).with_param("model"))?,
         ),
     };
-    let mut seq2seq = false;
+    let mut kind = Architecture::Decoder;
     if let Some(dir) = base_dir.clone() {
-        let (encoder, t5) = tokio::task::spawn_blocking(move || {
-            (crate::models::bert::config::is_encoder_dir(&dir), crate::models::t5::config::is_seq2seq_dir(&dir))
+        kind = tokio::task::spawn_blocking(move || {
+            if crate::models::bert::config::is_encoder_dir(&dir) {
+                Architecture::Encoder
+            } else if crate::models::t5::config::is_seq2seq_dir(&dir) {
+                Architecture::Seq2Seq
+            } else {
+                Architecture::Decoder
+            }
         })
         .await
         .map_err(ApiError::internal)?;
-        if encoder {
-            return Err(ApiError::new(
-                ErrorCode::ModelNotSupported,
-                format!(
-                    "{name} is an encoder model: merged and checkpoint downloads of these are not supported yet; \
-                     download the job's final model as stored (format=adapter)"
-                ),
-            )
-            .with_param("model"));
-        }
-        seq2seq = t5;
     }
     let prefix = match &source {
         Source::Stored { prefix, .. } | Source::Checkpoint { prefix, .. } => prefix.clone(),
@@ -124,8 +120,9 @@ pub async fn download_model(
     }
     let out = work.path().join("out");
     let base_name = base.clone();
-    let dir = tokio::task::spawn_blocking(move || match base_dir.as_deref() {
-        Some(base_dir) if seq2seq => package_t5(&source, &src, &out, base_dir, &base_name, merged),
+    let dir = tokio::task::spawn_blocking(move || match (base_dir.as_deref(), kind) {
+        (Some(base_dir), Architecture::Seq2Seq) => package_t5(&source, &src, &out, base_dir, &base_name, merged),
+        (Some(base_dir), Architecture::Encoder) => package_encoder(&source, &src, &out, base_dir, &base_name, merged),
         _ => package(&source, &src, &out, base_dir.as_deref(), &base_name, merged).map_err(Into::into),
     })
     .await
@@ -230,6 +227,59 @@ fn package(
     crate::train::output::merge_adapter_dir(base_dir()?, &adapter_dir, &merged_dir)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     Ok(merged_dir)
+}
+
+/// What a base model is, for packaging its fine-tuned models.
+#[derive(Debug, Clone, Copy)]
+enum Architecture {
+    Decoder,
+    /// BERT family.
+    Encoder,
+    /// T5.
+    Seq2Seq,
+}
+
+/// [`package`] for an encoder (BERT family): a checkpoint's LoRA or bottleneck adapter as the
+/// job's final one would be written, anything merged (or a full checkpoint) as a directory of the
+/// task's transformers class; each with `task.json`.
+fn package_encoder(
+    source: &Source,
+    src: &Path,
+    out: &Path,
+    base_dir: &Path,
+    base: &str,
+    merged: bool,
+) -> anyhow::Result<PathBuf> {
+    use crate::serving::Weights;
+    use crate::train::encoder::output;
+    let weights = match source {
+        Source::Stored { lora: false, .. } => return Ok(src.to_path_buf()),
+        Source::Stored { lora: true, .. } if !merged => return Ok(src.to_path_buf()),
+        Source::Stored { lora: true, .. } => Weights::Adapter { base: base_dir.into(), adapter: src.into() },
+        Source::Checkpoint { plan, .. } => {
+            Weights::Checkpoint { base: base_dir.into(), dir: src.into(), plan: plan.clone() }
+        }
+    };
+    let task = |dir: &Path, _: &crate::models::bert::EncoderConfig| {
+        crate::train::encoder::read_task_file(dir).context("the fine-tuned encoder has no task.json")
+    };
+    let (model, _) = crate::serving::encoder::load_model(&weights, task, &Device::Cpu)?;
+    if let (Source::Checkpoint { plan, .. }, false) = (source, merged) {
+        let dir = out.join("adapter");
+        if let Some(lora) = &plan.lora {
+            let trainable = candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?;
+            output::write_adapter_dir(&model, &lora.lora_config(), trainable, base_dir, base, &dir)?;
+            return Ok(dir);
+        }
+        if let Some(size) = plan.adapter_size {
+            let trainable = candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?;
+            output::write_bottleneck_dir(&model, size, &trainable, base_dir, base, &dir)?;
+            return Ok(dir);
+        }
+    }
+    let dir = out.join("model");
+    output::write_model_dir(&model, base_dir, &dir)?;
+    Ok(dir)
 }
 
 /// [`package`] for an encoder-decoder (T5): a checkpoint's LoRA as a PEFT `SEQ_2_SEQ_LM` adapter,

@@ -191,19 +191,32 @@ pub fn task_of(dir: &Path, config: &EncoderConfig, purpose: Purpose) -> Result<T
     }
 }
 
-/// Loads the encoder of `weights` for `purpose` (blocking).
+/// Loads the encoder of `weights` for `purpose` and starts its engine (blocking).
 pub fn load(name: &str, weights: Weights, purpose: Purpose, device: &Device) -> anyhow::Result<EncoderEngine> {
-    if let Weights::Checkpoint { base, dir, plan } = &weights {
-        return load_checkpoint(name, base, dir, plan, purpose, device);
+    let (model, tokenizer) =
+        load_model(&weights, |dir, config| task_of(dir, config, purpose).map_err(anyhow::Error::msg), device)?;
+    EncoderEngine::start(name, model, tokenizer)
+}
+
+/// The encoder of `weights` with its tokenizer (blocking). `task` reads what the model was
+/// trained for from the directory holding its `task.json` (the model, adapter or checkpoint) and
+/// the base's config.
+pub fn load_model(
+    weights: &Weights,
+    task: impl FnOnce(&Path, &EncoderConfig) -> anyhow::Result<Task>,
+    device: &Device,
+) -> anyhow::Result<(Encoder, EncoderTokenizer)> {
+    if let Weights::Checkpoint { base, dir, plan } = weights {
+        return load_checkpoint(base, dir, plan, task, device);
     }
-    let (model_dir, adapter_dir) = match &weights {
+    let (model_dir, adapter_dir) = match weights {
         Weights::Model(dir) => (dir.clone(), None),
         Weights::Adapter { base, adapter } => (base.clone(), Some(adapter.clone())),
         Weights::Checkpoint { .. } => unreachable!("handled above"),
     };
     let config = EncoderConfig::from_file(&model_dir.join("config.json"))?;
     let task_dir = adapter_dir.as_deref().unwrap_or(&model_dir);
-    let task = task_of(task_dir, &config, purpose).map_err(anyhow::Error::msg)?;
+    let task = task(task_dir, &config)?;
     let base_weights = crate::models::weights::load_model_weights(&model_dir, DType::F32, device)?;
     let model = match &adapter_dir {
         None => Encoder::new(config, task, base_weights, Adaptation::None)?,
@@ -230,21 +243,20 @@ pub fn load(name: &str, weights: Weights, purpose: Purpose, device: &Device) -> 
         }
     };
     let tokenizer = EncoderTokenizer::from_dir(task_dir).or_else(|_| EncoderTokenizer::from_dir(&model_dir))?;
-    EncoderEngine::start(name, model, tokenizer)
+    Ok((model, tokenizer))
 }
 
 /// A checkpoint: the base with the checkpoint's trainable tensors, as the job trained them (its
 /// plan says LoRA, bottleneck or full).
 fn load_checkpoint(
-    name: &str,
     base: &Path,
     dir: &Path,
     plan: &crate::executor::plan::JobPlan,
-    purpose: Purpose,
+    task: impl FnOnce(&Path, &EncoderConfig) -> anyhow::Result<Task>,
     device: &Device,
-) -> anyhow::Result<EncoderEngine> {
+) -> anyhow::Result<(Encoder, EncoderTokenizer)> {
     let config = EncoderConfig::from_file(&base.join("config.json"))?;
-    let task = task_of(dir, &config, purpose).map_err(anyhow::Error::msg)?;
+    let task = task(dir, &config)?;
     let weights = crate::models::weights::load_model_weights(base, DType::F32, device)?;
     let trainable = candle_core::safetensors::load(dir.join("trainable.safetensors"), device)?;
     let model = if let Some(lora) = &plan.lora {
@@ -273,7 +285,7 @@ fn load_checkpoint(
         model.trainable.restore(&trainable).context("the checkpoint does not fit its base model")?;
         model
     };
-    EncoderEngine::start(name, model, EncoderTokenizer::from_dir(base)?)
+    Ok((model, EncoderTokenizer::from_dir(base)?))
 }
 
 /// Byte offsets in `text` to character offsets (what clients index strings by).

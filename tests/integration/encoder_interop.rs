@@ -125,9 +125,15 @@ fn peft_and_transformers_load_our_encoder_outputs_with_our_logits() {
             _ => {
                 let (config, _, tensors) = load_adapter(&out, &Device::Cpu).unwrap();
                 let plan = LoraPlan { config, seed: 0, trainable: false, train_norms: false, loaded: Some(tensors) };
-                write_expected(&load(&base, &out, Adaptation::Lora(&plan)), &expect);
+                let tuned = load(&base, &out, Adaptation::Lora(&plan));
+                write_expected(&tuned, &expect);
                 let args = ["--task", task, "--model", base.to_str().unwrap(), "--adapter", out.to_str().unwrap()];
                 check(&python, &[&args[..], &["--expect", expect.to_str().unwrap()]].concat());
+                // Merged into a model directory of the task's class, without PEFT.
+                let merged = dir.path().join("merged");
+                ferrotune::train::encoder::output::write_model_dir(&tuned, &base, &merged).unwrap();
+                let args = ["--task", task, "--model", merged.to_str().unwrap(), "--expect", expect.to_str().unwrap()];
+                check(&python, &args);
             }
         }
     }

@@ -172,6 +172,29 @@ fn encoder_lora_logits_and_gradients_equal_peft() {
 }
 
 #[test]
+fn encoder_lora_merged_into_a_model_directory_gives_the_adapters_logits() {
+    for name in TASK_MODELS {
+        let reference = reference(name);
+        let (config, _, tensors) = load_adapter(&encoder_fixture(name).join("lora"), &Device::Cpu).unwrap();
+        let plan = LoraPlan { config, seed: 0, trainable: false, train_norms: false, loaded: Some(tensors) };
+        let tuned = load(name, Adaptation::Lora(&plan));
+        let dir = tempfile::tempdir().unwrap();
+        ferrotune::train::encoder::output::write_model_dir(&tuned, &encoder_fixture(name), dir.path()).unwrap();
+        let config = EncoderConfig::from_file(&dir.path().join("config.json")).unwrap();
+        let task = ferrotune::train::encoder::read_task_file(dir.path()).unwrap();
+        assert_eq!(task, tuned.task, "{name}: task.json");
+        let weights = load_model_weights(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        let merged = Encoder::new(config, task, weights, Adaptation::None).unwrap();
+        let ours = logits(&merged, &input(&merged, &reference));
+        let mask = token_mask(name, &reference);
+        let diff = max_abs_diff_where(&ours, &reference["lora.logits"], mask);
+        let moved = max_abs_diff_where(&reference["logits"], &reference["lora.logits"], mask);
+        eprintln!("{name}: merged logits differ from PEFT's by {diff:.2e} (the adapter moves them by {moved:.2e})");
+        assert!(diff <= 1e-4 && moved > 1e-3, "{name}: merged {diff}, adapter effect {moved}");
+    }
+}
+
+#[test]
 fn mean_pooled_embeddings_equal_transformers() {
     let reference = reference("bert-embed");
     let model = load("bert-embed", Adaptation::None);

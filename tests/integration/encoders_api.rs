@@ -193,6 +193,10 @@ async fn minilm_learns_an_intent_classifier_through_a_job() {
     }
 }
 
+fn read_json(path: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
@@ -331,6 +335,20 @@ async fn tiny_encoders_train_token_classification_and_embeddings_through_jobs() 
                 .unwrap();
         assert_eq!(config["task_type"], "TOKEN_CLS");
         assert_eq!(config["modules_to_save"], json!(["classifier"]));
+        // Merged, it is a transformers token classifier with the job's labels; a checkpoint
+        // downloads as its adapter (with task.json) or merged.
+        let merged = crate::jobs_e2e::download_tar(&app, model, "?format=merged").await;
+        let config = read_json(&merged.path().join("config.json"));
+        assert_eq!(config["architectures"][0], "BertForTokenClassification");
+        assert_eq!(config["label2id"]["B-LOC"], 0, "{config}");
+        assert!(merged.path().join("model.safetensors").exists() && merged.path().join("tokenizer.json").exists());
+        assert_eq!(read_json(&merged.path().join("task.json"))["task"], "token_classification");
+        let checkpoint = checkpoints[0]["fine_tuned_model_checkpoint"].as_str().unwrap();
+        let adapter = crate::jobs_e2e::download_tar(&app, checkpoint, "").await;
+        assert_eq!(read_json(&adapter.path().join("adapter_config.json"))["task_type"], "TOKEN_CLS");
+        assert_eq!(read_json(&adapter.path().join("task.json"))["task"], "token_classification");
+        let merged = crate::jobs_e2e::download_tar(&app, checkpoint, "?format=merged").await;
+        assert_eq!(read_json(&merged.path().join("config.json"))["architectures"][0], "BertForTokenClassification");
 
         // Embeddings with bottleneck adapters, from anchor/positive pairs.
         let pairs: Vec<String> = (0..3)
@@ -356,6 +374,12 @@ async fn tiny_encoders_train_token_classification_and_embeddings_through_jobs() 
         let vector: Vec<f64> = serde_json::from_value(response.json()["data"][1]["embedding"].clone()).unwrap();
         assert_eq!(vector.len(), 32);
         assert!((vector.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-4, "normalized");
+        // Bottleneck layers cannot be merged; the adapter downloads as trained.
+        let merged = app.get(&format!("/v1/models/{model}/content?format=merged"), None).await;
+        let error = merged.assert_error(StatusCode::BAD_REQUEST, "invalid_query");
+        assert_eq!(error["param"], "format");
+        let adapter = crate::jobs_e2e::download_tar(&app, model, "").await;
+        assert!(ferrotune::models::bottleneck::is_bottleneck_dir(adapter.path()));
     }
 }
 

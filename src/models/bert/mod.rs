@@ -11,6 +11,7 @@
 
 mod builder;
 pub mod config;
+mod export;
 
 use std::collections::HashMap;
 

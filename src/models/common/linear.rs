@@ -84,4 +84,20 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         self.weight.dims2().map_or(0, |(out, _)| out)
     }
+
+    /// The dense weight with the LoRA adapter folded in (`W + scale · B·A`), for writing a merged
+    /// model; quantized weights are refused.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let LinearWeight::Dense(weight) = &self.weight else {
+            candle_core::bail!("a quantized linear has no dense weight to merge into");
+        };
+        let weight = weight.tensor();
+        match &self.lora {
+            None => Ok(weight.clone()),
+            Some(lora) => {
+                let delta = (lora.b.tensor().matmul(lora.a.tensor())? * lora.scale)?;
+                weight + delta.to_dtype(weight.dtype())?
+            }
+        }
+    }
 }

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 
 use super::{Attention, FeedForward, Stack, T5};
-use crate::models::common::linear::{Linear, LinearWeight};
+use crate::models::common::linear::Linear;
 
 impl T5 {
     /// Every weight under transformers' names (the current values, trained or frozen), each
@@ -14,7 +14,7 @@ impl T5 {
         stack_tensors(&self.encoder, "encoder", &mut out)?;
         stack_tensors(&self.decoder, "decoder", &mut out)?;
         if !self.tied_head {
-            out.push(("lm_head.weight".into(), merged(&self.lm_head)?));
+            out.push(("lm_head.weight".into(), self.lm_head.merged_weight()?));
         }
         Ok(out)
     }
@@ -42,7 +42,7 @@ fn stack_tensors(stack: &Stack, name: &str, out: &mut Vec<(String, Tensor)>) -> 
             FeedForward::Gated { wi_0, wi_1, wo } => vec![("wi_0", wi_0), ("wi_1", wi_1), ("wo", wo)],
         };
         for (linear_name, linear) in linears {
-            out.push((format!("{ff}.DenseReluDense.{linear_name}.weight"), merged(linear)?));
+            out.push((format!("{ff}.DenseReluDense.{linear_name}.weight"), linear.merged_weight()?));
         }
         out.push((format!("{ff}.layer_norm.weight"), block.ff_norm.tensor().clone()));
     }
@@ -52,22 +52,7 @@ fn stack_tensors(stack: &Stack, name: &str, out: &mut Vec<(String, Tensor)>) -> 
 
 fn attention_tensors(attention: &Attention, module: &str, out: &mut Vec<(String, Tensor)>) -> Result<()> {
     for (name, linear) in [("q", &attention.q), ("k", &attention.k), ("v", &attention.v), ("o", &attention.o)] {
-        out.push((format!("{module}.{name}.weight"), merged(linear)?));
+        out.push((format!("{module}.{name}.weight"), linear.merged_weight()?));
     }
     Ok(())
-}
-
-/// The linear's weight with its LoRA delta added (T5's linears have no bias).
-fn merged(linear: &Linear) -> Result<Tensor> {
-    let LinearWeight::Dense(weight) = &linear.weight else {
-        candle_core::bail!("T5 models have no quantized linears");
-    };
-    let weight = weight.tensor();
-    match &linear.lora {
-        None => Ok(weight.clone()),
-        Some(lora) => {
-            let delta = (lora.b.tensor().matmul(lora.a.tensor())? * lora.scale)?;
-            weight + delta.to_dtype(weight.dtype())?
-        }
-    }
 }

@@ -5,7 +5,7 @@
 
 mod batch;
 pub mod metrics;
-mod output;
+pub mod output;
 
 use candle_core::{DType, Tensor};
 

@@ -5,11 +5,14 @@
 //! adapter; each with the tokenizer files and `task.json` (the task and its labels), which
 //! serving reads.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::Tensor;
 use serde_json::json;
 
 use crate::models::bert::{Encoder, Task};
+use crate::peft::lora::LoraConfig;
 use crate::train::config::{Method, TrainConfig};
 use crate::train::files::{copy_tokenizer_files, save_tensors, write_json, write_peft_lora};
 use crate::train::TrainError;
@@ -19,28 +22,69 @@ pub const TASK_FILE: &str = "task.json";
 
 pub fn write_encoder_output(model: &Encoder, config: &TrainConfig) -> Result<PathBuf, TrainError> {
     let dir = config.output_dir.clone();
-    std::fs::create_dir_all(&dir)?;
     let base = config.model.display().to_string();
-    let tensors = model.trainable.snapshot()?;
     match config.method {
         Method::Lora => {
-            let heads: &[&str] = if model.task == Task::Embedding { &[] } else { &["classifier"] };
-            write_peft_lora(&dir, &config.lora.lora_config(), &base, model.task.peft_task_type(), heads, tensors)?
+            let tensors = model.trainable.snapshot()?;
+            write_adapter_dir(model, &config.lora.lora_config(), tensors, &config.model, &base, &dir)?
         }
-        Method::Bottleneck => crate::models::bottleneck::save(&dir, config.adapter_size, &base, &tensors)?,
-        _ => {
-            let architecture = model.task.architecture(&model.config.model_type);
-            let document = model.config.with_task(&architecture, model.task.labels());
-            write_json(&dir.join("config.json"), &document)?;
-            save_tensors(&dir.join("model.safetensors"), tensors)?;
-            if model.task == Task::Embedding {
-                write_sentence_transformers_modules(&dir)?;
-            }
+        Method::Bottleneck => {
+            let tensors = model.trainable.snapshot()?;
+            write_bottleneck_dir(model, config.adapter_size, &tensors, &config.model, &base, &dir)?
         }
+        _ => write_model_dir(model, &config.model, &dir)?,
     }
-    write_task_file(&dir, &model.task)?;
-    copy_tokenizer_files(&config.model, &dir)?;
     Ok(dir)
+}
+
+/// `model`, LoRA folded in, as a transformers directory of its task class (`config.json` with the
+/// labels; sentence-transformers' module files for an embedding model), with `task.json` and the
+/// tokenizer files of the base in `base_dir`.
+pub fn write_model_dir(model: &Encoder, base_dir: &Path, dir: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir)?;
+    let architecture = model.task.architecture(&model.config.model_type);
+    let document = model.config.with_task(&architecture, model.task.labels());
+    write_json(&dir.join("config.json"), &document)?;
+    save_tensors(&dir.join("model.safetensors"), model.merged_tensors()?.into_iter().collect())?;
+    if model.task == Task::Embedding {
+        write_sentence_transformers_modules(dir)?;
+    }
+    write_task_file(dir, &model.task)?;
+    copy_tokenizer_files(base_dir, dir)
+}
+
+/// A LoRA run's trainable `tensors` as a PEFT adapter of `model`'s task type (a classification
+/// head in `modules_to_save`) on the base `base_name`, with `task.json` and the base's tokenizer
+/// files.
+pub fn write_adapter_dir(
+    model: &Encoder,
+    lora: &LoraConfig,
+    tensors: HashMap<String, Tensor>,
+    base_dir: &Path,
+    base_name: &str,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir)?;
+    let heads: &[&str] = if model.task == Task::Embedding { &[] } else { &["classifier"] };
+    write_peft_lora(dir, lora, base_name, model.task.peft_task_type(), heads, tensors)?;
+    write_task_file(dir, &model.task)?;
+    copy_tokenizer_files(base_dir, dir)
+}
+
+/// A bottleneck run's trainable `tensors` as a bottleneck adapter, with `task.json` and the base's
+/// tokenizer files.
+pub fn write_bottleneck_dir(
+    model: &Encoder,
+    adapter_size: usize,
+    tensors: &HashMap<String, Tensor>,
+    base_dir: &Path,
+    base_name: &str,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir)?;
+    crate::models::bottleneck::save(dir, adapter_size, base_name, tensors)?;
+    write_task_file(dir, &model.task)?;
+    copy_tokenizer_files(base_dir, dir)
 }
 
 pub(super) fn write_task_file(dir: &Path, task: &Task) -> Result<(), TrainError> {
