@@ -83,6 +83,11 @@ impl ForwardCtx {
         self.routing.as_ref().map(|r| std::mem::take(&mut r.borrow_mut().stats)).unwrap_or_default()
     }
 
+    /// Whether dropout is active (training).
+    pub fn drops(&self) -> bool {
+        self.dropout_rng.is_some()
+    }
+
     /// Whether adapters are applied in this forward.
     pub fn adapters_on(&self) -> bool {
         !self.adapters_off

@@ -48,12 +48,13 @@ fn classification_config(dir: &Path, method: Method) -> TrainConfig {
     );
     let mut config: TrainConfig = serde_yaml::from_str(&yaml).unwrap();
     config.method = method;
-    // Bottleneck adapters over this tiny random base need more steps than LoRA to separate them.
-    config.epochs = if method == Method::Bottleneck { 120 } else { 60 };
+    // Bottleneck adapters over this tiny random base need more steps than LoRA to separate them
+    // (at 120 epochs of 1e-2 they reached 8/9 on one CPU and 9/9 on another).
+    config.epochs = if method == Method::Bottleneck { 200 } else { 60 };
     config.batch_size = 9;
     config.learning_rate = match method {
         Method::Full => 2e-3,
-        Method::Bottleneck => 1e-2,
+        Method::Bottleneck => 5e-3,
         _ => 5e-3,
     };
     config.lr_scheduler = ferrotune::train::schedule::SchedulerKind::Constant;

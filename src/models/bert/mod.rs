@@ -4,8 +4,8 @@
 //!
 //! Post-norm blocks as in transformers' `BertLayer`: self-attention (biased q/k/v over the padding
 //! mask) → dense → dropout → LayerNorm(x + ·), then intermediate dense → GELU → dense → dropout →
-//! LayerNorm(· + attended). Attention uses the fused CPU kernel with an identity rotation; its
-//! probability dropout is not applied (hidden and classifier dropout are). Weights keep
+//! LayerNorm(· + attended). Attention uses the fused CPU kernel with an identity rotation, except
+//! in training with attention-probability dropout, which needs the probabilities formed. Weights keep
 //! transformers' names (`bert.encoder.layer.0.attention.self.query.weight`, `classifier.weight`),
 //! so PEFT adapters and saved models map one to one.
 
@@ -339,10 +339,13 @@ impl Layer {
         let k = heads(self.key.forward(x, ctx)?)?;
         let v = heads(self.value.forward(x, ctx)?)?;
         let logits = super::common::attention::Logits::standard(c.head_dim());
-        let attended = if super::common::attention::supported(&q) {
+        // Dropout on the attention probabilities (training) needs them materialised: the fused
+        // kernel never forms them.
+        let drops = ctx.drops() && c.attention_dropout > 0.0;
+        let attended = if super::common::attention::supported(&q) && !drops {
             super::common::attention::attention(&q, &k, &v, cos, sin, key_bias, logits)?
         } else {
-            composite_attention(&q, &k, &v, key_bias, logits)?
+            composite_attention(&q, &k, &v, key_bias, logits, ctx, c.attention_dropout)?
         };
         let mut attended = self.attention_out.forward(&attended.reshape((b, t, h))?, ctx)?;
         let adapters = self.adapters.as_ref().filter(|_| ctx.adapters_on());
@@ -364,19 +367,23 @@ impl Layer {
     }
 }
 
-/// Attention from differentiable composite ops (dtypes and devices without the fused kernel).
+/// Attention from differentiable composite ops, with dropout `p` on the probabilities in
+/// training (as transformers' `BertSelfAttention`); also for dtypes and devices without the fused
+/// kernel.
 fn composite_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     key_bias: &Tensor,
     logits: super::common::attention::Logits,
+    ctx: &ForwardCtx,
+    p: f32,
 ) -> Result<Tensor> {
     let (b, t, n, d) = q.dims4()?;
     let [q, k, v] = [q, k, v].map(|x| x.transpose(1, 2).and_then(|x| x.contiguous()));
     let (q, k, v) = (q?, k?, v?);
     let scores = logits.apply(&q.matmul(&k.t()?)?)?.broadcast_add(&key_bias.to_dtype(q.dtype())?)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let probs = ctx.dropout(&candle_nn::ops::softmax(&scores, D::Minus1)?, p)?;
     probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, n * d))
 }
 

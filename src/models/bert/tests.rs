@@ -150,3 +150,44 @@ fn a_task_checkpoint_loads_as_the_bare_model_and_back() {
     let bare = Encoder::new(c, Task::Embedding, prefixed, Adaptation::Full).unwrap();
     assert!(bare.trainable.params.iter().any(|p| p.name == "encoder.layer.1.output.dense.weight"));
 }
+
+#[test]
+fn the_composite_attention_equals_the_fused_kernel() {
+    let mut rng = Rng::new(11);
+    let mut t = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.next_f32() - 0.5).collect::<Vec<f32>>(), shape, &Device::Cpu).unwrap()
+    };
+    let (b, s, n, d) = (2, 6, 2, 8);
+    let (q, k, v) = (t(&[b, s, n, d]), t(&[b, s, n, d]), t(&[b, s, n, d]));
+    let c = tiny_config("bert");
+    let bias = input(&c).key_bias;
+    let cos = Tensor::ones((b, 1, s, d), DType::F32, &Device::Cpu).unwrap();
+    let sin = Tensor::zeros((b, 1, s, d), DType::F32, &Device::Cpu).unwrap();
+    let logits = crate::models::common::attention::Logits::standard(d);
+    let fused = crate::models::common::attention::attention(&q, &k, &v, &cos, &sin, &bias, logits).unwrap();
+    let composite = composite_attention(&q, &k, &v, &bias, logits, &ForwardCtx::inference(), 0.1).unwrap();
+    let diff = (fused.reshape((b, s, n * d)).unwrap() - composite).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{diff}");
+}
+
+#[test]
+fn attention_dropout_applies_in_training_only() {
+    let mut c = tiny_config("bert");
+    (c.hidden_dropout, c.classifier_dropout) = (0.0, 0.0);
+    let x = input(&c);
+    let hidden = |c: &EncoderConfig, ctx: ForwardCtx| {
+        let model = Encoder::new(c.clone(), Task::Embedding, bare_weights(c), Adaptation::None).unwrap();
+        model.hidden(&x, &ctx).unwrap()
+    };
+    let max_diff =
+        |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let inference = hidden(&c, ForwardCtx::inference());
+    c.attention_dropout = 0.0;
+    assert!(max_diff(&hidden(&c, ForwardCtx::training(Rng::new(5))), &inference) < 1e-5, "no dropout, same outputs");
+    c.attention_dropout = 0.5;
+    let dropped = hidden(&c, ForwardCtx::training(Rng::new(5)));
+    assert!(max_diff(&dropped, &inference) > 1e-2, "attention dropout changes a training forward");
+    assert_eq!(max_diff(&dropped, &hidden(&c, ForwardCtx::training(Rng::new(5)))), 0.0, "the same masks from one seed");
+    assert!(max_diff(&hidden(&c, ForwardCtx::inference()), &inference) < 1e-6, "none at inference");
+}
