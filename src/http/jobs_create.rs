@@ -55,7 +55,7 @@ pub async fn create_job(
     check_quantization(&state.catalog, root_base_model(&request.model), &request.hyperparameters).await?;
     let kind = base_kind(&state.catalog, root_base_model(&request.model)).await;
     if let Some(what) = kind.non_decoder() {
-        if request.model.starts_with("ft:") {
+        if request.model.starts_with("ft:") && kind == BaseKind::Encoder {
             return Err(unsupported_model(format!(
                 "{} is a fine-tuned {what}; continuing from one is not supported yet: start from its base model {}",
                 request.model,

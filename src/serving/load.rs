@@ -304,17 +304,15 @@ pub async fn seq2seq_engine(
     Ok(engine)
 }
 
-/// Whether `target` is an encoder-decoder: its root base model is. (Fine-tuned models cannot be
-/// the start of another T5 job, so a base named `ft:` is a decoder's.)
+/// Whether `target` is an encoder-decoder: the base model at the root of its lineage is (a job
+/// continuing from a fine-tuned model keeps its architecture).
 pub async fn is_seq2seq(inference: &Inference, target: &super::Target) -> Result<bool, ServeError> {
     use super::Target;
     let base = match target {
         Target::Base { name } => name,
         Target::Adapter { base, .. } | Target::Full { base, .. } => base,
     };
-    if base.starts_with("ft:") {
-        return Ok(false);
-    }
-    let dir = base_dir(inference, None, base).await?;
+    let root = crate::domain::model_name::root_base_model(base);
+    let dir = base_dir(inference, None, root).await?;
     Ok(tokio::task::spawn_blocking(move || crate::models::t5::config::is_seq2seq_dir(&dir)).await.unwrap_or(false))
 }

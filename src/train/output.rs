@@ -99,6 +99,9 @@ fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<(), TrainError> {
 /// A LoRA adapter directory folded into its base: a model directory at `out` whose weights are
 /// `W + scale · B·A` (f32), with the base's tokenizer files.
 pub fn merge_adapter_dir(base: &Path, adapter: &Path, out: &Path) -> anyhow::Result<()> {
+    if crate::models::t5::config::is_seq2seq_dir(base) {
+        return super::seq2seq::merge_adapter_dir(base, adapter, out);
+    }
     use crate::models::config::ModelConfig;
     use crate::models::llama::Adaptation;
     use crate::peft::lora::LoraPlan;

@@ -293,3 +293,16 @@ pub fn write_adapter_dir(
     write_peft_lora(dir, lora, base_name, PEFT_TASK_TYPE, &[], tensors)?;
     copy_tokenizer_files(base_dir, dir)
 }
+
+/// A T5 LoRA adapter directory folded into its base, written as a model directory at `out` (a job
+/// continuing from a fine-tuned T5 trains on this).
+pub fn merge_adapter_dir(base: &Path, adapter: &Path, out: &Path) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let (lora, _, tensors) = crate::peft::adapter::load_adapter(adapter, &device)?;
+    let plan = LoraPlan { config: lora, seed: 0, trainable: false, train_norms: false, loaded: Some(tensors) };
+    let config = T5Config::from_file(&base.join("config.json"))?;
+    let weights = crate::models::weights::load_model_weights(base, DType::F32, &device)?;
+    let model = T5::new(config, weights, Adaptation::Lora(&plan))?;
+    write_model_dir(&model, base, out)?;
+    Ok(())
+}

@@ -175,6 +175,42 @@ async fn t5_learns_through_a_lora_job_and_answers_at_completions() {
         app.post_json("/v1/chat/completions", &chat, None)
             .await
             .assert_error(StatusCode::BAD_REQUEST, "model_not_supported");
+
+        // A job continues from the fine-tuned model (its adapter merged into the base) and teaches
+        // it more; the child answers at completions and downloads merged.
+        let more = [("translate: the tree", "der baum"), ("translate: the book", "das buch")];
+        let lines: Vec<String> = more
+            .iter()
+            .chain(&PAIRS[..2])
+            .cycle()
+            .take(16)
+            .map(|(p, c)| json!({"prompt": p, "completion": c}).to_string())
+            .collect();
+        let file = app.upload_dataset("more.jsonl", &(lines.join("\n") + "\n"), None).await;
+        let hyperparameters = json!({"n_epochs": 50, "batch_size": 4, "learning_rate": 1e-2,
+            "lr_scheduler": "constant", "warmup_ratio": 0.0, "lora": {"r": 8, "alpha": 16}});
+        let id = create_job(&app, &job(&model, file["id"].as_str().unwrap(), hyperparameters)).await;
+        let finished =
+            wait_for(&app, &id, Duration::from_secs(600), |j| ["succeeded", "failed"].contains(&status(j))).await;
+        assert_eq!(status(&finished), "succeeded", "{finished}");
+        let child = finished["fine_tuned_model"].as_str().unwrap().to_string();
+        let prompts: Vec<&str> = more.iter().map(|(p, _)| *p).collect();
+        let body = complete(&app, json!({"model": child, "prompt": prompts, "temperature": 0, "max_tokens": 16})).await;
+        for (choice, (prompt, completion)) in body["choices"].as_array().unwrap().iter().zip(more) {
+            assert_eq!(choice["text"], completion, "{prompt}: {choice}");
+        }
+        let merged = crate::jobs_e2e::download_tar(&app, &child, "?format=merged").await;
+        let merged_model = crate::t5::load_dir(merged.path(), Adaptation::None);
+        let tokenizer = ferrotune::data::encoder::EncoderTokenizer::from_dir(merged.path()).unwrap();
+        for (prompt, completion) in more {
+            let ids = tokenizer.encode_text(prompt, None, 64).unwrap().ids;
+            let greedy = ferrotune::infer::sampling::Sampler::new(
+                ferrotune::infer::sampling::SamplingParams { temperature: 0.0, ..Default::default() },
+                0,
+            );
+            let out = ferrotune::infer::seq2seq::generate(&merged_model, &[ids], 16, &mut [greedy]).unwrap();
+            assert_eq!(tokenizer.decode(&out[0].tokens, true).unwrap(), completion, "merged child: {prompt}");
+        }
     }
 }
 
