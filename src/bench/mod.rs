@@ -4,6 +4,7 @@
 mod dpo;
 mod encoder;
 pub mod generate;
+mod seq2seq;
 pub mod serve;
 pub mod train;
 

@@ -44,7 +44,8 @@ pub struct BenchTrainArgs {
     pub lora_r: usize,
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
-    /// Comma-separated LoRA target modules (encoders: `query,key,value,attention.output.dense`).
+    /// Comma-separated LoRA target modules (encoders: `query,key,value,attention.output.dense`;
+    /// T5: `q,k,v,o`).
     #[arg(long, default_value = DECODER_TARGETS)]
     pub targets: String,
     /// Mixture-of-experts models: comma-separated stacked expert weights that get LoRA too
@@ -70,6 +71,10 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
             other => other,
         };
         return super::encoder::run(args, targets);
+    }
+    if crate::models::t5::config::is_seq2seq_dir(&args.model) {
+        let targets = if args.targets == DECODER_TARGETS { "q,k,v,o" } else { args.targets.as_str() };
+        return super::seq2seq::run(args, targets);
     }
     let device = super::open_device(&args.device)?;
     anyhow::ensure!(

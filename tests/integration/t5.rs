@@ -377,3 +377,24 @@ fn peft_and_transformers_load_our_t5_outputs_with_our_logits() {
         }
     }
 }
+
+#[test]
+fn bench_train_runs_a_t5_model() {
+    let model = t5_fixture("t5-gated");
+    let bench = std::process::Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["bench", "train", "--model", model.to_str().unwrap(), "--batch", "2", "--seq", "16", "--steps", "2"])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(bench.status.success(), "{}", String::from_utf8_lossy(&bench.stderr));
+    let line = String::from_utf8_lossy(&bench.stdout).lines().find(|l| l.starts_with('{')).unwrap().to_string();
+    let report: serde_json::Value = serde_json::from_str(&line).unwrap();
+    for field in ["tokens_per_s", "step_ms_median", "peak_rss_mb", "loss_last"] {
+        assert!(report[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {report}");
+    }
+    // Random labels over 128 ids: about ln 128 = 4.85 before training.
+    let first = report["loss_first"].as_f64().unwrap();
+    assert!((first - 128f64.ln()).abs() < 1.0, "{report}");
+    // LoRA r 8 on q, k, v and o (32 → 32) of 2 encoder and 2 × 2 decoder attentions.
+    assert_eq!(report["params_trainable"], 6 * 4 * 8 * (32 + 32));
+}
