@@ -41,6 +41,15 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
+/// `gelu_tanh(gate) · up` (T5 v1.1 / Flan-T5's gated-GELU, transformers' `gelu_new`), element-wise;
+/// differentiable in both.
+pub fn gated_gelu_tanh(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || !gate.device().is_cpu() || gate.dims() != up.dims() {
+        return gate.gelu()? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, GatedGeluTanh)
+}
+
 /// Summed cross-entropy `Σ mask · (logsumexp(logits) − logits[label])` of `logits (n, vocab)`
 /// against `labels (n)` u32, weighted by `mask (n)`; differentiable in `logits`.
 pub fn masked_cross_entropy_sum(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -257,6 +266,65 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
+/// `sqrt(2/π)`, and the cubic coefficient of the tanh GELU.
+const GELU_C: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+
+/// `t = tanh(c·(x + a·x³))` of each `x`, as `2·σ(2·inner) − 1` with the vectorised sigmoid
+/// (`scratch` holds the doubled inner term).
+fn gelu_tanh_inner(x: &[f32], scratch: &mut [f32], t: &mut [f32]) {
+    for (s, &x) in scratch.iter_mut().zip(x) {
+        *s = 2.0 * GELU_C * (x + GELU_A * x * x * x);
+    }
+    super::fastmath::sigmoid(scratch, t);
+    for t in t.iter_mut() {
+        *t = 2.0 * *t - 1.0;
+    }
+}
+
+struct GatedGeluTanh;
+
+impl CustomOp2 for GatedGeluTanh {
+    fn name(&self) -> &'static str {
+        "fused-gated-gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gate, up) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let mut out = super::fastmath::for_overwrite(gate.len());
+        out.par_chunks_mut(4096).zip(gate.par_chunks(4096).zip(up.par_chunks(4096))).for_each(|(y, (g, u))| {
+            let mut t = vec![0f32; g.len()];
+            gelu_tanh_inner(g, y, &mut t);
+            for (((y, &x), &u), &t) in y.iter_mut().zip(g).zip(u).zip(&t) {
+                *y = 0.5 * x * (1.0 + t) * u;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// With t = tanh(c·(x + a·x³)): gelu' = ½(1 + t) + ½·x·(1 − t²)·c·(1 + 3a·x²);
+    /// d gate = g · up · gelu'(gate); d up = g · gelu(gate).
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gate_v, up_v): (Vec<f32>, Vec<f32>) = (gate.flatten_all()?.to_vec1()?, up.flatten_all()?.to_vec1()?);
+        let g: Vec<f32> = g.contiguous()?.flatten_all()?.to_vec1()?;
+        let (mut d_gate, mut d_up) = (super::fastmath::for_overwrite(g.len()), super::fastmath::for_overwrite(g.len()));
+        d_gate.par_chunks_mut(4096).zip(d_up.par_chunks_mut(4096)).enumerate().for_each(|(chunk, (dg, du))| {
+            let at = chunk * 4096;
+            let (x, u, g) = (&gate_v[at..at + dg.len()], &up_v[at..at + dg.len()], &g[at..at + dg.len()]);
+            // tanh of the inner term into d_up first, then both gradients from it.
+            gelu_tanh_inner(x, dg, du);
+            for ((((dg, du), &x), &u), &g) in dg.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
+                let t = *du;
+                let derivative = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * x * x);
+                *du = g * 0.5 * x * (1.0 + t);
+                *dg = g * u * derivative;
+            }
+        });
+        let device = gate.device();
+        Ok((Some(Tensor::from_vec(d_gate, gate.shape(), device)?), Some(Tensor::from_vec(d_up, up.shape(), device)?)))
+    }
+}
+
 /// Per-row `weight · (logsumexp − logit[label])`; backward `g · weight · (softmax − onehot)`.
 struct CrossEntropy {
     labels: Vec<u32>,
@@ -362,6 +430,15 @@ mod tests {
         let gc = (composite * &c).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap()) < 1e-5);
         assert!(max_diff(gf.get(&up).unwrap(), gc.get(&up).unwrap()) < 1e-5);
+
+        let fused = gated_gelu_tanh(x.as_tensor(), up.as_tensor()).unwrap();
+        let composite = (x.as_tensor().gelu().unwrap() * up.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &composite) < 1e-5);
+        let gf = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (composite * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap()) < 1e-5);
+        assert!(max_diff(gf.get(&up).unwrap(), gc.get(&up).unwrap()) < 1e-5);
+        assert!(!gf.get(&x).unwrap().track_op() && !gf.get(&up).unwrap().track_op());
     }
 
     /// The fused cross-entropy equals log_softmax → gather → mask → sum, value and gradient.

@@ -290,6 +290,9 @@ impl T5 {
         };
         let inner = match &block.feed_forward {
             FeedForward::Plain { wi, .. } => act(wi.forward(&h, ctx)?)?,
+            FeedForward::Gated { wi_0, wi_1, .. } if self.config.activation == Activation::GeluTanh => {
+                super::common::fused::gated_gelu_tanh(&wi_0.forward(&h, ctx)?, &wi_1.forward(&h, ctx)?)?
+            }
             FeedForward::Gated { wi_0, wi_1, .. } => (act(wi_0.forward(&h, ctx)?)? * wi_1.forward(&h, ctx)?)?,
         };
         let inner = ctx.dropout(&inner, self.config.dropout)?;
