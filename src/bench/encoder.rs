@@ -14,7 +14,6 @@ use crate::models::bert::{Encoder, EncoderConfig, EncoderInput, Task};
 use crate::models::common::ops::masked_cross_entropy_sum;
 use crate::models::weights::load_model_weights;
 use crate::models::ForwardCtx;
-use crate::peft::lora::{LoraConfig, LoraPlan, TargetModules};
 use crate::rng::splitmix64;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 
@@ -26,23 +25,7 @@ pub fn run(args: &BenchTrainArgs, targets: &str) -> anyhow::Result<()> {
     let params_total: usize =
         weights.iter().filter(|(k, _)| !k.ends_with("position_ids")).map(|(_, t)| t.elem_count()).sum();
     let labels = config.saved_labels().unwrap_or_else(|| vec!["LABEL_0".into(), "LABEL_1".into()]);
-    let plan = LoraPlan {
-        config: LoraConfig {
-            r: args.lora_r,
-            alpha: args.lora_alpha,
-            dropout: 0.0,
-            target_modules: TargetModules::List(targets.split(',').map(str::to_string).collect()),
-            use_rslora: false,
-            target_parameters: Vec::new(),
-            train_router: false,
-            rank_pattern: Default::default(),
-            alpha_pattern: Default::default(),
-        },
-        seed: args.seed,
-        trainable: true,
-        train_norms: false,
-        loaded: None,
-    };
+    let plan = args.lora_plan(targets);
     let adaptation = match args.method.as_str() {
         "lora" => Adaptation::Lora(&plan),
         "full" => Adaptation::Full,

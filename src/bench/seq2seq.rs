@@ -16,7 +16,6 @@ use crate::models::common::ops::masked_cross_entropy_sum;
 use crate::models::t5::{T5Config, T5};
 use crate::models::weights::load_model_weights;
 use crate::models::ForwardCtx;
-use crate::peft::lora::{LoraConfig, LoraPlan, TargetModules};
 use crate::rng::splitmix64;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 
@@ -29,23 +28,7 @@ pub fn run(args: &BenchTrainArgs, targets: &str) -> anyhow::Result<()> {
     let (vocab, start) = (config.vocab_size as u64, config.decoder_start_token_id);
     let weights = load_model_weights(&args.model, DType::F32, &device)?;
     let params_total: usize = weights.values().map(Tensor::elem_count).sum();
-    let plan = LoraPlan {
-        config: LoraConfig {
-            r: args.lora_r,
-            alpha: args.lora_alpha,
-            dropout: 0.0,
-            target_modules: TargetModules::List(targets.split(',').map(str::to_string).collect()),
-            use_rslora: false,
-            target_parameters: Vec::new(),
-            train_router: false,
-            rank_pattern: Default::default(),
-            alpha_pattern: Default::default(),
-        },
-        seed: args.seed,
-        trainable: true,
-        train_norms: false,
-        loaded: None,
-    };
+    let plan = args.lora_plan(targets);
     let adaptation = match args.method.as_str() {
         "lora" => Adaptation::Lora(&plan),
         "full" => Adaptation::Full,

@@ -63,6 +63,31 @@ pub struct BenchTrainArgs {
     pub device: String,
 }
 
+impl BenchTrainArgs {
+    /// LoRA as the harness trains it (r and alpha from the arguments, no dropout) on the
+    /// comma-separated `targets` and `--target-parameters`, seeded with `--seed`.
+    pub fn lora_plan(&self, targets: &str) -> LoraPlan {
+        let list = |names: &str| names.split(',').filter(|n| !n.is_empty()).map(str::to_string).collect();
+        LoraPlan {
+            config: LoraConfig {
+                r: self.lora_r,
+                alpha: self.lora_alpha,
+                dropout: 0.0,
+                target_modules: TargetModules::List(list(targets)),
+                use_rslora: false,
+                target_parameters: list(&self.target_parameters),
+                train_router: false,
+                rank_pattern: Default::default(),
+                alpha_pattern: Default::default(),
+            },
+            seed: self.seed,
+            trainable: true,
+            train_norms: false,
+            loaded: None,
+        }
+    }
+}
+
 pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
     if crate::models::bert::config::is_encoder_dir(&args.model) {
         // The harness's BERT targets, unless others were asked for.
@@ -106,28 +131,7 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
     };
     let params_total: usize = weights.values().map(|t| t.elem_count()).sum::<usize>()
         + quantized.values().map(|q| q.shape().elem_count()).sum::<usize>();
-    let plan = LoraPlan {
-        config: LoraConfig {
-            r: args.lora_r,
-            alpha: args.lora_alpha,
-            dropout: 0.0,
-            target_modules: TargetModules::List(args.targets.split(',').map(str::to_string).collect()),
-            use_rslora: false,
-            target_parameters: args
-                .target_parameters
-                .split(',')
-                .filter(|p| !p.is_empty())
-                .map(str::to_string)
-                .collect(),
-            train_router: false,
-            rank_pattern: Default::default(),
-            alpha_pattern: Default::default(),
-        },
-        seed: args.seed,
-        trainable: true,
-        train_norms: false,
-        loaded: None,
-    };
+    let plan = args.lora_plan(&args.targets);
     let adaptation = match args.method.as_str() {
         "lora" | "qlora" | "dpo" => Adaptation::Lora(&plan),
         "full" | "dpo-full" => Adaptation::Full,
