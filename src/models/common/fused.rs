@@ -226,6 +226,45 @@ impl CustomOp3 for LayerNorm {
     }
 }
 
+/// Elements per parallel task of the gated element-wise ops.
+const CHUNK: usize = 4096;
+
+/// The forward of a gated element-wise op: `kernel(gate, up, out)` over chunks, in parallel.
+fn gated_forward(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    kernel: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let (gate, up) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+    let mut out = super::fastmath::for_overwrite(gate.len());
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(y, (x, u))| kernel(x, u, y));
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
+}
+
+/// The backward of a gated element-wise op: `kernel(gate, up, g, d_gate, d_up)` over chunks, in
+/// parallel.
+fn gated_backward(
+    gate: &Tensor,
+    up: &Tensor,
+    g: &Tensor,
+    kernel: impl Fn(&[f32], &[f32], &[f32], &mut [f32], &mut [f32]) + Sync,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (gate_v, up_v): (Vec<f32>, Vec<f32>) = (gate.flatten_all()?.to_vec1()?, up.flatten_all()?.to_vec1()?);
+    let g: Vec<f32> = g.contiguous()?.flatten_all()?.to_vec1()?;
+    let (mut d_gate, mut d_up) = (super::fastmath::for_overwrite(g.len()), super::fastmath::for_overwrite(g.len()));
+    d_gate.par_chunks_mut(CHUNK).zip(d_up.par_chunks_mut(CHUNK)).enumerate().for_each(|(chunk, (dg, du))| {
+        let at = chunk * CHUNK;
+        let range = at..at + dg.len();
+        kernel(&gate_v[range.clone()], &up_v[range.clone()], &g[range], dg, du);
+    });
+    let device = gate.device();
+    Ok((Some(Tensor::from_vec(d_gate, gate.shape(), device)?), Some(Tensor::from_vec(d_up, up.shape(), device)?)))
+}
+
 struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
@@ -234,25 +273,17 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (gate, up) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
-        let mut out = super::fastmath::for_overwrite(gate.len());
-        out.par_chunks_mut(4096).zip(gate.par_chunks(4096).zip(up.par_chunks(4096))).for_each(|(y, (g, u))| {
-            super::fastmath::sigmoid(g, y);
-            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                *y *= g * u;
+        gated_forward(s1, l1, s2, l2, |x, u, y| {
+            super::fastmath::sigmoid(x, y);
+            for ((y, &x), &u) in y.iter_mut().zip(x).zip(u) {
+                *y *= x * u;
             }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        })
     }
 
     /// d gate = g · up · σ(gate)·(1 + gate·(1 − σ(gate))); d up = g · silu(gate).
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gate_v, up_v): (Vec<f32>, Vec<f32>) = (gate.flatten_all()?.to_vec1()?, up.flatten_all()?.to_vec1()?);
-        let g: Vec<f32> = g.contiguous()?.flatten_all()?.to_vec1()?;
-        let (mut d_gate, mut d_up) = (super::fastmath::for_overwrite(g.len()), super::fastmath::for_overwrite(g.len()));
-        d_gate.par_chunks_mut(4096).zip(d_up.par_chunks_mut(4096)).enumerate().for_each(|(chunk, (dg, du))| {
-            let at = chunk * 4096;
-            let (x, u, g) = (&gate_v[at..at + dg.len()], &up_v[at..at + dg.len()], &g[at..at + dg.len()]);
+        gated_backward(gate, up, g, |x, u, g, dg, du| {
             // σ(gate) into d_up first, then both gradients from it.
             super::fastmath::sigmoid(x, du);
             for ((((dg, du), &x), &u), &g) in dg.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
@@ -260,9 +291,7 @@ impl CustomOp2 for SwiGlu {
                 *du = g * x * s;
                 *dg = g * u * s * (1.0 + x * (1.0 - s));
             }
-        });
-        let device = gate.device();
-        Ok((Some(Tensor::from_vec(d_gate, gate.shape(), device)?), Some(Tensor::from_vec(d_up, up.shape(), device)?)))
+        })
     }
 }
 
@@ -290,27 +319,19 @@ impl CustomOp2 for GatedGeluTanh {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (gate, up) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
-        let mut out = super::fastmath::for_overwrite(gate.len());
-        out.par_chunks_mut(4096).zip(gate.par_chunks(4096).zip(up.par_chunks(4096))).for_each(|(y, (g, u))| {
-            let mut t = vec![0f32; g.len()];
-            gelu_tanh_inner(g, y, &mut t);
-            for (((y, &x), &u), &t) in y.iter_mut().zip(g).zip(u).zip(&t) {
+        gated_forward(s1, l1, s2, l2, |x, u, y| {
+            let mut t = vec![0f32; x.len()];
+            gelu_tanh_inner(x, y, &mut t);
+            for (((y, &x), &u), &t) in y.iter_mut().zip(x).zip(u).zip(&t) {
                 *y = 0.5 * x * (1.0 + t) * u;
             }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        })
     }
 
     /// With t = tanh(c·(x + a·x³)): gelu' = ½(1 + t) + ½·x·(1 − t²)·c·(1 + 3a·x²);
     /// d gate = g · up · gelu'(gate); d up = g · gelu(gate).
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gate_v, up_v): (Vec<f32>, Vec<f32>) = (gate.flatten_all()?.to_vec1()?, up.flatten_all()?.to_vec1()?);
-        let g: Vec<f32> = g.contiguous()?.flatten_all()?.to_vec1()?;
-        let (mut d_gate, mut d_up) = (super::fastmath::for_overwrite(g.len()), super::fastmath::for_overwrite(g.len()));
-        d_gate.par_chunks_mut(4096).zip(d_up.par_chunks_mut(4096)).enumerate().for_each(|(chunk, (dg, du))| {
-            let at = chunk * 4096;
-            let (x, u, g) = (&gate_v[at..at + dg.len()], &up_v[at..at + dg.len()], &g[at..at + dg.len()]);
+        gated_backward(gate, up, g, |x, u, g, dg, du| {
             // tanh of the inner term into d_up first, then both gradients from it.
             gelu_tanh_inner(x, dg, du);
             for ((((dg, du), &x), &u), &g) in dg.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
@@ -319,9 +340,7 @@ impl CustomOp2 for GatedGeluTanh {
                 *du = g * 0.5 * x * (1.0 + t);
                 *dg = g * u * derivative;
             }
-        });
-        let device = gate.device();
-        Ok((Some(Tensor::from_vec(d_gate, gate.shape(), device)?), Some(Tensor::from_vec(d_up, up.shape(), device)?)))
+        })
     }
 }
 

@@ -100,16 +100,7 @@ fn incremental_decoding_equals_teacher_forcing() {
             })
             .collect();
         let stepped = Tensor::cat(&steps, 1).unwrap();
-        let diff: f32 = (full.clone() - stepped)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(&full, &stepped);
         assert!(diff < 1e-4, "gated {gated}: incremental decoding differs by {diff}");
         // The padded second row equals its prompt alone.
         let alone = model
@@ -120,16 +111,7 @@ fn incremental_decoding_equals_teacher_forcing() {
                 &ctx,
             )
             .unwrap();
-        let diff: f32 = (full.narrow(0, 1, 1).unwrap() - alone)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(&full.narrow(0, 1, 1).unwrap(), &alone);
         assert!(diff < 1e-4, "gated {gated}: padding changes the output by {diff}");
     }
 }
@@ -180,4 +162,8 @@ fn config_reads_the_feed_forward_variant() {
     raw.as_object_mut().unwrap().remove("tie_word_embeddings");
     raw.as_object_mut().unwrap().remove("scale_decoder_outputs");
     assert!(T5Config::from_json(raw).unwrap().scale_decoder_outputs);
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
