@@ -239,6 +239,21 @@ enum Architecture {
     Seq2Seq,
 }
 
+/// The weights to build a model from when packaging an encoder or T5 download; `None` when the
+/// stored files (a full model, or an adapter not asked merged) are the download as they are.
+fn weights_to_build(source: &Source, src: &Path, base_dir: &Path, merged: bool) -> Option<crate::serving::Weights> {
+    use crate::serving::Weights;
+    match source {
+        Source::Stored { lora: true, .. } if merged => {
+            Some(Weights::Adapter { base: base_dir.into(), adapter: src.into() })
+        }
+        Source::Stored { .. } => None,
+        Source::Checkpoint { plan, .. } => {
+            Some(Weights::Checkpoint { base: base_dir.into(), dir: src.into(), plan: plan.clone() })
+        }
+    }
+}
+
 /// [`package`] for an encoder (BERT family): a checkpoint's LoRA or bottleneck adapter as the
 /// job's final one would be written, anything merged (or a full checkpoint) as a directory of the
 /// task's transformers class; each with `task.json`.
@@ -250,33 +265,28 @@ fn package_encoder(
     base: &str,
     merged: bool,
 ) -> anyhow::Result<PathBuf> {
-    use crate::serving::Weights;
     use crate::train::encoder::output;
-    let weights = match source {
-        Source::Stored { lora: false, .. } => return Ok(src.to_path_buf()),
-        Source::Stored { lora: true, .. } if !merged => return Ok(src.to_path_buf()),
-        Source::Stored { lora: true, .. } => Weights::Adapter { base: base_dir.into(), adapter: src.into() },
-        Source::Checkpoint { plan, .. } => {
-            Weights::Checkpoint { base: base_dir.into(), dir: src.into(), plan: plan.clone() }
-        }
-    };
-    let task = |dir: &Path, _: &crate::models::bert::EncoderConfig| {
-        crate::train::encoder::read_task_file(dir).context("the fine-tuned encoder has no task.json")
-    };
-    let (model, _) = crate::serving::encoder::load_model(&weights, task, &Device::Cpu)?;
+    let task_of =
+        |dir: &Path| crate::train::encoder::read_task_file(dir).context("the fine-tuned encoder has no task.json");
+    // A checkpoint's adapter is written from its tensors and task alone.
     if let (Source::Checkpoint { plan, .. }, false) = (source, merged) {
         let dir = out.join("adapter");
+        let read = || -> anyhow::Result<_> {
+            Ok((task_of(src)?, candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?))
+        };
         if let Some(lora) = &plan.lora {
-            let trainable = candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?;
-            output::write_adapter_dir(&model, &lora.lora_config(), trainable, base_dir, base, &dir)?;
+            let (task, trainable) = read()?;
+            output::write_adapter_dir(&task, &lora.lora_config(), trainable, base_dir, base, &dir)?;
             return Ok(dir);
         }
         if let Some(size) = plan.adapter_size {
-            let trainable = candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?;
-            output::write_bottleneck_dir(&model, size, &trainable, base_dir, base, &dir)?;
+            let (task, trainable) = read()?;
+            output::write_bottleneck_dir(&task, size, &trainable, base_dir, base, &dir)?;
             return Ok(dir);
         }
     }
+    let Some(weights) = weights_to_build(source, src, base_dir, merged) else { return Ok(src.to_path_buf()) };
+    let (model, _) = crate::serving::encoder::load_model(&weights, |dir, _| task_of(dir), &Device::Cpu)?;
     let dir = out.join("model");
     output::write_model_dir(&model, base_dir, &dir)?;
     Ok(dir)
@@ -292,21 +302,15 @@ fn package_t5(
     base: &str,
     merged: bool,
 ) -> anyhow::Result<PathBuf> {
-    use crate::serving::Weights;
-    let weights = match source {
-        Source::Stored { lora: false, .. } => return Ok(src.to_path_buf()),
-        Source::Stored { lora: true, .. } if !merged => return Ok(src.to_path_buf()),
-        Source::Stored { lora: true, .. } => Weights::Adapter { base: base_dir.into(), adapter: src.into() },
-        Source::Checkpoint { plan, .. } => match &plan.lora {
-            Some(lora) if !merged => {
-                let trainable = candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?;
-                let dir = out.join("adapter");
-                crate::train::seq2seq::write_adapter_dir(&lora.lora_config(), trainable, base_dir, base, &dir)?;
-                return Ok(dir);
-            }
-            _ => Weights::Checkpoint { base: base_dir.into(), dir: src.into(), plan: plan.clone() },
-        },
-    };
+    if let (Source::Checkpoint { plan, .. }, false) = (source, merged) {
+        if let Some(lora) = &plan.lora {
+            let trainable = candle_core::safetensors::load(src.join("trainable.safetensors"), &Device::Cpu)?;
+            let dir = out.join("adapter");
+            crate::train::seq2seq::write_adapter_dir(&lora.lora_config(), trainable, base_dir, base, &dir)?;
+            return Ok(dir);
+        }
+    }
+    let Some(weights) = weights_to_build(source, src, base_dir, merged) else { return Ok(src.to_path_buf()) };
     let (model, _) = crate::serving::seq2seq::load(weights, &Device::Cpu)?;
     let dir = out.join("model");
     crate::train::seq2seq::write_model_dir(&model, base_dir, &dir)?;

@@ -26,11 +26,11 @@ pub fn write_encoder_output(model: &Encoder, config: &TrainConfig) -> Result<Pat
     match config.method {
         Method::Lora => {
             let tensors = model.trainable.snapshot()?;
-            write_adapter_dir(model, &config.lora.lora_config(), tensors, &config.model, &base, &dir)?
+            write_adapter_dir(&model.task, &config.lora.lora_config(), tensors, &config.model, &base, &dir)?
         }
         Method::Bottleneck => {
             let tensors = model.trainable.snapshot()?;
-            write_bottleneck_dir(model, config.adapter_size, &tensors, &config.model, &base, &dir)?
+            write_bottleneck_dir(&model.task, config.adapter_size, &tensors, &config.model, &base, &dir)?
         }
         _ => write_model_dir(model, &config.model, &dir)?,
     }
@@ -53,11 +53,11 @@ pub fn write_model_dir(model: &Encoder, base_dir: &Path, dir: &Path) -> Result<(
     copy_tokenizer_files(base_dir, dir)
 }
 
-/// A LoRA run's trainable `tensors` as a PEFT adapter of `model`'s task type (a classification
+/// A LoRA run's trainable `tensors` as a PEFT adapter of `task`'s type (a classification
 /// head in `modules_to_save`) on the base `base_name`, with `task.json` and the base's tokenizer
 /// files.
 pub fn write_adapter_dir(
-    model: &Encoder,
+    task: &Task,
     lora: &LoraConfig,
     tensors: HashMap<String, Tensor>,
     base_dir: &Path,
@@ -65,16 +65,16 @@ pub fn write_adapter_dir(
     dir: &Path,
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir)?;
-    let heads: &[&str] = if model.task == Task::Embedding { &[] } else { &["classifier"] };
-    write_peft_lora(dir, lora, base_name, model.task.peft_task_type(), heads, tensors)?;
-    write_task_file(dir, &model.task)?;
+    let heads: &[&str] = if *task == Task::Embedding { &[] } else { &["classifier"] };
+    write_peft_lora(dir, lora, base_name, task.peft_task_type(), heads, tensors)?;
+    write_task_file(dir, task)?;
     copy_tokenizer_files(base_dir, dir)
 }
 
 /// A bottleneck run's trainable `tensors` as a bottleneck adapter, with `task.json` and the base's
 /// tokenizer files.
 pub fn write_bottleneck_dir(
-    model: &Encoder,
+    task: &Task,
     adapter_size: usize,
     tensors: &HashMap<String, Tensor>,
     base_dir: &Path,
@@ -83,7 +83,7 @@ pub fn write_bottleneck_dir(
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir)?;
     crate::models::bottleneck::save(dir, adapter_size, base_name, tensors)?;
-    write_task_file(dir, &model.task)?;
+    write_task_file(dir, task)?;
     copy_tokenizer_files(base_dir, dir)
 }
 
