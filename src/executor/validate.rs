@@ -128,6 +128,38 @@ async fn check(context: &ExecutorContext, job: &JobRecord) -> Result<JobPlan, Jo
 
 /// An encoder base: the files must hold one encoder task's data (labels of the validation file
 /// among the training file's); counts its examples and tokens and resolves the plan.
+/// DPO, and the training types in `refused`, on a base that is not a decoder (`what` it is).
+fn refuse_non_decoder_settings(
+    what: &str,
+    method: MethodType,
+    training_type: Option<crate::domain::hyperparameters::TrainingType>,
+    refused: &[crate::domain::hyperparameters::TrainingType],
+) -> Result<(), JobFailure> {
+    use crate::domain::hyperparameters::TrainingType;
+    if method == MethodType::Dpo {
+        return Err(JobFailure::user(
+            "invalid_file_format",
+            format!("dpo trains decoder models; the base model is an {what}"),
+            Some("method"),
+        ));
+    }
+    let Some(kind) = training_type.filter(|t| refused.contains(t)) else { return Ok(()) };
+    let allowed: Vec<String> = [TrainingType::Lora, TrainingType::Full, TrainingType::Bottleneck]
+        .into_iter()
+        .filter(|t| !refused.contains(t))
+        .map(|t| format!("{t:?}").to_lowercase())
+        .collect();
+    Err(JobFailure::user(
+        "invalid_hyperparameters",
+        format!(
+            "training_type {} does not apply to {what} models; use {}",
+            format!("{kind:?}").to_lowercase(),
+            allowed.join(", ")
+        ),
+        Some("method.supervised.hyperparameters.training_type"),
+    ))
+}
+
 fn check_encoder_data(
     model_dir: &Path,
     train: &Path,
@@ -139,23 +171,8 @@ fn check_encoder_data(
     use crate::domain::hyperparameters::TrainingType;
     let config =
         crate::models::bert::EncoderConfig::from_file(&model_dir.join("config.json")).map_err(JobFailure::platform)?;
-    if method == MethodType::Dpo {
-        return Err(JobFailure::user(
-            "invalid_file_format",
-            format!("dpo trains decoder models; the base model is an encoder ({})", config.model_type),
-            Some("method"),
-        ));
-    }
-    if let Some(kind @ (TrainingType::Qlora | TrainingType::Prefix)) = request.training_type {
-        return Err(JobFailure::user(
-            "invalid_hyperparameters",
-            format!(
-                "training_type {} does not apply to encoder models; use lora, full or bottleneck",
-                format!("{kind:?}").to_lowercase()
-            ),
-            Some("method.supervised.hyperparameters.training_type"),
-        ));
-    }
+    let what = format!("encoder ({})", config.model_type);
+    refuse_non_decoder_settings(&what, method, request.training_type, &[TrainingType::Qlora, TrainingType::Prefix])?;
     let tokenizer = EncoderTokenizer::from_dir(model_dir).map_err(JobFailure::platform)?;
     let max_len = request.max_seq_len.unwrap_or(512).min(config.max_tokens());
     let user = |param: &'static str| {
@@ -206,24 +223,8 @@ fn check_seq2seq_data(
     use crate::data::encoder::EncoderTokenizer;
     use crate::domain::dataset::DatasetFormat;
     use crate::domain::hyperparameters::TrainingType;
-    if method == MethodType::Dpo {
-        return Err(JobFailure::user(
-            "invalid_file_format",
-            "dpo trains decoder models; the base model is an encoder-decoder (T5)",
-            Some("method"),
-        ));
-    }
-    if let Some(kind @ (TrainingType::Qlora | TrainingType::Prefix | TrainingType::Bottleneck)) = request.training_type
-    {
-        return Err(JobFailure::user(
-            "invalid_hyperparameters",
-            format!(
-                "training_type {} does not apply to encoder-decoder (T5) models; use lora or full",
-                format!("{kind:?}").to_lowercase()
-            ),
-            Some("method.supervised.hyperparameters.training_type"),
-        ));
-    }
+    let refused = [TrainingType::Qlora, TrainingType::Prefix, TrainingType::Bottleneck];
+    refuse_non_decoder_settings("encoder-decoder (T5)", method, request.training_type, &refused)?;
     let tokenizer = EncoderTokenizer::from_dir(model_dir).map_err(JobFailure::platform)?;
     let max_len = request.max_seq_len.unwrap_or(SEQ2SEQ_DEFAULT_LEN);
     let load = |path: &Path, param: &'static str| {
