@@ -11,6 +11,7 @@ pub mod extract;
 mod files;
 mod health;
 mod inference;
+mod job_base;
 mod job_events;
 mod jobs;
 mod jobs_create;
