@@ -54,6 +54,19 @@ fn sse_data(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// What the T5 model directory `dir` greedily decodes for `prompt` (at most 16 tokens).
+fn greedy_text(dir: &std::path::Path, prompt: &str) -> String {
+    let model = crate::t5::load_dir(dir, Adaptation::None);
+    let tokenizer = ferrotune::data::encoder::EncoderTokenizer::from_dir(dir).unwrap();
+    let ids = tokenizer.encode_text(prompt, None, 64).unwrap().ids;
+    let greedy = ferrotune::infer::sampling::Sampler::new(
+        ferrotune::infer::sampling::SamplingParams { temperature: 0.0, ..Default::default() },
+        0,
+    );
+    let out = ferrotune::infer::seq2seq::generate(&model, &[ids], 16, &mut [greedy]).unwrap();
+    tokenizer.decode(&out[0].tokens, true).unwrap()
+}
+
 fn adapter_task_type(dir: &std::path::Path) -> String {
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
@@ -169,7 +182,14 @@ async fn t5_learns_through_a_lora_job_and_answers_at_completions() {
         let config: Value =
             serde_json::from_str(&std::fs::read_to_string(merged.path().join("config.json")).unwrap()).unwrap();
         assert_eq!(config["architectures"][0], "T5ForConditionalGeneration");
-        crate::t5::load_dir(merged.path(), Adaptation::None);
+        // The merged checkpoint decodes what the served checkpoint answers.
+        let served = complete(
+            &app,
+            json!({"model": checkpoint, "prompt": "translate: the cat", "temperature": 0,
+            "max_tokens": 16}),
+        )
+        .await;
+        assert_eq!(served["choices"][0]["text"], greedy_text(merged.path(), "translate: the cat"), "{served}");
         // T5 does not chat.
         let chat = json!({"model": model, "messages": [{"role": "user", "content": "translate: the cat"}]});
         app.post_json("/v1/chat/completions", &chat, None)
@@ -200,16 +220,8 @@ async fn t5_learns_through_a_lora_job_and_answers_at_completions() {
             assert_eq!(choice["text"], completion, "{prompt}: {choice}");
         }
         let merged = crate::jobs_e2e::download_tar(&app, &child, "?format=merged").await;
-        let merged_model = crate::t5::load_dir(merged.path(), Adaptation::None);
-        let tokenizer = ferrotune::data::encoder::EncoderTokenizer::from_dir(merged.path()).unwrap();
         for (prompt, completion) in more {
-            let ids = tokenizer.encode_text(prompt, None, 64).unwrap().ids;
-            let greedy = ferrotune::infer::sampling::Sampler::new(
-                ferrotune::infer::sampling::SamplingParams { temperature: 0.0, ..Default::default() },
-                0,
-            );
-            let out = ferrotune::infer::seq2seq::generate(&merged_model, &[ids], 16, &mut [greedy]).unwrap();
-            assert_eq!(tokenizer.decode(&out[0].tokens, true).unwrap(), completion, "merged child: {prompt}");
+            assert_eq!(greedy_text(merged.path(), prompt), completion, "merged child: {prompt}");
         }
     }
 }
